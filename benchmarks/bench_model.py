@@ -1,0 +1,185 @@
+"""model.py against transformers on the same checkpoint folder, same dtype and thread count, in one run.
+
+Prints one table with the ratio ours/theirs for: forward tokens/s (batch 8x128, float32 and bfloat16), one training
+step with only a small vector trainable (a per-channel scale on each MLP output, batch 8x64), greedy generation
+tokens/s (64 new tokens after a 42-token prompt, batch 1 and 8), and peak RSS while loading (each load in a fresh
+subprocess, resource.getrusage ru_maxrss after loading minus before, divided by the weights' bytes).
+Goals (issue 3): forward >= 1.0x, generation >= 2x, loading peak <= 1.3x the weights.
+
+Timings are the best of --repeats runs, ours and theirs interleaved, so that load from other processes on a shared
+machine hits both alike; the load average is printed with the table.
+
+Run:  python benchmarks/bench_model.py                        (smollm2_135m, 2 threads, about 5 minutes)
+      python benchmarks/bench_model.py --ckpt path/to/folder --threads 4 --repeats 5
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import model as M  # noqa: E402
+
+PROMPT_LEN, NEW_TOKENS = 42, 64
+
+
+def best_time(fn, repeats):
+    fn()  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def compare(fn_ours, fn_theirs, repeats):
+    """Best seconds of each, measured alternately."""
+    ours, theirs = [], []
+    for _ in range(repeats):
+        ours.append(best_time(fn_ours, 1))
+        theirs.append(best_time(fn_theirs, 1))
+    return min(ours), min(theirs)
+
+
+class Scaled(torch.nn.Module):
+    """y = linear(x) * s: a per-channel scale, the only trainable tensor of the training-step benchmark."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear, self.scale = linear, torch.nn.Parameter(torch.ones(linear.out_features))
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+
+def train_step_fn(model, logits_of, tokens):
+    model.requires_grad_(False)
+    for layer in model.model.layers:  # both models name their layers model.layers[i].mlp.down_proj
+        layer.mlp.down_proj = Scaled(layer.mlp.down_proj)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+
+    def step():
+        logits = logits_of(tokens)  # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, sum(p.numel() for p in params)
+
+
+LOAD_SNIPPET = """
+import resource, sys, torch
+import torch._dynamo  # imported lazily by some meta-device paths (~70 MB of modules): count it in the baseline
+torch.set_num_threads({threads})
+which, folder, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+if which == "ours":
+    sys.path.insert(0, {root!r}); import model as M
+else:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if which == "ours":
+    m, _ = M.load(folder, dtype=dtype)
+else:  # the model and its tokenizer, as model.load returns both
+    m, _ = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():  # transformers maps the file and reads it on first use: count that too
+    m(torch.zeros(1, 8, dtype=torch.long))
+used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+weights = sum(p.numel() * p.element_size() for p in {{id(p): p for p in m.parameters()}}.values())
+print(before * 1024, after * 1024, used * 1024, weights)
+"""
+
+
+def load_peak(which, folder, dtype, threads):
+    """(peak RSS added by loading, and by loading plus one forward, weights' bytes), in a fresh process each."""
+    code = LOAD_SNIPPET.format(threads=threads, root=str(Path(M.__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code, which, str(folder), dtype], capture_output=True, text=True, check=True)
+    before, after, used, weights = map(int, out.stdout.split()[-4:])
+    return after - before, used - before, weights
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", default="smollm2_135m")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.set_num_threads(args.threads)
+    ours, tokenizer = M.load(args.ckpt)
+    folder = ours.folder
+    rows = []  # (measure, ours, theirs, unit, higher is better)
+    g = torch.Generator().manual_seed(0)
+    V = ours.args.vocab_size
+
+    # forward: logits for every position, no autograd
+    for dtype in (torch.float32, torch.bfloat16):
+        a, _ = M.load(folder, dtype=dtype)
+        b = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        tokens = torch.randint(0, V, (8, 128), generator=g)
+        with torch.no_grad():
+            t_ours, t_theirs = compare(lambda: a(tokens), lambda: b(tokens).logits, args.repeats)
+        rows.append((f"forward {str(dtype)[6:]} 8x128 (tok/s)", tokens.numel() / t_ours, tokens.numel() / t_theirs, True))
+        del a, b
+
+    # greedy generation, float32: 64 new tokens after a 42-token prompt; eos is disabled so all 64 are made
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Write a long story about a lighthouse keeper "
+                                           "who finds a message in a bottle on a stormy winter night by the sea."}])
+    prompt = (tokenizer.encode(text, add_special_tokens=False) * 2)[:PROMPT_LEN]
+    no_eos = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for B in (1, 8):
+        prompts = torch.tensor([prompt] * B)
+
+        def run_ours():
+            out = M.generate(ours, prompts.tolist(), NEW_TOKENS, eos_ids=set())
+            assert all(len(row) == NEW_TOKENS for row in out)
+
+        def run_theirs():
+            with torch.no_grad():
+                out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=no_eos)
+            assert out.shape[1] == PROMPT_LEN + NEW_TOKENS
+
+        t_ours, t_theirs = compare(run_ours, run_theirs, args.repeats)
+        rows.append((f"generate greedy batch {B} (tok/s)", B * NEW_TOKENS / t_ours, B * NEW_TOKENS / t_theirs, True))
+
+    # one training step (forward, backward, AdamW) with only a per-channel scale on each MLP output trainable
+    tokens = torch.randint(0, V, (8, 64), generator=g)
+    step_ours, n_ours = train_step_fn(ours, ours, tokens)
+    step_theirs, n_theirs = train_step_fn(theirs, lambda x: theirs(x).logits, tokens)
+    assert n_ours == n_theirs
+    t_ours, t_theirs = compare(step_ours, step_theirs, args.repeats)
+    rows.append((f"train step 8x64, {n_ours} trainable (tok/s)", tokens.numel() / t_ours, tokens.numel() / t_theirs, True))
+
+    # peak RSS while loading, each in a fresh process
+    for dtype in ("float32", "bfloat16"):
+        (load_ours, used_ours, weights), (load_theirs, used_theirs, _) = (
+            load_peak(which, folder, dtype, args.threads) for which in ("ours", "transformers"))
+        rows.append((f"load {dtype}: peak RSS / weights ({weights / 2**20:.0f} MiB)", load_ours / weights,
+                     load_theirs / weights, False))
+        rows.append((f"load {dtype} + 1 forward: peak RSS / weights", used_ours / weights, used_theirs / weights, False))
+
+    import transformers
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    print(f"\n{datetime.date.today()}  {cpu}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, checkpoint {folder.name}, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'measure':52s} {'ours':>10s} {'transformers':>13s} {'ours/theirs':>12s}")
+    for name, a, b, _ in rows:
+        print(f"{name:52s} {a:10.2f} {b:13.2f} {a / b if b else float('nan'):11.2f}x")
+    print(json.dumps({name: {"ours": a, "transformers": b} for name, a, b, _ in rows}))
+
+
+if __name__ == "__main__":
+    main()

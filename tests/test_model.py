@@ -1,0 +1,325 @@
+"""model.py against transformers on tiny random checkpoints that transformers itself wrote (tests/tiny.py).
+
+Parity: logits within 1e-4 in float32 (with and without left padding), 20 greedy tokens through our KV cache equal
+to transformers' generate, tokenizer and chat template equal to AutoTokenizer. Bad input: one clear error naming
+the file. CPU only, no downloads, a few seconds.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig
+
+import model as M
+from tests.tiny import CORPUS, make_tiny_llama, make_tiny_mistral
+
+MODELS = ["llama", "llama_tied", "mistral"]
+ATOL = 1e-4  # float32 parity: both sides run the same arithmetic, only op order differs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and on a busy shared machine a second OpenMP thread stalls every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"llama": make_tiny_llama(root / "llama"), "llama_tied": make_tiny_llama(root / "llama_tied", tie=True),
+            "mistral": make_tiny_mistral(root / "mistral")}
+
+
+def batch(T=12, pads=(0, 4, 7), seed=0):
+    """tokens (B, T) with row b left-padded by pads[b] (pad id 0), and the matching attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, 300, (len(pads), T), generator=g)
+    mask = torch.ones(len(pads), T, dtype=torch.long)
+    for b, p in enumerate(pads):
+        tokens[b, :p], mask[b, :p] = 0, 0
+    return tokens, mask
+
+
+def hf_model(folder, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def test_config_defaults_match_transformers(folders):
+    """Optional keys absent from config.json get the defaults of transformers' own config classes."""
+    llama = json.loads((folders["llama"] / "config.json").read_text())
+    mistral = json.loads((folders["mistral"] / "config.json").read_text())
+    assert (M.ModelArgs.from_hf_config(mistral).head_dim, M.ModelArgs.from_hf_config(mistral).sliding_window) == (24, 5)
+    drop = lambda config, *keys: {k: v for k, v in config.items() if k not in keys}
+    args = M.ModelArgs.from_hf_config(drop(llama, "head_dim", "num_key_value_heads", "tie_word_embeddings"))
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=4)
+    assert (args.head_dim, args.num_key_value_heads, args.tie_word_embeddings, args.sliding_window) == (
+        hf.head_dim, hf.num_key_value_heads, hf.tie_word_embeddings, None)
+    args = M.ModelArgs.from_hf_config(drop(mistral, "head_dim", "sliding_window"))
+    hf = MistralConfig(hidden_size=64, num_attention_heads=4)
+    assert (args.head_dim, args.sliding_window) == (hf.head_dim, hf.sliding_window)
+    assert M.ModelArgs.from_hf_config(dict(mistral, sliding_window=None)).sliding_window is None
+    with pytest.raises(ValueError, match="config.json: missing key 'num_key_value_heads'"):
+        M.ModelArgs.from_hf_config(drop(mistral, "num_key_value_heads"))
+
+
+def test_legacy_rope_keys_read_like_rope_parameters(folders):
+    """Hub files (transformers 4) write rope_theta + rope_scaling; transformers 5 writes rope_parameters."""
+    config = json.loads((folders["llama"] / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    legacy = dict(config, rope_theta=rope.pop("rope_theta"), rope_scaling=dict(rope, type=rope.pop("rope_type")))
+    assert M.ModelArgs.from_hf_config(legacy) == M.ModelArgs.from_hf_config(json.loads((folders["llama"] / "config.json").read_text()))
+    assert M.ModelArgs.from_hf_config(legacy).rope_scaling["factor"] == 8.0
+
+
+# -----------------------------------------------------------------------------
+# parity with transformers
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_match_transformers(folders, name):
+    ours, _ = M.load(folders[name])
+    theirs = hf_model(folders[name])
+    tokens, mask = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(tokens).logits, atol=ATOL, rtol=0)
+        ours_padded, theirs_padded = ours(tokens, mask), theirs(tokens, attention_mask=mask).logits
+    real = mask.bool()  # logits at padding positions are unused by both
+    assert torch.isfinite(ours_padded).all()
+    torch.testing.assert_close(ours_padded[real], theirs_padded[real], atol=ATOL, rtol=0)
+
+
+def test_sliding_window_is_exercised(folders):
+    """The 12-token test sequence is longer than the window (5): removing the window must change the logits."""
+    ours, _ = M.load(folders["mistral"])
+    tokens, _ = batch()
+    with torch.no_grad():
+        windowed = ours(tokens)
+        ours.args.sliding_window = None
+        full = ours(tokens)
+    assert torch.equal(windowed[:, :5], full[:, :5]) and not torch.allclose(windowed[:, 5:], full[:, 5:], atol=ATOL)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_generation_matches_transformers(folders, name):
+    ours, tokenizer = M.load(folders[name])
+    theirs = hf_model(folders[name])
+    tokens, mask = batch()
+    prompts = [row[m.bool()].tolist() for row, m in zip(tokens, mask)]
+    got = M.generate(ours, prompts, 20, tokenizer.eos_ids)
+    expected = theirs.generate(tokens, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    for row, ref in zip(got, expected[:, tokens.shape[1]:].tolist()):
+        stop = [i for i, t in enumerate(ref) if t in tokenizer.eos_ids]
+        assert row == ref[:stop[0] if stop else 20]
+    assert M.generate(ours, prompts[2:], 20, tokenizer.eos_ids) == got[2:]  # alone, with no padding: the same
+
+
+def test_generation_stops_each_row_at_its_eos(folders):
+    ours, _ = M.load(folders["llama"])
+    tokens, mask = batch()
+    prompts = [row[m.bool()].tolist() for row, m in zip(tokens, mask)]
+    free = M.generate(ours, prompts, 20, eos_ids=set())
+    eos = free[1][3]  # a token that row 1 emits at step 3: as eos, row 1 stops there
+    stopped = M.generate(ours, prompts, 20, eos_ids={eos})
+    for row, full in zip(stopped, free):
+        assert row == (full[:full.index(eos)] if eos in full else full)
+
+
+def test_sampling(folders):
+    ours, _ = M.load(folders["llama"])
+    prompts = [[5, 6, 7], [8, 9]]
+    greedy = M.generate(ours, prompts, 8, eos_ids=set())
+    # top_p -> 0 keeps only the most likely token, whatever the temperature
+    assert M.generate(ours, prompts, 8, set(), temperature=1.0, top_p=1e-9, generator=torch.Generator().manual_seed(1)) == greedy
+    draws = [M.generate(ours, prompts, 8, set(), temperature=1.5, top_p=0.9, generator=torch.Generator().manual_seed(s))
+             for s in (3, 3, 4)]
+    assert draws[0] == draws[1] != draws[2]
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+LLAMA3_LIKE = (  # uses bos_token, raise_exception and indented blocks (trim_blocks/lstrip_blocks matter)
+    "{{ bos_token }}\n{% for message in messages %}\n    {% if message['role'] not in ['system', 'user', 'assistant'] %}\n"
+    "        {{ raise_exception('unknown role ' + message['role']) }}\n    {% endif %}\n"
+    "    {{ '<|im_start|>' + message['role'] + '\\n\\n' + message['content'] | trim + '<|im_end|>' }}\n"
+    "{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n\\n' }}{% endif %}"
+)
+
+
+def with_bos_template(folder, tmp_path):
+    """A copy whose tokenizer adds BOS on encode (as Llama 3's does) and whose chat template writes bos_token."""
+    copy = Path(shutil.copytree(folder, tmp_path / "bos"))
+    tok = json.loads((copy / "tokenizer.json").read_text())
+    tok["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                             {"Sequence": {"id": "A", "type_id": 0}}], "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                             "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+    (copy / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=LLAMA3_LIKE)))
+    return copy
+
+
+@pytest.mark.parametrize("variant", ["chatml", "bos_and_template"])
+def test_tokenizer_matches_transformers(folders, tmp_path, variant):
+    folder = folders["llama"] if variant == "chatml" else with_bos_template(folders["llama"], tmp_path)
+    ours, theirs = M.Tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    for text in CORPUS + ["unseen wörds 99 \t\n", "<|im_start|>user\nhi<|im_end|>", ""]:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text)
+        assert ours.encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    chats = [[{"role": "user", "content": "What is 7 * 6?"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi "},
+              {"role": "assistant", "content": "Hello"}]]
+    for chat in chats:
+        for gen in (True, False):
+            assert ours.apply_chat_template(chat, add_generation_prompt=gen) == theirs.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=gen)
+    assert (ours.bos_id, ours.eos_ids, ours.pad_id) == (theirs.bos_token_id, {theirs.eos_token_id}, theirs.pad_token_id)
+    if variant != "chatml":
+        with pytest.raises(Exception, match="unknown role tool"):
+            ours.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def test_load_ties_weights_and_sets_identity(folders):
+    tied, _ = M.load(folders["llama_tied"])
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert sum(p.numel() for p in tied.parameters()) == hf_model(folders["llama_tied"]).num_parameters()
+    untied, _ = M.load(folders["llama"], dtype="bfloat16")
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    assert {p.dtype for p in untied.parameters()} == {torch.bfloat16}
+    assert untied.folder == folders["llama"] and untied.identity and untied.identity != tied.identity
+
+
+def test_bfloat16_close_to_float32(folders):
+    """Each of the L blocks and the head round their outputs to bfloat16 (relative error <= eps/2 each); summed
+    linearly, the logits' relative error stays below (L + 1) * eps. transformers in bfloat16 is the cross-check."""
+    ref, _ = M.load(folders["llama"])
+    ours, _ = M.load(folders["llama"], dtype=torch.bfloat16)
+    tokens, mask = batch()
+    with torch.no_grad():
+        full, low, hf_low = ref(tokens, mask), ours(tokens, mask).float(), hf_model(folders["llama"], torch.bfloat16)(tokens, attention_mask=mask).logits.float()
+    real = mask.bool()
+    eps = torch.finfo(torch.bfloat16).eps
+    rel = lambda a, b: ((a - b)[real].norm() / b[real].norm()).item()
+    assert rel(low, full) < (ref.args.num_hidden_layers + 1) * eps
+    assert rel(low, hf_low) < eps
+
+
+def test_trainable_and_linear_layers_called_as_modules(folders):
+    ours, _ = M.load(folders["llama"])
+    ours.requires_grad_(False)
+    calls = []
+
+    class Scaled(torch.nn.Module):  # what an adapter does: replace a child nn.Linear with setattr on its parent
+        def __init__(self, linear):
+            super().__init__()
+            self.linear, self.scale = linear, torch.nn.Parameter(torch.ones(linear.out_features))
+
+        def forward(self, x):
+            calls.append(1)
+            return self.linear(x) * self.scale
+
+    for layer in ours.model.layers:
+        layer.mlp.down_proj = Scaled(layer.mlp.down_proj)
+    tokens, mask = batch()
+    loss = torch.nn.functional.cross_entropy(ours(tokens, mask)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    assert len(calls) == ours.args.num_hidden_layers
+    assert all(layer.mlp.down_proj.scale.grad.abs().sum() > 0 for layer in ours.model.layers)
+
+
+def test_command_line_answers_through_the_chat_template(folders, capsys):
+    M.main(["--ckpt", str(folders["llama"]), "--max-new-tokens", "6", "Hello"])
+    model, tokenizer = M.load(folders["llama"])
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}]), add_special_tokens=False)
+    assert capsys.readouterr().out == tokenizer.decode(M.generate(model, [prompt], 6, tokenizer.eos_ids)[0]) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# bad input: one clear error naming the file and the problem
+
+
+def broken_copy(folder, tmp_path, breakage):
+    copy = Path(shutil.copytree(folder, tmp_path / "broken"))
+    breakage(copy)
+    return copy
+
+
+def edit_config(**changes):
+    def breakage(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v != "DELETE"}))
+    return breakage
+
+
+def first_shard(folder):
+    return folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]["model.embed_tokens.weight"]
+
+
+def delete_first_shard(folder):
+    first_shard(folder).unlink()
+
+
+def reshape_embedding(folder):
+    shard = first_shard(folder)
+    tensors = load_file(shard)
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:, :32].contiguous()
+    save_file(tensors, shard)
+
+
+def remove_weights(folder):
+    for path in list(folder.glob("model*.safetensors*")):
+        path.unlink()
+
+
+def truncate_first_shard(folder):
+    shard = first_shard(folder)
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("breakage, match", [
+    (remove_weights, r"broken: no weights"),
+    (edit_config(architectures=["GPT2LMHeadModel"]), r"config\.json: unsupported architecture 'GPT2LMHeadModel'"),
+    (edit_config(hidden_size="DELETE"), r"config\.json: missing key 'hidden_size'"),
+    (edit_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), r"config\.json: unsupported rope type 'yarn'"),
+    (edit_config(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}), r"config\.json: missing key 'factor'"),
+    (edit_config(num_hidden_layers=1), r"model-0000\d-of-0000\d\.safetensors: unexpected tensor 'model\.layers\.1\."),
+    (delete_first_shard, r"model-00001-of-0000\d\.safetensors: shard listed in model\.safetensors\.index\.json is missing"),
+    (reshape_embedding, r"model-00001-of-0000\d\.safetensors: tensor 'model\.embed_tokens\.weight' has shape \(320, 32\), "
+                        r"expected \(320, 64\)"),
+    (truncate_first_shard, r"model-00001-of-0000\d\.safetensors: file ends inside tensor"),
+], ids=["no_weights", "architecture", "missing_key", "rope_type", "rope_key", "extra_tensor", "missing_shard",
+        "wrong_shape", "truncated"])
+def test_bad_checkpoint_names_the_file(folders, tmp_path, breakage, match):
+    folder = broken_copy(folders["llama"], tmp_path, breakage)
+    with pytest.raises(ValueError, match=match):
+        M.load(folder)
+
+
+def test_missing_tokenizer_names_the_file(folders, tmp_path):
+    folder = broken_copy(folders["llama"], tmp_path, lambda f: (f / "tokenizer.json").unlink())
+    with pytest.raises(ValueError, match=r"tokenizer\.json: file not found"):
+        M.load(folder)
+
+
+def test_unknown_name_is_an_error():
+    with pytest.raises(ValueError, match="'no_such_model' is neither a folder nor a known checkpoint"):
+        M.load("no_such_model")
