@@ -15,7 +15,6 @@ Run:
 Outputs in --out (default runs/svf-<ckpt>-<data>/): config.json, metrics.jsonl, state.safetensors (resume
 point), svf.safetensors (the expert: z vectors + metadata), svf_best.safetensors (best held-out accuracy).
 """
-import dataclasses
 import json
 import sys
 import time

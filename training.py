@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

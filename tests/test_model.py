@@ -16,17 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Mistr
 import model as M
 from tests.tiny import CORPUS, make_tiny_llama, make_tiny_mistral
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODELS = ["llama", "llama_tied", "mistral"]
 ATOL = 1e-4  # float32 parity: both sides run the same arithmetic, only op order differs
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and on a busy shared machine a second OpenMP thread stalls every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -22,30 +22,20 @@ import tiny
 import train_svf
 import training
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REASONING = [{"question": f"What is {i} + {i + 1}?", "answer": f"{i} + {i + 1} = <<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1}\n"
               f"#### {2 * i + 1}"} for i in range(4)]
 GOOD_LINE = json.dumps(REASONING[0])
 
 
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: thread hand-offs dominate on the 2 shared cores (as in test_inject.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_svf")
     return SimpleNamespace(ckpt=tiny.make_tiny_llama(root / "ckpt"), cache=root / "svd",
-                           train=write_jsonl(root / "train.jsonl", REASONING), test=write_jsonl(root / "test.jsonl", REASONING))
+                           train=tiny.write_jsonl(root / "train.jsonl", REASONING), test=tiny.write_jsonl(root / "test.jsonl", REASONING))
 
 
 def config(setup, out, **overrides) -> train_svf.Config:
@@ -189,7 +179,7 @@ def test_bad_settings_fail_before_training(setup, tmp_path, overrides, message):
 
 def test_too_long_items_are_skipped_and_counted(setup, tmp_path, capsys):
     max_len = 256  # the short items take ~120-140 tokens (the ChatML system prompt included); the long one far more
-    data = write_jsonl(tmp_path / "train.jsonl", REASONING + [{"question": "How many apples? " * 40, "answer": "#### 1"}])
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", REASONING + [{"question": "How many apples? " * 40, "answer": "#### 1"}])
     train_svf.main(config(setup, tmp_path / "out", data=str(data), steps=1, max_len=max_len))
     assert f"train.jsonl: skipped 1 of {len(REASONING) + 1} items longer than --max-len {max_len}" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"train\.jsonl: no item fits in --max-len 8"):

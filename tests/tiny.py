@@ -3,6 +3,7 @@
     make_tiny_llama(path, tie=False) -> Path   LlamaForCausalLM, GQA, llama3 rope scaling, sharded safetensors
     make_tiny_mistral(path) -> Path            MistralForCausalLM, GQA, head_dim != hidden/heads, sliding window 5
     make_tokenizer(path) -> Path               byte-level BPE tokenizer.json + ChatML chat template (SmolLM2-like)
+    write_jsonl(path, records) -> Path         one JSON object per line, as the scripts read their data
 
 Every folder holds config.json, generation_config.json, model.safetensors.index.json with several shards,
 tokenizer.json and tokenizer_config.json. Special tokens: 0 <|endoftext|>, 1 <|im_start|> (bos), 2 <|im_end|> (eos).
@@ -76,3 +77,8 @@ def make_tiny_mistral(path, seed=0, sliding_window=5, max_shard_size="100KB") ->
     config = MistralConfig(**COMMON, head_dim=24, sliding_window=sliding_window, max_position_embeddings=128,
                            rope_theta=10000.0)
     return _save(MistralForCausalLM(config).eval(), path, max_shard_size)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
