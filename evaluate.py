@@ -15,7 +15,7 @@ added ones (z, or A and B, stored beside the base) and share = trainable / model
     python evaluate.py --reproduce --n-facts 0 --limit 0 --epochs 0   # the full setting (hours on a CPU)
     python evaluate.py --sweep --plot       # PALoRA's probe fraction and score, injection strength, mixing
 
---reproduce is scaled down by these defaults: the first --n-facts 64 of the 240 facts for --epochs 6 (48 steps), and
+--reproduce is scaled down by these defaults: the first --n-facts 40 of the 240 facts, with 20 replayed skill examples, for --epochs 6 (42 steps), and
 reasoning scored on the first --limit 100 of 300 items. Outputs in --out (runs/eval, runs/reproduce or runs/sweep):
 results.json (rows, per-item predictions, tasks.PROTOCOL, date, machine); with --plot, tradeoff.png and probe.png.
 """
@@ -68,7 +68,7 @@ class Config:
     reproduce: bool = field(default=False, metadata={"help": "the whole pipeline on --ckpt: SVF expert if none, every method x --seeds, the table"})
     sweep: bool = field(default=False, metadata={"help": "PALoRA variants x --seeds: probe fraction and score, epochs, lr, mixing"})
     seeds: str = field(default="0,1,2", metadata={"help": "--reproduce/--sweep: seeds"})
-    n_facts: int = field(default=64, metadata={"help": "--reproduce/--sweep: inject the first N facts (0: all)"})
+    n_facts: int = field(default=40, metadata={"help": "--reproduce/--sweep: inject the first N facts (0: all)"})
     epochs: int = field(default=6, metadata={"help": "--reproduce/--sweep: injection epochs (0: inject.py's default)"})
     svd_cache: str = field(default="cache/svd", metadata={"help": "folder of cached SVD factors"})
 
@@ -244,7 +244,7 @@ def sweep_variants(cfg: Config) -> dict:
     return {**{f"fraction-{f}": {"probe_fraction": f} for f in (0.25, 0.5, 0.75, 0.9)}, "global-0.5": {"probe_global_fraction": 0.5},
             "energy": {"probe_score": "energy"}, f"epochs-{epochs // 2}": {"epochs": max(1, epochs // 2)}, f"epochs-{2 * epochs}":
             {"epochs": 2 * epochs}, f"lr-{lr / 3:.0e}": {"lr": lr / 3}, f"lr-{lr * 3:.0e}": {"lr": lr * 3},
-            "mix-known": {"mix_known": cfg.known}, "mix-skill": {"mix_skill": train_svf.Config.data}}
+            "mix-known": {"mix_known": cfg.known}, "no-replay": {"mix_skill": "none"}}
 
 def pipeline(cfg: Config, identity: str) -> tuple:
     """Train the SVF expert if there is none, then every method (--reproduce) or PALoRA variant (--sweep) x seed, on

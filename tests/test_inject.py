@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
 def config(setup, out, **overrides) -> inject.Config:
     """Strong enough to move greedy answers of a random model in a few steps: lr 1e-2, 8 epochs of 2 steps."""
     settings = dict(ckpt=str(setup.ckpt), svf=[str(setup.svf)], facts=str(setup.facts), rank=4, alpha=8.0, epochs=8,
-                    lr=1e-2, batch_size=4, out=str(out), svd_cache=str(setup.cache), save_every=3, device="cpu")
+                    lr=1e-2, batch_size=4, out=str(out), svd_cache=str(setup.cache), save_every=3, device="cpu", mix_skill="none")
     return inject.Config(**{**settings, **overrides})
 
 
@@ -81,6 +81,13 @@ def test_each_method_learns_and_changes_answers(setup, tmp_path, method):
     for name in ("adapter_config.json", "adapter_model.safetensors", "probe.safetensors", "config.json", "summary.json"):
         assert (tmp_path / name).is_file()
     assert json.loads((tmp_path / "config.json").read_text())["svf"] == [str(setup.svf)]  # resolved and saved
+
+
+def test_default_replay_mixes_in_the_experts_training_data(setup, tmp_path):
+    """mix_skill="expert" reads the expert's metadata "data" (the skill set it was trained on): 0.5 per fact."""
+    summary = inject.main(config(setup, tmp_path, mix_skill="expert", epochs=1))
+    assert summary["examples"] == len(FACTS) + round(0.5 * len(FACTS))
+    assert json.loads((tmp_path / "config.json").read_text())["mix_skill"] == str(setup.skill)
 
 
 def test_palora_keeps_every_protected_triplet(setup, tmp_path):
