@@ -58,6 +58,16 @@ class CheckpointError(ValueError):
     """A checkpoint name, folder or downloaded file that cannot be used; the message names it and says why."""
 
 
+def read_json(path: Path, default=None) -> dict:
+    """A JSON file's content; a missing file is `default`, or an error naming it when there is no default."""
+    if not path.is_file() and default is not None:
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+
+
 # name -> Hugging Face repo id. smollm2_135m is that model, but converted from the GGUF below, never the hub repo.
 KNOWN = {
     "smollm2_135m": "HuggingFaceTB/SmolLM2-135M-Instruct",

@@ -1,6 +1,6 @@
 """A Llama / Mistral decoder that loads Hugging Face checkpoints key for key, its tokenizer, and generation.
 
-Read top to bottom: config -> layers -> model -> generation -> tokenizer -> loading -> command line.
+Read top to bottom: config -> layers -> model -> generation -> loading -> command line (the tokenizer: tokenizer.py).
 References:
 - Llama 2/3: https://arxiv.org/abs/2307.09288, https://arxiv.org/abs/2407.21783 (llama3 rope scaling)
 - Mistral 7B (grouped-query attention, sliding window): https://arxiv.org/abs/2310.06825
@@ -17,17 +17,14 @@ Hkv key/value heads, Dh head size, F MLP hidden size, V vocabulary. Linear weigh
 import argparse
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
-import jinja2.ext
-import jinja2.sandbox
-import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, identity, resolve
+from checkpoints import CheckpointError, identity, read_json, resolve
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # config: the checkpoint's config.json, read through an explicit key map
@@ -285,78 +282,6 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0
         logits = model.forward_cached(next_token[:, None], P + t, cos, sin, valid, cache)
     rows = out[:, :t + 1].tolist()
     return [row[:next((i for i, x in enumerate(row) if x in eos_ids), len(row))] for row in rows]
-
-
-# -----------------------------------------------------------------------------
-# tokenizer: tokenizer.json through `tokenizers`; the chat template rendered by jinja2 as transformers renders it
-
-
-def read_json(path: Path, default=None) -> dict:
-    """A JSON file's content; a missing file is `default`, or an error naming it when there is no default."""
-    if not path.is_file() and default is not None:
-        return default
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
-
-
-def chat_template(folder: Path, config: dict):
-    """The checkpoint's jinja2 chat template, compiled with the environment transformers uses to render it."""
-    source = config.get("chat_template")
-    if (folder / "chat_template.jinja").is_file():  # where transformers>=4.43 saves it
-        source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    elif isinstance(source, list):  # several named templates
-        source = next((t["template"] for t in source if t["name"] == "default"), None)
-    if source is None:
-        return None
-
-    def raise_exception(message):  # templates call it to reject a conversation, e.g. roles out of order
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # jinja's own escapes HTML
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    return env.from_string(source)
-
-
-class Tokenizer:
-    def __init__(self, folder: Path):
-        folder = Path(folder)
-        if not (folder / "tokenizer.json").is_file():
-            raise CheckpointError(f"{folder / 'tokenizer.json'}: file not found")
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        config = read_json(folder / "tokenizer_config.json", default={})
-        self.folder, self.chat_template = folder, chat_template(folder, config)
-        # special tokens are strings or {"content": ...} dicts; templates read them as bos_token, eos_token, ...
-        self.special = {k: v["content"] if isinstance(v, dict) else v for k, v in config.items()
-                        if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v is not None}
-        ids = {k: self.tokenizer.token_to_id(v) for k, v in self.special.items()}
-        self.bos_id = ids.get("bos_token")
-        self.eos_ids = {ids["eos_token"]} if ids.get("eos_token") is not None else set()
-        for name in ("generation_config.json", "config.json"):  # Llama 3.1 lists several: end of turn, of text, ...
-            eos = read_json(folder / name, default={}).get("eos_token_id")
-            self.eos_ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.pad_id = ids["pad_token"] if ids.get("pad_token") is not None else min(self.eos_ids, default=0)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids, with a BOS only where tokenizer.json's post-processor adds one (HF's encode does the same).
-        Text from apply_chat_template holds its special tokens already: encode it with add_special_tokens=False."""
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        # no clean_up_tokenization_spaces: transformers>=5 ignores it for BPE tokenizers (it corrupts text)
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        if self.chat_template is None:
-            raise CheckpointError(f"{self.folder / 'tokenizer_config.json'}: no chat_template")
-        return self.chat_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self.special)
 
 
 # -----------------------------------------------------------------------------
