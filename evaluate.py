@@ -11,6 +11,7 @@ added ones (z, or A and B, stored beside the base) and share = trainable / model
 
     python evaluate.py --adapter runs/inject-palora-facts-s0 --adapter runs/inject-lora-facts-s0 --plot
     python evaluate.py --verify runs/inject-palora-facts-s0   # the guarantee from the files alone, in float64
+    python evaluate.py --probe-report runs/svf-smollm2_135m-reasoning/svf.safetensors   # where the probe sits
     python evaluate.py --reproduce --plot   # SVF expert if none, 6 methods x 3 seeds, the table: < 60 min, 2 CPU cores
     python evaluate.py --reproduce --n-facts 0 --limit 0 --epochs 0   # the full setting (hours on a CPU)
     python evaluate.py --sweep --plot       # PALoRA's probe fraction and score, injection strength, mixing
@@ -64,6 +65,7 @@ class Config:
     out: str = field(default="", metadata={"help": "output folder (default runs/eval, runs/reproduce or runs/sweep)"})
     plot: bool = field(default=False, metadata={"help": "write tradeoff.png and probe.png (needs matplotlib)"})
     verify: str = field(default="", metadata={"help": "RUN_DIR: its adapter against its probe from the files alone, float64; exit 1 if a palora run leaks"})
+    probe_report: str = field(default="", metadata={"help": "SVF_FILE: where its probe (|m - 1|, half of each matrix) sits in the spectrum, and its overlap with top-k"})
     tolerance: float = field(default=1e-4, metadata={"help": "--verify: worst leakage allowed for palora (float32 factors' rounding)"})
     reproduce: bool = field(default=False, metadata={"help": "the whole pipeline on --ckpt: SVF expert if none, every method x --seeds, the table"})
     sweep: bool = field(default=False, metadata={"help": "PALoRA variants x --seeds: probe fraction and score, epochs, lr, mixing"})
@@ -238,6 +240,24 @@ def verify(run: Path, cfg: Config) -> dict:
           f"{leak[name][0]:.3e}, V side {leak[name][1]:.3e}): {'OK' if ok else 'FAILED'} (palora tolerance {cfg.tolerance:g})")
     return {"run": str(run), "method": run_cfg["method"], "worst": worst, "leakage": leak, "ok": ok}
 
+def report_probe(svf: Path, cfg: Config) -> dict:
+    """The probe of one expert (score |m - 1|, half of each matrix protected): per matrix kind, the shares of the
+    protected components in the top, middle and bottom thirds of the spectrum, and the share top-k would also pick."""
+    model, _ = model_lib.load(cfg.ckpt, device="cpu", dtype=torch.float32)
+    z = palora.load_svf(svf, model=model)[0]
+    svds = palora.compute_svds(model, tuple({n.rpartition(".")[2] for n in z}), cache_dir=REPO / cfg.svd_cache)
+    protected = palora.probe(svds, z, fraction=0.5)
+    rows, merged = palora.probe_report(protected, svds), palora.expert_svds(svds, z)
+    for r in rows:  # top-k's choice: the merged expert's len(S) largest singular values
+        topk = set(torch.argsort(merged[r["name"]][1].abs(), descending=True)[: r["count"]].tolist())
+        r["topk_overlap"] = len(topk & set(protected[r["name"]].tolist())) / max(r["count"], 1)
+    print("| matrices | top third | middle third | bottom third | mean position | shared with top-k |\n|---|---|---|---|---|---|")
+    for kind in [*dict.fromkeys(r["matrix"] for r in rows), "all"]:
+        sel = [r for r in rows if kind in ("all", r["matrix"])]
+        print(f"| {kind} ({len(sel)}) | " + " | ".join(f"{mean([r[k] for r in sel]):.3f}" for k in
+                                                      ("top", "middle", "bottom", "mean_pos", "topk_overlap")) + " |")
+    return {"rows": rows}
+
 def sweep_variants(cfg: Config) -> dict:
     """name -> inject.Config overrides for PALoRA on the same facts, rank and seeds."""
     epochs, lr = cfg.epochs or inject.Config.epochs, inject.Config.lr
@@ -272,6 +292,8 @@ def pipeline(cfg: Config, identity: str) -> tuple:
 def main(cfg: Config) -> dict:
     if cfg.verify:
         return verify(Path(cfg.verify), cfg)
+    if cfg.probe_report:
+        return report_probe(Path(cfg.probe_report), cfg)
     cfg.out = cfg.out or str(REPO / "runs" / ("sweep" if cfg.sweep else "reproduce" if cfg.reproduce else "eval"))
     identity = checkpoints.identity(checkpoints.resolve(cfg.ckpt))
     svf, runs = pipeline(cfg, identity) if cfg.reproduce or cfg.sweep else (None, [Path(a) for a in cfg.adapter])

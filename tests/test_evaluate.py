@@ -82,6 +82,17 @@ def test_aggregate_mean_and_sample_std():
 # the guarantee from the files alone
 
 
+def test_probe_report_shares(setup, capsys):
+    """Each matrix's protected components are split over the spectrum's thirds (shares sum to 1), half of each
+    matrix is protected, and the overlap with top-k's choice is a share; one table row per matrix kind plus all."""
+    rows = evaluate.main(eval_config(setup, setup.root / "report", probe_report=str(setup.svf)))["rows"]
+    assert len(rows) == 6  # 2 layers x 3 MLP matrices
+    for r in rows:
+        assert r["top"] + r["middle"] + r["bottom"] == pytest.approx(1.0)
+        assert r["count"] == r["rank"] // 2 and 0 <= r["topk_overlap"] <= 1
+    assert capsys.readouterr().out.count("\n") == 2 + 3 + 1
+
+
 def test_verify_passes_on_palora_and_measures_lora(setup, runs, tmp_path):
     palora_run = evaluate.main(eval_config(setup, tmp_path, verify=str(runs["palora"])))
     assert palora_run["ok"] and palora_run["worst"] <= 1e-4 and len(palora_run["leakage"]) == 2 * 3
