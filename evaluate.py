@@ -256,6 +256,8 @@ def report_probe(svf: Path, cfg: Config) -> dict:
         sel = [r for r in rows if kind in ("all", r["matrix"])]
         print(f"| {kind} ({len(sel)}) | " + " | ".join(f"{mean([r[k] for r in sel]):.3f}" for k in
                                                       ("top", "middle", "bottom", "mean_pos", "topk_overlap")) + " |")
+    m = torch.cat([palora.multiplier(svds[n][1], z[n].to(svds[n][1])) for n in z])
+    print(f"multipliers m = z·c over {len(m):,} components: {m.min():.3f} to {m.max():.3f}, median |m - 1| {(m - 1).abs().median():.4f}")
     return {"rows": rows}
 
 def sweep_variants(cfg: Config) -> dict:

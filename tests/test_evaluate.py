@@ -90,7 +90,7 @@ def test_probe_report_shares(setup, capsys):
     for r in rows:
         assert r["top"] + r["middle"] + r["bottom"] == pytest.approx(1.0)
         assert r["count"] == r["rank"] // 2 and 0 <= r["topk_overlap"] <= 1
-    assert capsys.readouterr().out.count("\n") == 2 + 3 + 1
+    assert capsys.readouterr().out.count("\n") == 2 + 3 + 1 + 1  # header, 3 kinds, all, multipliers
 
 
 def test_verify_passes_on_palora_and_measures_lora(setup, runs, tmp_path):
