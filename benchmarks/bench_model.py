@@ -131,6 +131,7 @@ def main():
         with torch.no_grad():
             t_ours, t_theirs = compare(lambda: a(tokens), lambda: b(tokens).logits, args.repeats)
         rows.append((f"forward {str(dtype)[6:]} 8x128 (tok/s)", tokens.numel() / t_ours, tokens.numel() / t_theirs, True))
+        print(rows[-1], flush=True)
         del a, b
 
     # greedy generation, float32: 64 new tokens after a 42-token prompt; eos is disabled so all 64 are made
@@ -138,7 +139,7 @@ def main():
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Write a long story about a lighthouse keeper "
                                            "who finds a message in a bottle on a stormy winter night by the sea."}])
     prompt = (tokenizer.encode(text, add_special_tokens=False) * 2)[:PROMPT_LEN]
-    no_eos = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    no_eos = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     for B in (1, 8):
         prompts = torch.tensor([prompt] * B)
 
@@ -153,6 +154,7 @@ def main():
 
         t_ours, t_theirs = compare(run_ours, run_theirs, args.repeats)
         rows.append((f"generate greedy batch {B} (tok/s)", B * NEW_TOKENS / t_ours, B * NEW_TOKENS / t_theirs, True))
+        print(rows[-1], flush=True)
 
     # one training step (forward, backward, AdamW) with only a per-channel scale on each MLP output trainable
     tokens = torch.randint(0, V, (8, 64), generator=g)
