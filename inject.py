@@ -30,7 +30,7 @@ import model as model_lib
 import palora
 import tasks
 from training import (answer_loss, batch_indices, check_finite, load_state, parse_config, resolve_device,
-                      resolve_dtype, save_config, save_state)
+                      resolve_dtype, restart_metrics, save_config, save_state)
 
 REPO = Path(__file__).resolve().parent
 RUNS = REPO / "runs"
@@ -213,8 +213,7 @@ def train(model, tokenizer, params: dict, examples: list, steps: int, cfg: Confi
     optimizer = torch.optim.Adam(list(params.values()), lr=cfg.lr)
     device = model.lm_head.weight.device  # no autocast: LoRALinear runs A, B (float32) in the activations' dtype
     start = load_state(out / "state.safetensors", params, optimizer)[0] if cfg.resume else 0
-    rows = (out / "metrics.jsonl").read_text().splitlines() if cfg.resume and (out / "metrics.jsonl").exists() else []
-    tasks.atomic_write_text(out / "metrics.jsonl", "".join(r + "\n" for r in rows if json.loads(r)["step"] <= start))
+    restart_metrics(out / "metrics.jsonl", start)
     t0, tokens_seen, loss = time.time(), 0, float("nan")
     for step in (bar := tqdm(range(start, steps), initial=start, total=steps, desc=f"inject {cfg.method}")):
         idx = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)

@@ -29,7 +29,7 @@ import model as model_lib
 import palora
 import tasks
 from training import (answer_loss, batch_indices, check_finite, load_state, parse_config, resolve_device,
-                      resolve_dtype, save_config, save_state)
+                      resolve_dtype, restart_metrics, save_config, save_state)
 
 REPO = Path(__file__).resolve().parent
 
@@ -206,9 +206,7 @@ def main(cfg: Config):
         start, extra = load_state(state_path, z, optimizer)
         best = extra.get("best", best)
         print(f"resumed from {state_path} at step {start}")
-    # the metrics of steps after the resume point are dropped: they are about to be redone
-    rows = (out / "metrics.jsonl").read_text().splitlines() if cfg.resume and (out / "metrics.jsonl").exists() else []
-    tasks.atomic_write_text(out / "metrics.jsonl", "".join(r + "\n" for r in rows if json.loads(r)["step"] <= start))
+    restart_metrics(out / "metrics.jsonl", start)
 
     meta = {"checkpoint": model.identity, "ckpt": str(cfg.ckpt), "targets": ",".join(targets), "data": cfg.data}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext()

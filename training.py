@@ -8,12 +8,13 @@ import argparse
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tasks import atomic_save_file, atomic_write_json
+from tasks import atomic_save_file, atomic_write_json, atomic_write_text
 
 # -----------------------------------------------------------------------------
 # configuration: one dataclass per script; argparse is generated from its fields so defaults live once
@@ -142,3 +143,10 @@ def load_state(path, params: dict, optimizer: torch.optim.Optimizer) -> tuple[in
                 optimizer.state[p] = state
     torch.set_rng_state(tensors["rng/torch"])
     return int(meta["step"]), json.loads(meta["extra"])
+
+
+def restart_metrics(path: Path, start: int):
+    """Keep the metrics.jsonl rows of steps up to `start` (the resume point; 0: a fresh run keeps none): the rows
+    after it are about to be redone."""
+    rows = path.read_text().splitlines() if start and path.exists() else []
+    atomic_write_text(path, "".join(r + "\n" for r in rows if json.loads(r)["step"] <= start))
