@@ -3,7 +3,7 @@
 Prints one table with the ratio ours/theirs for: forward tokens/s (batch 8x128, float32 and bfloat16), one training
 step with only a small vector trainable (a per-channel scale on each MLP output, batch 8x64), greedy generation
 tokens/s (64 new tokens after a 42-token prompt, batch 1 and 8), and peak RSS while loading (each load in a fresh
-subprocess, resource.getrusage ru_maxrss after loading minus before, divided by the weights' bytes).
+subprocess, /proc VmHWM after loading minus before, divided by the weights' bytes).
 Goals (issue 3): forward >= 1.0x, generation >= 2x, loading peak <= 1.3x the weights.
 
 Timings are the best of --repeats runs, ours and theirs interleaved, so that load from other processes on a shared
@@ -78,7 +78,7 @@ def train_step_fn(model, logits_of, tokens):
 
 
 LOAD_SNIPPET = """
-import resource, sys, torch
+import sys, torch
 import torch._dynamo  # imported lazily by some meta-device paths (~70 MB of modules): count it in the baseline
 torch.set_num_threads({threads})
 which, folder, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
@@ -86,15 +86,17 @@ if which == "ours":
     sys.path.insert(0, {root!r}); import model as M
 else:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kib():  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) benchmark process
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+before = peak_kib()
 if which == "ours":
     m, _ = M.load(folder, dtype=dtype)
 else:  # the model and its tokenizer, as model.load returns both
     m, _ = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kib()
 with torch.no_grad():  # transformers maps the file and reads it on first use: count that too
     m(torch.zeros(1, 8, dtype=torch.long))
-used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+used = peak_kib()
 weights = sum(p.numel() * p.element_size() for p in {{id(p): p for p in m.parameters()}}.values())
 print(before * 1024, after * 1024, used * 1024, weights)
 """
