@@ -82,24 +82,27 @@ def default_out(cfg: Config) -> Path:
 
 
 def load_examples(cfg: Config, tokenizer):
+    """(kept train records, their encoded (ids, labels), held-out records), all checked before the first step.
+    The first two are parallel lists: the batch indices of either objective name the same item in both."""
     train = tasks.read_jsonl(cfg.data)
     tasks.check_reasoning(train, cfg.data)
     held_out = tasks.read_jsonl(cfg.eval_data)
     tasks.check_reasoning(held_out, cfg.eval_data)
     if cfg.eval_limit:
         held_out = held_out[: cfg.eval_limit]
-    examples, skipped = [], 0
+    kept, examples, skipped = [], [], 0
     for r in train:
         ids, labels = tasks.encode_example(tokenizer, r["question"], r["answer"], cfg.max_len)
         if ids is None:
             skipped += 1
             continue
+        kept.append(r)
         examples.append((ids, labels))
     if skipped:
         print(f"{cfg.data}: skipped {skipped} of {len(train)} items longer than --max-len {cfg.max_len}", file=sys.stderr)
     if not examples:
         raise ValueError(f"{cfg.data}: no item fits in --max-len {cfg.max_len}")
-    return examples, held_out
+    return kept, examples, held_out
 
 
 def evaluate(model, tokenizer, held_out, cfg: Config) -> dict:
@@ -181,8 +184,7 @@ def main(cfg: Config):
 
     model, tokenizer = model_lib.load(cfg.ckpt, device=device, dtype=dtype)
     palora.find_targets(model, targets)  # an unknown target name fails here, before the SVD
-    examples, held_out = load_examples(cfg, tokenizer)
-    records = tasks.read_jsonl(cfg.data)
+    records, examples, held_out = load_examples(cfg, tokenizer)
     cfg.out = str(out)  # resolved, as saved
     save_config(cfg, out / "config.json")
 
