@@ -56,6 +56,7 @@ import numpy as np
 
 class CheckpointError(ValueError):
     """A checkpoint name, folder or downloaded file that cannot be used; the message names it and says why."""
+    expected = True  # bad input: cli.run prints it as one line, exit 2
 
 
 def read_json(path: Path, default=None) -> dict:

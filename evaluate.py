@@ -35,11 +35,12 @@ import torch
 
 import checkpoints
 import inject
+import cli
 import model as model_lib
 import palora
 import tasks
 import train_svf
-from training import parse_config, resolve_device, resolve_dtype
+from training import resolve_device, resolve_dtype
 
 REPO = Path(__file__).resolve().parent
 METHODS = ("palora", "topk", "lora", "pissa", "milora", "palora_act")
@@ -324,4 +325,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(0 if main(parse_config(Config, description=__doc__.split("\n\n")[0])).get("ok", True) else 1)
+    raise SystemExit(0 if cli.run(main, cli.parse_config(Config, description=__doc__.split("\n\n")[0])).get("ok", True) else 1)

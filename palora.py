@@ -37,6 +37,7 @@ U32 = 2.0 ** -24  # float32 unit roundoff: merge checks and the float32 leakage 
 
 class PaloraError(ValueError):
     """Bad input (a file, a shape, a setting); the message names the file or weight and the problem."""
+    expected = True  # bad input: cli.run prints it as one line, exit 2
 
 def wide(t: torch.Tensor) -> torch.Tensor:
     """t in at least float32: bfloat16 weights are decomposed, merged and projected in float32."""

@@ -35,6 +35,7 @@ PROTOCOL = (  # written by evaluate.py into its JSON: how every number in it was
 
 class DataError(ValueError):
     """A bad input file. The message has one "path:LINE: problem" line per problem found."""
+    expected = True  # bad input: cli.run prints it as one line, exit 2
 
 
 def _raise(problems: list[str]):

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import cli
 import model as model_lib
 import palora
 import tasks
-from training import (answer_loss, batch_indices, check_finite, load_state, parse_config, resolve_device,
+from training import (answer_loss, batch_indices, check_finite, load_state, resolve_device,
                       resolve_dtype, restart_metrics, save_config, save_state)
 
 REPO = Path(__file__).resolve().parent
@@ -257,4 +258,4 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, description=__doc__.split("\n")[0]))
+    cli.run(main, cli.parse_config(Config, description=__doc__.split("\n")[0]))

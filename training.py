@@ -4,7 +4,6 @@ safetensors (never pickle) so that an interrupted run resumes bit-for-bit.
 
 There is no Trainer here on purpose: each script keeps its own loop, top to bottom (STYLE.md).
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -17,33 +16,7 @@ from safetensors.torch import load_file
 from tasks import atomic_save_file, atomic_write_json, atomic_write_text
 
 # -----------------------------------------------------------------------------
-# configuration: one dataclass per script; argparse is generated from its fields so defaults live once
-
-
-def parse_config(cls, argv=None, description=None):
-    """Build an argparse parser from the dataclass `cls` (help text from field metadata) and parse argv.
-
-    Unknown flags are errors (argparse's default). Booleans are `--flag` / `--no-flag`; list fields take
-    the flag several times (`--svf a --svf b`).
-    """
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        choices = f.metadata.get("choices")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        elif f.type in (list, "list") or str(f.type).startswith("list"):
-            parser.add_argument(flag, action="append", default=None, help=help_text + " (repeatable)")
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
-    args = parser.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-    for f in dataclasses.fields(cls):  # repeatable flags not given fall back to the field's default list
-        if values[f.name] is None and f.default_factory is not dataclasses.MISSING:
-            values[f.name] = f.default_factory()
-    return cls(**values)
+# configuration: cli.parse_config builds the parser; the resolved config is saved beside the outputs
 
 
 def save_config(cfg, path):

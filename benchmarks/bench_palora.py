@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import model as model_lib  # noqa: E402
 import palora  # noqa: E402
-from training import parse_config  # noqa: E402
+from cli import parse_config  # noqa: E402
 
 MODES = ("svf", "svf_rebuild", "lora", "palora")
 

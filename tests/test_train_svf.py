@@ -20,6 +20,7 @@ import model as model_lib
 import palora
 import tiny
 import train_svf
+import cli
 import training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,7 +193,7 @@ def test_too_long_items_are_skipped_and_counted(setup, tmp_path, capsys):
 
 def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as exit_:
-        training.parse_config(train_svf.Config, ["--help"])
+        cli.parse_config(train_svf.Config, ["--help"])
     assert exit_.value.code == 0
     shown = capsys.readouterr().out
     assert [f.name for f in dataclasses.fields(train_svf.Config) if "--" + f.name.replace("_", "-") not in shown] == []
@@ -204,7 +205,7 @@ def test_help_lists_every_field(capsys):
 ])
 def test_bad_flags_are_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
-        training.parse_config(train_svf.Config, argv)
+        cli.parse_config(train_svf.Config, argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -212,7 +213,7 @@ def test_config_used_is_written_beside_the_outputs(setup, tmp_path):
     argv = ["--ckpt", str(setup.ckpt), "--data", str(setup.train), "--eval-data", str(setup.test), "--out", str(tmp_path),
             "--steps", "2", "--lr", "0.05", "--seed", "3", "--batch-size", "2", "--device", "cpu", "--eval-limit", "2",
             "--max-new-tokens", "8", "--svd-cache", str(setup.cache), "--no-resume"]
-    cfg = training.parse_config(train_svf.Config, argv)
+    cfg = cli.parse_config(train_svf.Config, argv)
     assert (cfg.steps, cfg.lr, cfg.seed, cfg.resume, cfg.objective) == (2, 0.05, 3, False, "sft")  # typed; defaults kept
     train_svf.main(cfg)
     assert json.loads((tmp_path / "config.json").read_text()) == dataclasses.asdict(cfg)
