@@ -26,6 +26,8 @@ import torch
 from tqdm import tqdm
 
 import cli
+import adapters
+import checkpoints
 import model as model_lib
 import palora
 import tasks
@@ -58,7 +60,7 @@ class Config:
     max_len: int = field(default=512, metadata={"help": "longest prompt + answer in tokens; longer items are skipped and counted"})
     max_new_tokens: int = field(default=64, metadata={"help": "answer length limit when scoring (the default answers take ~27 tokens)"})
     eval_batch_size: int = field(default=64, metadata={"help": "questions answered at once when scoring"})
-    svd_cache: str = field(default="cache/svd", metadata={"help": "folder of cached SVD factors"})
+    svd_cache: str = field(default=adapters.SVD_CACHE, metadata={"help": "folder of cached SVD factors"})
 
 
 def check_config(cfg: Config):
@@ -183,7 +185,9 @@ def main(cfg: Config):
     targets = tuple(t.strip() for t in cfg.targets.split(",") if t.strip())
     torch.manual_seed(cfg.seed)
 
-    model, tokenizer = model_lib.load(cfg.ckpt, device=device, dtype=dtype)
+    folder = checkpoints.resolve(cfg.ckpt)
+    identity = checkpoints.identity(folder)
+    model, tokenizer = model_lib.load(folder, device=device, dtype=dtype)
     palora.find_targets(model, targets)  # an unknown target name fails here, before the SVD
     records, examples, held_out = load_examples(cfg, tokenizer)
     cfg.out = str(out)  # resolved, as saved
@@ -191,7 +195,7 @@ def main(cfg: Config):
 
     n_model = sum(p.numel() for p in model.parameters())  # before SVF replaces the target weights
     # Stage 1: replace each target W by its SVD factors and a trainable z (W itself is freed: memory ~1.3x W).
-    svds = palora.compute_svds(model, targets, cache_dir=REPO / cfg.svd_cache)
+    svds = adapters.svds(model, targets, identity, cfg.svd_cache)
     z = palora.add_svf(model, svds)  # name -> Parameter (S,), float32, initialised at 1
     for p in model.parameters():
         p.requires_grad_(False)
@@ -211,7 +215,7 @@ def main(cfg: Config):
         print(f"resumed from {state_path} at step {start}")
     restart_metrics(out / "metrics.jsonl", start)
 
-    meta = {"checkpoint": model.identity, "ckpt": str(cfg.ckpt), "targets": ",".join(targets), "data": cfg.data}
+    meta = {"ckpt": str(cfg.ckpt), "targets": ",".join(targets), "data": cfg.data}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16 else nullcontext()
     if start == 0:
         base = evaluate(model, tokenizer, held_out, cfg)
@@ -242,13 +246,13 @@ def main(cfg: Config):
             bar.write(f"step {step + 1}: held-out strict {acc['strict']:.3f} flexible {acc['flexible']:.3f}")
             if acc["strict"] > best["strict"]:
                 best = {**acc, "step": step + 1}
-                palora.save_svf(out / "svf_best.safetensors", z, {**meta, "steps": str(step + 1), "held_out": json.dumps(acc)})
+                adapters.save_svf(out / "svf_best.safetensors", z, identity, {**meta, "steps": str(step + 1), "held_out": json.dumps(acc)})
         tasks.append_jsonl(out / "metrics.jsonl", row)
         if (step + 1) % cfg.save_every == 0 or done:
             save_state(state_path, z, optimizer, step + 1, {"best": best})
 
     final = row.get("held_out") or evaluate(model, tokenizer, held_out, cfg)
-    palora.save_svf(out / "svf.safetensors", z, {**meta, "steps": str(cfg.steps), "held_out": json.dumps(final)})
+    adapters.save_svf(out / "svf.safetensors", z, identity, {**meta, "steps": str(cfg.steps), "held_out": json.dumps(final)})
     summary = {"held_out": final, "best": best, "trainable": n_trainable, "model_parameters": n_model,
                "share": n_trainable / n_model, "wall_s": time.time() - t0, "train_s": train_s,
                "tokens_per_s": tokens_seen / max(train_s, 1e-9), "device": str(device), "dtype": str(dtype)}

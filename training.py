@@ -123,3 +123,27 @@ def restart_metrics(path: Path, start: int):
     after it are about to be redone."""
     rows = path.read_text().splitlines() if start and path.exists() else []
     atomic_write_text(path, "".join(r + "\n" for r in rows if json.loads(r)["step"] <= start))
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """"gate_proj, up_proj" -> ("gate_proj", "up_proj"); an empty list is an error."""
+    from cli import ConfigError
+
+    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not targets:
+        raise ConfigError(f"--targets {text!r}: no target name in it")
+    return targets
+
+
+def open_run(out: Path, cfg, resume: bool, overwrite: bool, ignore=("resume", "overwrite", "device", "out")):
+    """Stand-in until the run-folder guard lands: create out, refuse a non-empty one without --resume."""
+    from cli import ConfigError
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise ConfigError(f"{out}: not empty; pass --resume to continue it or --overwrite")
+    if resume and not (out / "state.safetensors").exists():
+        raise ConfigError(f"{out / 'state.safetensors'}: nothing to resume from")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.json")
+    return out

@@ -1,0 +1,121 @@
+"""The whole comparison in one command: the SVF expert (reused if one exists for --ckpt), each method x
+seed injected on the same facts with the same rank, replay and stopping rule, then evaluate.py's
+table with paired intervals. The only script that runs the others.
+
+    python reproduce.py                          # every method x seeds 0,1,2, then the table
+    python reproduce.py --methods palora,lora --seeds 0
+    python reproduce.py --sweep                  # PALoRA's settings: lr, recall target, replay, probe
+
+Runs live in --out as <setting>-s<seed>/. A finished run whose config.json matches is reused, a
+half-done one resumed, and one made with other settings refused (inject.py's run-folder guard): a
+killed reproduction continues where it stopped, and `python evaluate.py --adapter ...` on the
+finished folders prints a partial table at any time. The table: --out/eval/results.json.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import adapters
+import checkpoints
+import cli
+import evaluate
+import inject
+import tasks
+import train_svf
+from training import parse_targets
+
+REPO = Path(__file__).resolve().parent
+
+
+@dataclass
+class Config:
+    ckpt: str = field(default=checkpoints.DEFAULT, metadata={"help": "checkpoint folder or name"})
+    svf: str = field(default="", metadata={"help": "SVF expert (default: the newest, or train one)"})
+    facts: str = field(default=inject.Config.facts, metadata={"help": "facts JSONL to inject"})
+    n_facts: int = field(default=100, metadata={"help": "the first N facts (0: all)", "ge": 0})
+    methods: str = field(default=",".join(adapters.METHODS), metadata={"help": "comma-separated"})
+    seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
+    sweep: bool = field(default=False, metadata={"help": "PALoRA's settings instead of the methods"})
+    limit: int = field(default=0, metadata={"help": "reasoning items scored per split (0: all)",
+                                            "ge": 0})
+    out: str = field(default="runs/reproduce", metadata={"help": "output folder"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    plot: bool = field(default=False, metadata={"help": "tradeoff.png and probe.png"})
+
+
+def sweep_variants() -> dict:
+    """name -> inject.Config overrides for PALoRA on the same facts, rank and seeds."""
+    lr = inject.Config.lr
+    return {
+        "lr-x0.5": {"lr": lr / 2}, "lr-x2": {"lr": lr * 2},
+        "target-0.7": {"recall_target": 0.7}, "target-1.0": {"recall_target": 1.0},
+        "replay-0": {"mix_skill": "none"}, "replay-1.0": {"mix_ratio": 1.0},
+        "fraction-0.25": {"probe_fraction": 0.25}, "fraction-0.75": {"probe_fraction": 0.75},
+        "energy": {"probe_score": "energy"}, "global-0.5": {"probe_global_fraction": 0.5},
+        "mix-known": {"mix_known": "data/known/known_mix.jsonl"},
+        "rank-16": {"rank": 16, "alpha": 32.0},
+    }
+
+
+def expert(cfg: Config, identity: str) -> Path:
+    """The SVF expert: --svf, else the newest for the checkpoint, else one trained now."""
+    if cfg.svf:
+        return Path(cfg.svf)
+    try:
+        return inject.latest_svf(identity, cfg.ckpt)
+    except FileNotFoundError:
+        train_svf.main(train_svf.Config(ckpt=cfg.ckpt, eval_every=0, device=cfg.device))
+        return inject.latest_svf(identity, cfg.ckpt)
+
+
+def same_run(out: Path, want: dict):
+    """A finished run is reused only if its config.json records these settings."""
+    saved = adapters.run_config(out)
+    differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in want.items() if saved.get(k) != v]
+    if differ:
+        raise cli.ConfigError(f"{out}: a finished run with other settings ({', '.join(differ)}); "
+                              f"move it away or use another --out")
+
+
+def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
+    """Every (setting, seed) run, reused when finished with the same config, else (re)run."""
+    settings = {m: {"method": m} for m in parse_targets(cfg.methods)}
+    if cfg.sweep:
+        settings = {"default": {}, **sweep_variants()}
+    runs = []
+    for seed in [int(s) for s in cfg.seeds.split(",")]:
+        for name, overrides in settings.items():
+            out = Path(cfg.out) / f"{name}-s{seed}"
+            run = inject.Config(ckpt=cfg.ckpt, svf=[str(svf)], facts=str(facts), seed=seed,
+                                out=str(out), device=cfg.device, **overrides)
+            runs.append(out)
+            if (out / "adapter_model.safetensors").exists():
+                same_run(out, {"method": run.method, "seed": seed, "facts": str(facts),
+                               "svf": [str(svf)], **overrides})
+                continue
+            inject.main(dataclasses.replace(run, resume=(out / "state.safetensors").exists(),
+                                            overwrite=not (out / "state.safetensors").exists()))
+    return runs
+
+
+def main(cfg: Config) -> dict:
+    for name in parse_targets(cfg.methods):
+        if name not in adapters.METHODS:
+            raise cli.ConfigError(f"--methods: unknown method {name!r}")
+    folder = Path(cfg.out)
+    identity = checkpoints.identity(checkpoints.resolve(cfg.ckpt))
+    facts = Path(cfg.facts)
+    if cfg.n_facts:  # the same subset for every run, kept beside them
+        lines = facts.read_text().splitlines(True)[: cfg.n_facts]
+        facts = folder / "facts.jsonl"
+        tasks.atomic_write_text(facts, "".join(lines))
+    svf = expert(cfg, identity)
+    runs = inject_all(cfg, svf, facts)
+    return evaluate.main(evaluate.Config(ckpt=cfg.ckpt, svf=str(svf), adapter=[str(r) for r in runs],
+                                         facts=str(facts), limit=cfg.limit, device=cfg.device,
+                                         out=str(folder / "eval"), plot=cfg.plot))
+
+
+if __name__ == "__main__":
+    cli.run(main, cli.parse_config(Config, description=__doc__.split("\n\n")[0]))
