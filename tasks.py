@@ -10,12 +10,16 @@ import json
 import os
 import re
 import string
+import sys
 import tempfile
 import unicodedata
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
+from tqdm import tqdm
+
+from model import generate
 
 IGNORE_INDEX = -100  # label of the tokens that carry no loss (prompt, padding): cross_entropy's ignore_index
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -194,22 +198,32 @@ def fact_correct(prediction: str, gold: str) -> bool:
 
 # -- batched greedy answering ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of already rendered prompts, decoded from the new tokens only, in input order."""
-    from model import generate  # imported here: model.py -> checkpoints.py may use this module's atomic writes
+def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+             desc: str = "answering", quiet: bool = False) -> list[str]:
+    """Greedy continuations of already rendered prompts, decoded from the new tokens only, in input order.
+
+    Progress (answers/s) goes to stderr as a tqdm bar named `desc` (quiet: none); opened inside another bar
+    (a training loop's), it takes the next line and clears itself when done, so the outer bar stays."""
     ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]  # templates hold their own BOS
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
     out = [""] * len(ids)
-    for start in range(0, len(order), batch_size):
-        rows = order[start: start + batch_size]
-        new = generate(model, [ids[i] for i in rows], max_new_tokens, tokenizer.eos_ids, temperature=0.0)
-        for i, tokens in zip(rows, new):
-            out[i] = tokenizer.decode(tokens)
+    bar = tqdm(total=len(ids), desc=desc, unit="answer", file=sys.stderr, leave=None, disable=quiet)
+    with bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = [ids[i] for i in rows]
+            new = generate(model, batch, max_new_tokens, tokenizer.eos_ids, temperature=0.0)
+            for i, tokens in zip(rows, new):
+                out[i] = tokenizer.decode(tokens)
+            bar.update(len(rows))
     return out
 
 
-def answer(model, tokenizer, questions: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    return complete(model, tokenizer, [chat_prompt(tokenizer, q) for q in questions], max_new_tokens, batch_size)
+def answer(model, tokenizer, questions: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+           desc: str = "answering", quiet: bool = False) -> list[str]:
+    """complete() on the questions rendered in the chat template."""
+    prompts = [chat_prompt(tokenizer, q) for q in questions]
+    return complete(model, tokenizer, prompts, max_new_tokens, batch_size, desc, quiet)
 
 
 # -- atomic writes: a temporary file in the same folder (same file system, so os.replace is atomic), fsync, rename -----

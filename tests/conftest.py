@@ -1,19 +1,62 @@
-"""Make the repository's top-level modules (model, palora, tasks, ...) importable from the tests, however
-pytest is started."""
+"""Shared fixtures, and the repository's top-level modules (model, palora, tasks, ...) made importable
+from the tests however pytest is started.
+
+    one_thread   torch on one thread for a test module (tiny matrices)
+    seeded       torch's and Python's global RNGs seeded for each test
+    tiny_ckpt    a tiny random Llama checkpoint folder (tests/tiny.py), built once per session
+    reasoning    a GSM8K-layout skill set (answers end in `#### N`): .records, .train and .test files
+"""
+
+import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import tiny  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny matrices: thread hand-offs dominate, and on 2 shared cores two threads per process ran 6x slower.
-    Modules of tiny-model tests use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    """Tiny matrices: thread hand-offs dominate, and on 2 shared cores two threads per process ran 6x
+    slower. Modules of tiny-model tests use `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def seeded():
+    """A failure reproduces: every test that uses it starts from the same global RNG states."""
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return tiny.make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def sums(n: int) -> list[dict]:
+    """'What is i + (i+1)?' with a GSM8K answer: a calculator annotation, then `#### 2i+1`."""
+    records = []
+    for i in range(n):
+        total = 2 * i + 1
+        answer = f"{i} + {i + 1} = <<{i}+{i + 1}={total}>>{total}\n#### {total}"
+        records.append({"question": f"What is {i} + {i + 1}?", "answer": answer})
+    return records
+
+
+@pytest.fixture(scope="session")
+def reasoning(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("reasoning")
+    records = sums(4)
+    train = tiny.write_jsonl(root / "train.jsonl", records)
+    test = tiny.write_jsonl(root / "test.jsonl", records)
+    return SimpleNamespace(records=records, train=train, test=test)
