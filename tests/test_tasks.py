@@ -318,3 +318,17 @@ def test_known_facts_are_highly_known():
     tasks.check_facts(known, path)
     assert len(known) >= 30 and all(r["fewshot_correct"] == 4 for r in known)
     assert not {r["question"] for r in known} & {r["question"] for r in tasks.read_jsonl(DATA / "facts" / "facts.jsonl")}
+
+
+def test_answering_shows_progress_on_stderr_unless_quiet(tokenizer, capsys):
+    torch.manual_seed(0)
+    args = M.ModelArgs(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=None, rms_norm_eps=1e-5,
+                       max_position_embeddings=256)
+    net = M.Transformer(args).eval()
+    tasks.answer(net, tokenizer, ["Hi", "Ho", "Hu"], max_new_tokens=2, batch_size=2, desc="scoring x")
+    shown = capsys.readouterr()
+    assert "scoring x: 100%|" in shown.err and "3/3" in shown.err and "answer/s" in shown.err
+    assert shown.out == ""
+    tasks.answer(net, tokenizer, ["Hi"], max_new_tokens=2, desc="scoring x", quiet=True)
+    assert capsys.readouterr().err == ""

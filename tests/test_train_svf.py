@@ -409,7 +409,6 @@ def test_rl_raises_the_mean_reward_of_a_bandit(setup, monkeypatch):
         loss.backward()
         optimizer.step()
     after = mean_reward()
-    print(before, after)
     assert after > before + 0.1, (before, after)
 
 
