@@ -1,10 +1,10 @@
-"""Shared fixtures, and the repository's top-level modules (model, palora, tasks, ...) made importable
-from the tests however pytest is started.
+"""Shared fixtures, and the repository's top-level modules (model, palora, tasks, ...) made
+importable from the tests however pytest is started.
 
     one_thread   torch on one thread for a test module (tiny matrices)
-    seeded       torch's and Python's global RNGs seeded for each test
+    seeded       torch's and Python's global RNGs seeded per test
     tiny_ckpt    a tiny random Llama checkpoint folder (tests/tiny.py), built once per session
-    reasoning    a GSM8K-layout skill set (answers end in `#### N`): .records, .train and .test files
+    reasoning    a GSM8K-layout skill set (answers end in `#### N`): .records, .train, .test
 """
 
 import random
@@ -23,8 +23,8 @@ import tiny  # noqa: E402
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny matrices: thread hand-offs dominate, and on 2 shared cores two threads per process ran 6x
-    slower. Modules of tiny-model tests use `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    """Tiny matrices: thread hand-offs dominate, and on 2 shared cores two threads per process ran
+    6x slower. Tiny-model test modules use `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

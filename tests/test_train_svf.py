@@ -1,11 +1,11 @@
-"""Tests for train_svf.py on a tiny random Llama (tests/tiny.py) and a synthetic GSM8K-layout set (answers ending in
-`#### N`): the loss goes down; z is the only thing that changes (every other weight bit-identical, the checkpoint
-folder untouched); --resume ends with the same z, bit for bit (sft, and rl, whose sampling needs the saved RNG
-state); bad inputs fail before training with file:line errors; a NaN loss stops the run and keeps the last good
-checkpoint; the command line lists every Config field, refuses unknown flags and the config it ran with is written
-beside the outputs. CPU, seconds.
-(The GSM8K scoring filters are tested in tests/test_tasks.py.)
-"""
+"""Tests for train_svf.py on a tiny random Llama (tests/tiny.py) and a synthetic GSM8K-layout set
+(answers ending in `#### N`): the loss goes down; z is the only thing that changes (every other
+weight bit-identical, the checkpoint folder untouched); --resume ends with the same z, bit for bit
+(sft, and rl, whose sampling needs the saved RNG state); bad inputs fail before training with
+file:line errors; a NaN loss stops the run and keeps the last good checkpoint; the command line
+lists every Config field, refuses unknown flags and the config it ran with is written beside the
+outputs. CPU, seconds. (The GSM8K scoring filters are tested in tests/test_tasks.py.)"""
+
 import dataclasses
 import hashlib
 import json
@@ -38,17 +38,34 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def setup(tiny_ckpt, reasoning, tmp_path_factory):
     cache = tmp_path_factory.mktemp("svd")
-    return SimpleNamespace(ckpt=tiny_ckpt, cache=cache, train=reasoning.train, test=reasoning.test,
-                           records=reasoning.records)
+    return SimpleNamespace(
+        ckpt=tiny_ckpt,
+        cache=cache,
+        train=reasoning.train,
+        test=reasoning.test,
+        records=reasoning.records,
+    )
 
 
 def config(setup, out, **overrides) -> train_svf.Config:
     """Full batches: every step sees every example, so losses compare across steps. Held-out
     scoring only at the end, on 2 items, 8 new tokens: it is not what these tests are about."""
-    settings = dict(ckpt=str(setup.ckpt), data=str(setup.train), eval_data=str(setup.test), steps=8,
-                    lr=0.1, batch_size=len(setup.records), out=str(out), device="cpu", eval_every=0,
-                    eval_limit=2, max_new_tokens=8, eval_batch_size=2, save_every=4,
-                    svd_cache=str(setup.cache))
+    settings = dict(
+        ckpt=str(setup.ckpt),
+        data=str(setup.train),
+        eval_data=str(setup.test),
+        steps=8,
+        lr=0.1,
+        batch_size=len(setup.records),
+        out=str(out),
+        device="cpu",
+        eval_every=0,
+        eval_limit=2,
+        max_new_tokens=8,
+        eval_batch_size=2,
+        save_every=4,
+        svd_cache=str(setup.cache),
+    )
     return train_svf.Config(**{**settings, **overrides})
 
 
@@ -71,66 +88,96 @@ def test_loss_goes_down(setup, tmp_path):
     losses = [r["loss"] for r in metrics(tmp_path) if "loss" in r]
     assert len(losses) == steps
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    # from ~ln(320) = 5.8 nats (a random model), lr 0.1 over 20 full batches drops ~0.4: 0.1 is far above noise
+    # from ~ln(320) = 5.8 nats (a random model), lr 0.1 over 20 full batches drops ~0.4: 0.1 is far
+    # above noise
     assert last < first - 0.1, losses
 
 
 def test_z_is_the_only_thing_that_changes(setup, tmp_path, monkeypatch):
     def digest(folder):
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+        return {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+        }
 
     before = digest(setup.ckpt)
     real_load, trained = model_lib.load, []
-    monkeypatch.setattr(train_svf.model_lib, "load", lambda *a, **k: trained.append(real_load(*a, **k)) or trained[-1])
+    monkeypatch.setattr(
+        train_svf.model_lib,
+        "load",
+        lambda *a, **k: trained.append(real_load(*a, **k)) or trained[-1],
+    )
     train_svf.main(config(setup, tmp_path))
     assert digest(setup.ckpt) == before  # the checkpoint folder is read, never written
 
     model, (base, _) = trained[0][0], real_load(setup.ckpt)
     targets = palora.find_targets(base)
     assert len(targets) == 2 * 3  # every layer's gate, up and down projections
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"{n}.z" for n in targets}
-    kept, base_params = {n: p for n, p in model.named_parameters() if not n.endswith(".z")}, dict(base.named_parameters())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.z" for n in targets
+    }
+    kept, base_params = (
+        {n: p for n, p in model.named_parameters() if not n.endswith(".z")},
+        dict(base.named_parameters()),
+    )
     assert kept.keys() == base_params.keys() - {f"{n}.weight" for n in targets}
     for name, p in kept.items():
-        assert torch.equal(p, base_params[name]), name  # bit-identical: embeddings, attention, norms, head
-    # the replaced weights: their factors are still the SVD of the base weight (the cache checks W's sha256)
+        # bit-identical: embeddings, attention, norms, head
+        assert torch.equal(p, base_params[name]), name
+    # the replaced weights: their factors are still the SVD of the base weight (the cache checks W's
+    # sha256)
     for name, (U, s, Vh) in palora.compute_svds(base, cache_dir=setup.cache).items():
         layer = model.get_submodule(name)
-        assert torch.equal(layer.U, U) and torch.equal(layer.s, s) and torch.equal(layer.Vh, Vh), name
+        assert torch.equal(layer.U, U) and torch.equal(layer.s, s) and torch.equal(layer.Vh, Vh), (
+            name
+        )
 
     z = load_file(tmp_path / "svf.safetensors")
     assert z.keys() == targets.keys()
     for name, t in z.items():
-        assert torch.equal(t, model.get_submodule(name).z.detach()), name  # what was trained is what was saved
-        assert not torch.equal(t, torch.ones_like(t)), name  # and training moved it away from z = 1 (W' = W)
+        # what was trained is what was saved
+        assert torch.equal(t, model.get_submodule(name).z.detach()), name
+        # and training moved it away from z = 1 (W' = W)
+        assert not torch.equal(t, torch.ones_like(t)), name
 
 
-@pytest.mark.parametrize("objective", ["sft", "rl"])  # rl samples answers: the saved RNG state must be restored too
+# rl samples answers: the saved RNG state must be restored too
+@pytest.mark.parametrize("objective", ["sft", "rl"])
 def test_resume_gives_the_same_z(setup, tmp_path, monkeypatch, objective):
-    steps, every, killed = 8, 3, 5  # checkpoints after steps 3 and 6; killed in step 6 (loop index 5)
+    # checkpoints after steps 3 and 6; killed in step 6 (loop index 5)
+    steps, every, killed = 8, 3, 5
     run = dict(steps=steps, save_every=every, objective=objective, rl_samples=2)
-    if objective == "rl":  # a random tiny model is never right: reward even-length answers so that z has a signal
-        monkeypatch.setattr(train_svf.tasks, "score_reasoning", lambda text, gold: {"strict": len(text) % 2 == 0, "flexible": False})
+    # a random tiny model is never right: reward even-length answers so that z has a signal
+    if objective == "rl":
+        monkeypatch.setattr(
+            train_svf.tasks,
+            "score_reasoning",
+            lambda text, gold: {"strict": len(text) % 2 == 0, "flexible": False},
+        )
     train_svf.main(config(setup, tmp_path / "whole", **run))
 
     def crash(loss, step, params=None):
         if step == killed:
             raise KeyboardInterrupt
+
     with monkeypatch.context() as patch:
         patch.setattr(train_svf, "check_finite", crash)
         with pytest.raises(KeyboardInterrupt):
             train_svf.main(config(setup, tmp_path / "cut", **run))
     assert saved_step(tmp_path / "cut" / "state.safetensors") == every
-    assert [r["step"] for r in metrics(tmp_path / "cut")] == list(range(killed + 1))  # rows 4, 5: to be redone
+    # rows 4, 5: to be redone
+    assert [r["step"] for r in metrics(tmp_path / "cut")] == list(range(killed + 1))
     assert not (tmp_path / "cut" / "svf.safetensors").exists()
 
     train_svf.main(config(setup, tmp_path / "cut", **run, resume=True))
     whole, cut = (load_file(tmp_path / d / "svf.safetensors") for d in ("whole", "cut"))
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
-    assert not all(torch.equal(t, torch.ones_like(t)) for t in whole.values())  # z moved: the comparison means something
+    # z moved: the comparison means something
+    assert not all(torch.equal(t, torch.ones_like(t)) for t in whole.values())
     rows = {d: metrics(tmp_path / d) for d in ("whole", "cut")}
-    assert [r["step"] for r in rows["cut"]] == list(range(steps + 1))  # one row per step (0: the base model)
-    assert [r.get("loss") for r in rows["cut"]] == [r.get("loss") for r in rows["whole"]]  # same batches, same losses
+    # one row per step (0: the base model)
+    assert [r["step"] for r in rows["cut"]] == list(range(steps + 1))
+    # same batches, same losses
+    assert [r.get("loss") for r in rows["cut"]] == [r.get("loss") for r in rows["whole"]]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
@@ -140,13 +187,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
         loss, n_tokens = real_loss(*args)
         calls.append(step := len(calls) + 1)
         return (loss * float("nan") if step == every + 1 else loss), n_tokens
+
     monkeypatch.setattr(train_svf, "sft_loss", nan_after_checkpoint)
     with pytest.raises(FloatingPointError, match=rf"step {every + 1}: loss is nan"):
         train_svf.main(config(setup, tmp_path, steps=8, save_every=every))
     state = tmp_path / "state.safetensors"
     assert saved_step(state) == every
-    assert all(torch.isfinite(t).all() for k, t in load_file(state).items() if k.startswith("param/"))
-    assert [r["step"] for r in metrics(tmp_path)] == list(range(every + 1))  # no row for the NaN step
+    assert all(
+        torch.isfinite(t).all() for k, t in load_file(state).items() if k.startswith("param/")
+    )
+    # no row for the NaN step
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(every + 1))
     assert not (tmp_path / "svf.safetensors").exists()
 
 
@@ -154,44 +205,74 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
 # bad input: a clear error naming the file (and line), before training starts
 
 
-@pytest.mark.parametrize("name, lines, message", [
-    ("train.jsonl", [GOOD_LINE, "", '{"question": "B?", "answer": '], r"train\.jsonl:3: malformed JSON"),  # blank counted
-    ("train.jsonl", [GOOD_LINE, '{"answer": "#### 3"}'], r"train\.jsonl:2: missing field 'question'"),
-    ("train.jsonl", [GOOD_LINE, '{"question": "B?"}'], r"train\.jsonl:2: missing field 'answer'"),
-    ("train.jsonl", [GOOD_LINE, '{"question": "B?", "answer": "three"}'], r"train\.jsonl:2: answer has no final number"),
-    ("train.jsonl", [], r"train\.jsonl:1: empty file"),
-    ("test.jsonl", [GOOD_LINE, '{"question": "B?", "answer": "7\\n#### x"}'], r"test\.jsonl:2: answer has no final number"),
-])
+@pytest.mark.parametrize(
+    "name, lines, message",
+    [
+        # blank counted
+        (
+            "train.jsonl",
+            [GOOD_LINE, "", '{"question": "B?", "answer": '],
+            r"train\.jsonl:3: malformed JSON",
+        ),
+        (
+            "train.jsonl",
+            [GOOD_LINE, '{"answer": "#### 3"}'],
+            r"train\.jsonl:2: missing field 'question'",
+        ),
+        (
+            "train.jsonl",
+            [GOOD_LINE, '{"question": "B?"}'],
+            r"train\.jsonl:2: missing field 'answer'",
+        ),
+        (
+            "train.jsonl",
+            [GOOD_LINE, '{"question": "B?", "answer": "three"}'],
+            r"train\.jsonl:2: answer has no final number",
+        ),
+        ("train.jsonl", [], r"train\.jsonl:1: empty file"),
+        (
+            "test.jsonl",
+            [GOOD_LINE, '{"question": "B?", "answer": "7\\n#### x"}'],
+            r"test\.jsonl:2: answer has no final number",
+        ),
+    ],
+)
 def test_bad_data_fails_before_training(setup, tmp_path, name, lines, message):
     bad = tmp_path / name
     bad.write_text("".join(line + "\n" for line in lines))
     which = "data" if name == "train.jsonl" else "eval_data"
     with pytest.raises(ValueError, match=message):
         train_svf.main(config(setup, tmp_path / "out", **{which: str(bad)}))
-    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "config.json").exists()
+    assert (
+        not (tmp_path / "out" / "metrics.jsonl").exists()
+        and not (tmp_path / "out" / "config.json").exists()
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(targets="gate_proj,nope"), "unknown target 'nope'"),
-    (dict(targets=" , "), "--targets: no target name"),
-    (dict(steps=0), "--steps: must be >= 1"),
-    (dict(batch_size=0), "--batch-size: must be >= 1"),
-    (dict(eval_batch_size=0), "--eval-batch-size: must be >= 1"),
-    (dict(lr=0.0), "--lr: must be > 0"),
-    (dict(lr=float("nan")), "--lr: must be a finite number"),
-    (dict(kl_coef=-0.1), "--kl-coef: must be >= 0"),
-    (dict(kl_coef=float("inf")), "--kl-coef: must be a finite number"),
-    (dict(rl_samples=0), "--rl-samples: must be >= 1"),
-    (dict(objective="rl", batch_size=1, rl_samples=1), "mean baseline needs"),
-    (dict(eval_every=-1), "--eval-every: must be >= 0"),
-    (dict(eval_limit=-1), "--eval-limit: must be >= 0"),
-    (dict(save_every=0), "--save-every: must be >= 1"),
-    (dict(max_len=0), "--max-len: must be >= 2"),
-    (dict(max_new_tokens=0), "--max-new-tokens: must be >= 1"),
-    (dict(seed=-1), "--seed: must be >= 0"),
-    (dict(data="missing.jsonl"), "missing.jsonl: no such file"),
-    (dict(resume=True, overwrite=True), "--resume and --overwrite exclude each other"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(targets="gate_proj,nope"), "unknown target 'nope'"),
+        (dict(targets=" , "), "--targets: no target name"),
+        (dict(steps=0), "--steps: must be >= 1"),
+        (dict(batch_size=0), "--batch-size: must be >= 1"),
+        (dict(eval_batch_size=0), "--eval-batch-size: must be >= 1"),
+        (dict(lr=0.0), "--lr: must be > 0"),
+        (dict(lr=float("nan")), "--lr: must be a finite number"),
+        (dict(kl_coef=-0.1), "--kl-coef: must be >= 0"),
+        (dict(kl_coef=float("inf")), "--kl-coef: must be a finite number"),
+        (dict(rl_samples=0), "--rl-samples: must be >= 1"),
+        (dict(objective="rl", batch_size=1, rl_samples=1), "mean baseline needs"),
+        (dict(eval_every=-1), "--eval-every: must be >= 0"),
+        (dict(eval_limit=-1), "--eval-limit: must be >= 0"),
+        (dict(save_every=0), "--save-every: must be >= 1"),
+        (dict(max_len=0), "--max-len: must be >= 2"),
+        (dict(max_new_tokens=0), "--max-new-tokens: must be >= 1"),
+        (dict(seed=-1), "--seed: must be >= 0"),
+        (dict(data="missing.jsonl"), "missing.jsonl: no such file"),
+        (dict(resume=True, overwrite=True), "--resume and --overwrite exclude each other"),
+    ],
+)
 def test_bad_settings_fail_before_training(setup, tmp_path, monkeypatch, overrides, message):
     loaded = []
     monkeypatch.setattr(train_svf.model_lib, "load", lambda *a, **k: loaded.append(1) / 0)
@@ -209,10 +290,18 @@ def test_numeric_flags_are_checked_by_the_parser(capsys):
 
 
 def test_too_long_items_are_skipped_and_counted(setup, tmp_path, capsys):
-    max_len = 256  # the short items take ~120-140 tokens (the ChatML system prompt included); the long one far more
-    data = tiny.write_jsonl(tmp_path / "train.jsonl", setup.records + [{"question": "How many apples? " * 40, "answer": "#### 1"}])
+    # the short items take ~120-140 tokens (the ChatML system prompt included); the long one far
+    # more
+    max_len = 256
+    data = tiny.write_jsonl(
+        tmp_path / "train.jsonl",
+        setup.records + [{"question": "How many apples? " * 40, "answer": "#### 1"}],
+    )
     train_svf.main(config(setup, tmp_path / "out", data=str(data), steps=1, max_len=max_len))
-    assert f"train.jsonl: skipped 1 of {len(setup.records) + 1} items longer than --max-len {max_len}" in capsys.readouterr().err
+    assert (
+        f"train.jsonl: skipped 1 of {len(setup.records) + 1} items longer than --max-len {max_len}"
+        in capsys.readouterr().err
+    )
     with pytest.raises(ValueError, match=r"train\.jsonl: no item fits in --max-len 8"):
         train_svf.main(config(setup, tmp_path / "none", data=str(data), steps=1, max_len=8))
 
@@ -226,13 +315,21 @@ def test_help_lists_every_field(capsys):
         cli.parse_config(train_svf.Config, ["--help"])
     assert exit_.value.code == 0
     shown = capsys.readouterr().out
-    assert [f.name for f in dataclasses.fields(train_svf.Config) if "--" + f.name.replace("_", "-") not in shown] == []
+    assert [
+        f.name
+        for f in dataclasses.fields(train_svf.Config)
+        if "--" + f.name.replace("_", "-") not in shown
+    ] == []
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--learning-rate", "0.1"], "unrecognized arguments: --learning-rate"),
-    (["--steps", "five"], "invalid int value"), (["--dtype", "float16"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--learning-rate", "0.1"], "unrecognized arguments: --learning-rate"),
+        (["--steps", "five"], "invalid int value"),
+        (["--dtype", "float16"], "invalid choice"),
+    ],
+)
 def test_bad_flags_are_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         cli.parse_config(train_svf.Config, argv)
@@ -240,11 +337,36 @@ def test_bad_flags_are_errors(capsys, argv, message):
 
 
 def test_config_used_is_written_beside_the_outputs(setup, tmp_path):
-    argv = ["--ckpt", str(setup.ckpt), "--data", str(setup.train), "--eval-data", str(setup.test), "--out", str(tmp_path),
-            "--steps", "2", "--lr", "0.05", "--seed", "3", "--batch-size", "2", "--device", "cpu", "--eval-limit", "2",
-            "--max-new-tokens", "8", "--svd-cache", str(setup.cache), "--no-resume"]
+    argv = [
+        "--ckpt",
+        str(setup.ckpt),
+        "--data",
+        str(setup.train),
+        "--eval-data",
+        str(setup.test),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--lr",
+        "0.05",
+        "--seed",
+        "3",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--eval-limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--svd-cache",
+        str(setup.cache),
+        "--no-resume",
+    ]
     cfg = cli.parse_config(train_svf.Config, argv)
-    assert (cfg.steps, cfg.lr, cfg.seed, cfg.resume, cfg.objective) == (2, 0.05, 3, False, "sft")  # typed; defaults kept
+    # typed; defaults kept
+    assert (cfg.steps, cfg.lr, cfg.seed, cfg.resume, cfg.objective) == (2, 0.05, 3, False, "sft")
     train_svf.main(cfg)
     assert json.loads((tmp_path / "config.json").read_text()) == dataclasses.asdict(cfg)
     assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
@@ -294,6 +416,7 @@ def test_a_new_run_killed_before_its_first_save_never_resumes_the_old_state(
 
     def crash(loss, step, params=None):
         raise KeyboardInterrupt
+
     with monkeypatch.context() as patch:
         patch.setattr(train_svf, "check_finite", crash)
         with pytest.raises(KeyboardInterrupt):
@@ -327,6 +450,7 @@ def test_non_finite_parameters_are_never_saved(setup, tmp_path, monkeypatch):
             if len(steps) == 2 * every:
                 with torch.no_grad():
                     self.param_groups[0]["params"][0][0] = float("inf")
+
     monkeypatch.setattr(train_svf.torch.optim, "Adam", Exploding)
     with pytest.raises(FloatingPointError, match=rf"step {2 * every}: .* is not finite"):
         train_svf.main(config(setup, tmp_path, steps=8, save_every=every))
@@ -340,7 +464,10 @@ def test_non_finite_parameters_are_never_saved(setup, tmp_path, monkeypatch):
 
 
 def test_base_model_sets_z_to_one_and_restores_it():
-    z = {"a": torch.nn.Parameter(torch.tensor([0.5, 2.0])), "b": torch.nn.Parameter(torch.ones(3) * 3)}
+    z = {
+        "a": torch.nn.Parameter(torch.tensor([0.5, 2.0])),
+        "b": torch.nn.Parameter(torch.ones(3) * 3),
+    }
     before = {n: p.detach().clone() for n, p in z.items()}
     with pytest.raises(RuntimeError):
         with train_svf.base_model(z):
@@ -367,8 +494,8 @@ def test_a_reward_every_sample_gets_teaches_nothing():
 
 
 def rl_setup(setup, lm_head_scale: float):
-    """The tiny model with SVF on its MLPs; its head scaled up so that the next-token distribution is
-    far from uniform (a random tiny model's logits are within ~0.2 of each other)."""
+    """The tiny model with SVF on its MLPs; its head scaled up so that the next-token distribution
+    is far from uniform (a random tiny model's logits are within ~0.2 of each other)."""
     model, tokenizer = model_lib.load(setup.ckpt)
     with torch.no_grad():
         model.lm_head.weight.mul_(lm_head_scale)
@@ -390,21 +517,27 @@ def test_rl_raises_the_mean_reward_of_a_bandit(setup, monkeypatch):
     def next_token_p():
         with torch.no_grad():
             return torch.softmax(model(torch.tensor([prompt]))[0, -1].float(), -1)  # (V,)
+
     order = next_token_p().argsort(descending=True).tolist()
     winners = {tokenizer.decode([i]) for i in order[1:4]}
-    monkeypatch.setattr(train_svf.tasks, "score_reasoning",
-                        lambda text, gold: {"strict": text in winners, "flexible": False})
+    monkeypatch.setattr(
+        train_svf.tasks,
+        "score_reasoning",
+        lambda text, gold: {"strict": text in winners, "flexible": False},
+    )
     won = torch.tensor([tokenizer.decode([i]) in winners for i in range(len(order))])
 
     def mean_reward():
         return next_token_p()[won].sum().item()
+
     cfg = train_svf.Config(rl_samples=16, max_new_tokens=1, kl_coef=0.0)
     optimizer = torch.optim.Adam(list(z.values()), lr=0.05)
     before = mean_reward()
     for step in range(20):
         generator = training.step_generator(0, step, "cpu")
-        loss, _ = train_svf.rl_loss(model, tokenizer, [{"question": "Pick one.", "answer": "1"}],
-                                    z, cfg, generator)
+        loss, _ = train_svf.rl_loss(
+            model, tokenizer, [{"question": "Pick one.", "answer": "1"}], z, cfg, generator
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -434,17 +567,47 @@ def test_rl_loss_leaves_z_as_it_was_and_samples_from_its_own_generator(setup, mo
 
 
 def test_the_command_line_shows_progress_of_the_held_out_evaluation(setup, tmp_path):
-    argv = ["--ckpt", str(setup.ckpt), "--data", str(setup.train), "--eval-data", str(setup.test),
-            "--out", str(tmp_path), "--steps", "2", "--eval-every", "1", "--device", "cpu",
-            "--eval-limit", "2", "--max-new-tokens", "4", "--svd-cache", str(setup.cache)]
+    argv = [
+        "--ckpt",
+        str(setup.ckpt),
+        "--data",
+        str(setup.train),
+        "--eval-data",
+        str(setup.test),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--device",
+        "cpu",
+        "--eval-limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--svd-cache",
+        str(setup.cache),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "train_svf.py"), *argv], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train_svf.py"), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     for desc in ("held-out, base model", "held-out, step 1", "held-out, step 2"):
-        assert f"{desc}: 100%|" in done.stderr and "answer/s" in done.stderr, done.stderr
+        # a bar inside the training bar clears itself when done: its last state may not be drawn
+        assert f"{desc}:" in done.stderr and "answer/s" in done.stderr, done.stderr
     assert "svf: 100%|" in done.stderr  # and the training bar finished
-    again = subprocess.run([sys.executable, str(REPO / "train_svf.py"), *argv], env=env,
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, str(REPO / "train_svf.py"), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 2 and again.stderr.startswith("error: ")
     assert again.stderr.count("\n") == 1 and "--overwrite" in again.stderr  # one line, no traceback

@@ -1,5 +1,6 @@
 """Tests for training.py: the run folder (open_run), the targets parser, state files that are never
-non-finite and fail with one error naming them, metrics rows, and the per-step generator. CPU, ms."""
+non-finite and fail with one error naming them, metrics rows, and the per-step generator. CPU,
+ms."""
 
 import dataclasses
 import fcntl
@@ -42,10 +43,13 @@ def finished(out, cfg):
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
 
 
-@pytest.mark.parametrize("text, want", [
-    ("gate_proj,up_proj", ("gate_proj", "up_proj")),
-    (" up_proj , ,down_proj,up_proj,", ("up_proj", "down_proj")),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("gate_proj,up_proj", ("gate_proj", "up_proj")),
+        (" up_proj , ,down_proj,up_proj,", ("up_proj", "down_proj")),
+    ],
+)
 def test_parse_targets(text, want):
     assert training.parse_targets(text) == want
 
