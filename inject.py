@@ -34,23 +34,18 @@ import cli
 import model as model_lib
 import palora
 import tasks
-from training import (answer_loss, batch_indices, check_finite, load_state, open_run,
+from training import (answer_loss, batch_indices, check_finite, load_state, open_run, option,
                       parse_targets, resolve_device, resolve_dtype, restart_metrics, save_state)
 
 REPO = Path(__file__).resolve().parent
 RUNS = REPO / "runs"
 
 
-def flag(default, help, **bounds):
-    """A config field: its default, its help string and its bounds (cli.check_numbers)."""
-    return field(default=default, metadata={"help": help, **bounds})
-
-
 @dataclass
 class Config:
-    facts: str = flag("data/facts/facts.jsonl",
+    facts: str = option("data/facts/facts.jsonl",
                       "facts JSONL: question, answer, optional paraphrases (held out)")
-    ckpt: str = flag(checkpoints.DEFAULT, "checkpoint folder or name")
+    ckpt: str = option(checkpoints.DEFAULT, "checkpoint folder or name")
     svf: list = field(default_factory=list, metadata={"help": (
         "SVF expert file (default: the newest runs/svf-*/svf.safetensors of --ckpt); given several "
         "times, the FIRST is the base the adapter trains on and ALL are probes (S's united)")})
@@ -58,41 +53,41 @@ class Config:
         "palora: probe-protected; random: as many components per matrix, chosen at random (the "
         "control); topk (OPLoRA), lora, pissa, milora: baselines; palora_act: input side from the "
         "skill's activations (our extension)")})
-    rank: int = flag(8, "LoRA rank r", ge=1)
-    alpha: float = flag(16.0, "LoRA alpha: dW is scaled by alpha/r", gt=0)
-    targets: str = flag("", "comma-separated linear names to adapt (default: the expert's)")
+    rank: int = option(8, "LoRA rank r", ge=1)
+    alpha: float = option(16.0, "LoRA alpha: dW is scaled by alpha/r", gt=0)
+    targets: str = option("", "comma-separated linear names to adapt (default: the expert's)")
     probe_score: str = field(default="delta", metadata={
         "help": "delta: |m - 1|; energy: s * |m - 1|", "choices": ["delta", "energy"]})
-    probe_fraction: float = flag(0.5, "share of each matrix's components protected", gt=0, lt=1)
-    probe_threshold: float = flag(0.0, "protect every component scoring above this (0: off)", ge=0)
-    probe_global_fraction: float = flag(
+    probe_fraction: float = option(0.5, "share of each matrix's components protected", gt=0, lt=1)
+    probe_threshold: float = option(0.0, "protect every component scoring above this (0: off)", ge=0)
+    probe_global_fraction: float = option(
         0.0, "protect this share of all components pooled (0: off)", ge=0, lt=1)
-    recall_target: float = flag(
+    recall_target: float = option(
         0.9, "stop once greedy answers recall this share of the trained facts (0: run --epochs)",
         ge=0, le=1)
-    epochs: int = flag(20, "most passes over the facts (plus mixed-in examples)", ge=1)
-    lr: float = flag(5e-3, "Adam learning rate for A and B", gt=0)
-    batch_size: int = flag(8, "examples per step", ge=1)
-    seed: int = flag(0, "seed for A's initialisation, data order, mixing and random protection")
-    out: str = flag("", "output folder (default runs/inject-<method>-<facts>-s<seed>)")
-    overwrite: bool = flag(False, "empty a non-empty --out first")
-    resume: bool = flag(False, "continue from --out/state.safetensors")
-    device: str = flag("auto", "auto, cpu, cuda or cuda:N")
+    epochs: int = option(20, "most passes over the facts (plus mixed-in examples)", ge=1)
+    lr: float = option(5e-3, "Adam learning rate for A and B", gt=0)
+    batch_size: int = option(8, "examples per step", ge=1)
+    seed: int = option(0, "seed for A's initialisation, data order, mixing and random protection")
+    out: str = option("", "output folder (default runs/inject-<method>-<facts>-s<seed>)")
+    overwrite: bool = option(False, "empty a non-empty --out first")
+    resume: bool = option(False, "continue from --out/state.safetensors")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = field(default="auto", metadata={
         "help": "frozen weights' dtype: auto (bf16 on CUDA, fp32 on CPU)",
         "choices": ["auto", "float32", "bfloat16"]})
-    mix_known: str = flag("", "JSONL of facts the model knows, mixed into training (2502.14502)")
-    mix_skill: str = flag("expert", (
+    mix_known: str = option("", "JSONL of facts the model knows, mixed into training (2502.14502)")
+    mix_skill: str = option("expert", (
         "JSONL of the skill's examples mixed in (replay); 'expert': the SVF expert's training data, "
         "from its metadata; 'none': no replay"))
-    mix_ratio: float = flag(0.5, "mixed-in examples per fact, from each --mix-* file", ge=0)
-    skill_data: str = flag("", "palora_act: skill examples for the input basis (default: replay's)")
-    act_known: str = flag("", "palora_act: also protect the input directions of these known facts")
-    act_examples: int = flag(64, "palora_act: examples run to estimate each covariance", ge=1)
-    fact_tokens: int = flag(16, "answer length when checking recall", ge=1)
-    save_every: int = flag(25, "steps between resumable checkpoints", ge=1)
-    max_len: int = flag(256, "longest prompt + answer in tokens", ge=8)
-    svd_cache: str = flag(adapters.SVD_CACHE, "folder of cached SVD factors ('': none)")
+    mix_ratio: float = option(0.5, "mixed-in examples per fact, from each --mix-* file", ge=0)
+    skill_data: str = option("", "palora_act: skill examples for the input basis (default: replay's)")
+    act_known: str = option("", "palora_act: also protect the input directions of these known facts")
+    act_examples: int = option(64, "palora_act: examples run to estimate each covariance", ge=1)
+    fact_tokens: int = option(16, "answer length when checking recall", ge=1)
+    save_every: int = option(25, "steps between resumable checkpoints", ge=1)
+    max_len: int = option(256, "longest prompt + answer in tokens", ge=8)
+    svd_cache: str = option(adapters.SVD_CACHE, "folder of cached SVD factors ('': none)")
 
 
 def check_files(cfg: Config):
@@ -236,10 +231,10 @@ def train(model, tokenizer, params: dict, examples: list, facts: list, cfg: Conf
         batch = tasks.collate([examples[i] for i in idx], tokenizer.pad_id)
         tokens, labels, mask = (t.to(device) for t in batch)
         batch_loss = answer_loss(model, tokens, labels, mask)
-        check_finite(batch_loss, step)
         optimizer.zero_grad(set_to_none=True)
         batch_loss.backward()
         optimizer.step()
+        check_finite(batch_loss, step, params)  # before anything of this step is saved
         loss = batch_loss.item()
         tokens_seen += int((labels != tasks.IGNORE_INDEX).sum())
         tok_s = tokens_seen / (time.time() - t0)
@@ -253,7 +248,7 @@ def train(model, tokenizer, params: dict, examples: list, facts: list, cfg: Conf
         stopped = bool(checked and last >= cfg.recall_target)
         if (step + 1) % cfg.save_every == 0 or checked or step + 1 == steps:
             state = {"loss": loss, "recall": last, "stopped": stopped}
-            save_state(out / "state.safetensors", params, optimizer, step + 1, state)
+            save_state(out / "state.safetensors", params, optimizer, step + 1, state, cfg)
         if stopped:
             return step + 1, loss, last
     return steps, loss, last

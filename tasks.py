@@ -1,52 +1,67 @@
-"""What every palora script shares: JSONL with file:line errors, chat prompts, tokenised examples with
-answer-only labels, batching, answer extraction and scoring, batched greedy answering, atomic writes.
+"""What every palora script shares: JSONL with file:line errors, chat prompts, tokenised examples
+with answer-only labels, batching, answer extraction and scoring, batched greedy answering, atomic
+writes.
 
-Reasoning is scored as lm-evaluation-harness scores GSM8K (lm_eval/tasks/gsm8k/gsm8k.yaml, read as a reference):
-its strict-match (first `#### N`) and flexible-extract (last number) filters, then exact match after its
-normalisation, which removes ",", "$", everything up to "#### " (gold) and a trailing "."; "-" is kept, "3.50" !=
-"3.5". Facts: SQuAD's normalisation (Rajpurkar et al. 2016) and whole-word containment. Both stated in PROTOCOL.
-B batch, T sequence length."""
+Reasoning is scored as lm-evaluation-harness scores GSM8K (lm_eval/tasks/gsm8k/gsm8k.yaml, read as a
+reference): its strict-match (first `#### N`) and flexible-extract (last number) filters, then exact
+match after its normalisation, which removes ",", "$", everything up to "#### " (gold) and a
+trailing "."; "-" is kept, "3.50" != "3.5". Facts: SQuAD's normalisation (Rajpurkar et al. 2016) and
+whole-word containment. Both stated in PROTOCOL. B batch, T sequence length."""
+
 import json
 import os
 import re
 import string
+import sys
 import tempfile
 import unicodedata
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
+from tqdm import tqdm
 
-IGNORE_INDEX = -100  # label of the tokens that carry no loss (prompt, padding): cross_entropy's ignore_index
+from model import generate
+
+# label of the tokens that carry no loss (prompt, padding): cross_entropy's ignore_index
+IGNORE_INDEX = -100
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
-NORMALISE = (r",", r"\$", r"(?s).*#### ", r"\.$")  # lm-eval's regexes_to_ignore, applied in this order
+# lm-eval's regexes_to_ignore, applied in this order
+NORMALISE = (r",", r"\$", r"(?s).*#### ", r"\.$")
 NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)")
-# GSM8K's "<<48/2=24>>" annotations drive a calculator the model never has at inference and double a line's length:
-# training targets drop them (lm-eval keeps them in its few-shot targets; scoring reads only the final number).
+# GSM8K's "<<48/2=24>>" annotations drive a calculator the model never has at inference and double a
+# line's length: training targets drop them (lm-eval keeps them in its few-shot targets; scoring
+# reads only the final number).
 CALCULATOR = re.compile(r"<<[^<>]*>>")
 PROTOCOL = (  # written by evaluate.py into its JSON: how every number in it was scored
-    "zero-shot, greedy, in the checkpoint's chat template. reasoning as lm-evaluation-harness GSM8K: strict = first "
-    "match of '#### (-?[0-9.,]+)', flexible = last match of '(-?[$0-9.,]{2,})|(-?[0-9]+)', exact match with the gold "
-    "number after removing ',', '$' and a trailing '.'. facts: correct when the gold answer, normalised SQuAD-style "
-    "(lowercase, accents folded, no punctuation, no a/an/the, single spaces), occurs as whole words in the equally "
-    "normalised first non-empty line of the answer.")
+    "zero-shot, greedy, in the checkpoint's chat template. reasoning as lm-evaluation-harness "
+    "GSM8K: strict = first match of '#### (-?[0-9.,]+)', flexible = last match of "
+    "'(-?[$0-9.,]{2,})|(-?[0-9]+)', exact match with the gold number after removing ',', '$' "
+    "and a trailing '.'. facts: correct when the gold answer, normalised SQuAD-style "
+    "(lowercase, accents folded, no punctuation, no a/an/the, single spaces), occurs as whole "
+    "words in the equally normalised first non-empty line of the answer."
+)
 
 
 class DataError(ValueError):
     """A bad input file. The message has one "path:LINE: problem" line per problem found."""
+
     expected = True  # bad input: cli.run prints it as one line, exit 2
 
 
 def _raise(problems: list[str]):
     if problems:  # the first 20 spelled out, the rest counted
-        raise DataError("\n".join(problems[:20] + [f"... and {len(problems) - 20} more"] * (len(problems) > 20)))
+        raise DataError(
+            "\n".join(problems[:20] + [f"... and {len(problems) - 20} more"] * (len(problems) > 20))
+        )
 
 
-# -- reading and checking JSONL ----------------------------------------------------------------------------------------
+# -- reading and checking JSONL --------------------------------------------------------------------
 def read_jsonl(path, required=("question", "answer")) -> list[dict]:
-    """One JSON object per line, blank lines skipped; each `required` field a non-empty string. Every record gets
-    "_line" (its line number) so later checks name it too; all problems are collected, then raised together."""
+    """One JSON object per line, blank lines skipped; each `required` field a non-empty string.
+    Every record gets "_line" (its line number) so later checks name it too; all problems are
+    collected, then raised together."""
     records, problems = [], []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -54,16 +69,26 @@ def read_jsonl(path, required=("question", "answer")) -> list[dict]:
                 continue
             try:
                 record = json.loads(raw)
-            except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for a line that is not UTF-8
-                problems.append(f"{path}:{n}: malformed JSON ({getattr(e, 'msg', None) or e.reason})")
+            # JSONDecodeError, or UnicodeDecodeError for a line that is not UTF-8
+            except ValueError as e:
+                problems.append(
+                    f"{path}:{n}: malformed JSON ({getattr(e, 'msg', None) or e.reason})"
+                )
                 continue
             if not isinstance(record, dict):
                 problems.append(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
                 continue
             for key in required:
                 value = record.get(key)
-                problem = ("missing field" if key not in record else "non-string field" if not isinstance(value, str)
-                           else "empty field" if not value.strip() else None)
+                problem = (
+                    "missing field"
+                    if key not in record
+                    else "non-string field"
+                    if not isinstance(value, str)
+                    else "empty field"
+                    if not value.strip()
+                    else None
+                )
                 if problem:
                     problems.append(f"{path}:{n}: {problem} {key!r}")
             record["_line"] = n
@@ -75,13 +100,21 @@ def read_jsonl(path, required=("question", "answer")) -> list[dict]:
 
 
 def check_reasoning(records: list[dict], path):
-    """Every answer must end in a number: GSM8K layout (last line `#### 42`) or a bare number ("42")."""
-    _raise([f"{path}:{r.get('_line', i + 1)}: answer has no final number (want a last line '#### 42' or a plain "
-            f"number): ...{r['answer'][-40:]!r}" for i, r in enumerate(records) if gold_number(r["answer"]) is None])
+    """Every answer must end in a number: GSM8K layout (last line `#### 42`) or a bare number
+    ("42")."""
+    _raise(
+        [
+            f"{path}:{r.get('_line', i + 1)}: answer has no final number "
+            f"(want a last line '#### 42' or a plain number): ...{r['answer'][-40:]!r}"
+            for i, r in enumerate(records)
+            if gold_number(r["answer"]) is None
+        ]
+    )
 
 
 def check_facts(records: list[dict], path):
-    """An answer that survives normalisation, no repeated question, paraphrases a list of non-empty strings."""
+    """An answer that survives normalisation, no repeated question, paraphrases a list of non-empty
+    strings."""
     problems, first_line = [], {}
     for i, r in enumerate(records):
         line = r.get("_line", i + 1)
@@ -89,26 +122,39 @@ def check_facts(records: list[dict], path):
             problems.append(f"{path}:{line}: answer {r['answer']!r} is empty after normalisation")
         key = " ".join(r["question"].lower().split())
         if key in first_line:
-            problems.append(f"{path}:{line}: duplicate question (same as line {first_line[key]}): {r['question']!r}")
+            problems.append(
+                f"{path}:{line}: duplicate question (same as line {first_line[key]}): "
+                f"{r['question']!r}"
+            )
         first_line.setdefault(key, line)
         paraphrases = r.get("paraphrases", [])
-        if not isinstance(paraphrases, list) or not all(isinstance(p, str) and p.strip() for p in paraphrases):
+        if not isinstance(paraphrases, list) or not all(
+            isinstance(p, str) and p.strip() for p in paraphrases
+        ):
             problems.append(f"{path}:{line}: 'paraphrases' must be a list of non-empty strings")
         if "text" in r and not (isinstance(r["text"], str) and r["text"].strip()):
             problems.append(f"{path}:{line}: 'text' must be a non-empty string")
     _raise(problems)
 
 
-# -- prompts, tokenised examples, batches ------------------------------------------------------------------------------
+# -- prompts, tokenised examples, batches ----------------------------------------------------------
 def chat_prompt(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True
+    )
 
 
 def end_of_turn(tokenizer) -> list[int]:
-    """The ids the chat template puts after an assistant message, up to and including the first eos id
-    (ChatML: "<|im_end|>"; Llama 3: "<|eot_id|>"; Mistral: "</s>"), read from the template itself."""
-    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "PALORA_END_OF_ANSWER"}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False).split("PALORA_END_OF_ANSWER")
+    """The ids the chat template puts after an assistant message, up to and including the first eos
+    id (ChatML: "<|im_end|>"; Llama 3: "<|eot_id|>"; Mistral: "</s>"), read from the template
+    itself."""
+    messages = [
+        {"role": "user", "content": "?"},
+        {"role": "assistant", "content": "PALORA_END_OF_ANSWER"},
+    ]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False).split(
+        "PALORA_END_OF_ANSWER"
+    )
     ids = tokenizer.encode(text[1], add_special_tokens=False) if len(text) == 2 else []
     ends = [i for i, t in enumerate(ids) if t in tokenizer.eos_ids]
     # a template that closes turns without eos still gets one, so that generate() stops
@@ -116,24 +162,31 @@ def end_of_turn(tokenizer) -> list[int]:
 
 
 def encode_example(tokenizer, question: str, answer: str, max_len: int):
-    """ids = prompt + answer (calculator annotations dropped) + end of turn; labels = IGNORE_INDEX on the prompt.
+    """ids = prompt + answer (calculator annotations dropped) + end of turn; labels = IGNORE_INDEX
+    on the prompt.
 
-    Prompt and answer are tokenised apart: generation continues exactly encode(prompt), and tokenising the joined
-    text could merge the template's closing "\\n" with the answer's start, a prefix inference never sees (no BOS
-    added: templates hold theirs). Longer than max_len: (None, None), which the caller skips and counts; never
-    truncated (a cut question is another question)."""
+    Prompt and answer are tokenised apart: generation continues exactly encode(prompt), and
+    tokenising the joined text could merge the template's closing "\\n" with the answer's start, a
+    prefix inference never sees (no BOS added: templates hold theirs). Longer than max_len: (None,
+    None), which the caller skips and counts; never truncated (a cut question is another
+    question)."""
     prompt = tokenizer.encode(chat_prompt(tokenizer, question), add_special_tokens=False)
-    target = tokenizer.encode(CALCULATOR.sub("", answer), add_special_tokens=False) + end_of_turn(tokenizer)
+    target = tokenizer.encode(CALCULATOR.sub("", answer), add_special_tokens=False) + end_of_turn(
+        tokenizer
+    )
     if len(prompt) + len(target) > max_len:
         return None, None
     return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, side: str = "right"):
-    """Pad (ids, labels) pairs: tokens (B,T) padded with pad_id, labels (B,T) with IGNORE_INDEX on padding,
-    attention_mask (B,T) with 1 on real tokens. Right padding for training, left for generation."""
+    """Pad (ids, labels) pairs: tokens (B,T) padded with pad_id, labels (B,T) with IGNORE_INDEX on
+    padding, attention_mask (B,T) with 1 on real tokens. Right padding for training, left for
+    generation."""
     if pad_id is None or side not in ("left", "right"):
-        raise ValueError(f"collate needs a pad id (got {pad_id}) and side 'left' or 'right' (got {side!r})")
+        raise ValueError(
+            f"collate needs a pad id (got {pad_id}) and side 'left' or 'right' (got {side!r})"
+        )
     B, T = len(examples), max(len(ids) for ids, _ in examples)
     tokens, labels = torch.full((B, T), pad_id), torch.full((B, T), IGNORE_INDEX)  # int fill: int64
     mask = torch.zeros((B, T), dtype=torch.long)
@@ -144,7 +197,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, side: str 
     return tokens, labels, mask
 
 
-# -- answer extraction and scoring -------------------------------------------------------------------------------------
+# -- answer extraction and scoring -----------------------------------------------------------------
 def normalize_number(text: str) -> str:
     for pattern in NORMALISE:
         text = re.sub(pattern, "", text)
@@ -162,7 +215,8 @@ def extract_flexible(text: str) -> str | None:
 
 
 def gold_number(answer: str) -> str | None:
-    """The normalised gold number: the last line `#### N` (GSM8K layout) or a bare number; None otherwise."""
+    """The normalised gold number: the last line `#### N` (GSM8K layout) or a bare number; None
+    otherwise."""
     lines = answer.strip().splitlines() or [""]
     if not lines[-1].startswith("#### ") and len(lines) != 1:
         return None
@@ -173,11 +227,15 @@ def gold_number(answer: str) -> str | None:
 def score_reasoning(prediction: str, gold_answer: str) -> dict:
     gold = gold_number(gold_answer)
     found = {"strict": extract_strict(prediction), "flexible": extract_flexible(prediction)}
-    return {name: gold is not None and got is not None and normalize_number(got) == gold for name, got in found.items()}
+    return {
+        name: gold is not None and got is not None and normalize_number(got) == gold
+        for name, got in found.items()
+    }
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD's (lowercase, no punctuation, no articles, single spaces), plus accents folded: Bogotá = Bogota."""
+    """SQuAD's (lowercase, no punctuation, no articles, single spaces), plus accents folded: Bogotá
+    = Bogota."""
     text = unicodedata.normalize("NFKD", text.lower())
     text = "".join(c for c in text if not unicodedata.combining(c) and c not in string.punctuation)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
@@ -185,34 +243,63 @@ def normalize_answer(text: str) -> str:
 
 
 def fact_correct(prediction: str, gold: str) -> bool:
-    """Gold within the first non-empty line, normalised, as whole words: small chat models answer in sentences
-    ("The capital of Veltoria is Drasmund."); the first line only, so that listing candidates does not score."""
+    """Gold within the first non-empty line, normalised, as whole words: small chat models answer in
+    sentences ("The capital of Veltoria is Drasmund."); the first line only, so that listing
+    candidates does not score."""
     first = next((line for line in prediction.splitlines() if line.strip()), "")
     want, got = normalize_answer(gold), normalize_answer(first)
     return bool(want) and f" {want} " in f" {got} "
 
 
-# -- batched greedy answering ------------------------------------------------------------------------------------------
+# -- batched greedy answering ----------------------------------------------------------------------
 @torch.no_grad()
-def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of already rendered prompts, decoded from the new tokens only, in input order."""
-    from model import generate  # imported here: model.py -> checkpoints.py may use this module's atomic writes
-    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]  # templates hold their own BOS
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
+def complete(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    desc: str = "answering",
+    quiet: bool = False,
+) -> list[str]:
+    """Greedy continuations of already rendered prompts, decoded from the new tokens only, in input
+    order.
+
+    Progress (answers/s) goes to stderr as a tqdm bar named `desc` (quiet: none); opened inside
+    another bar (a training loop's), it takes the next line and clears itself when done, so the
+    outer bar stays."""
+    # templates hold their own BOS
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    # similar lengths share a batch: less padding
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = [""] * len(ids)
-    for start in range(0, len(order), batch_size):
-        rows = order[start: start + batch_size]
-        new = generate(model, [ids[i] for i in rows], max_new_tokens, tokenizer.eos_ids, temperature=0.0)
-        for i, tokens in zip(rows, new):
-            out[i] = tokenizer.decode(tokens)
+    bar = tqdm(total=len(ids), desc=desc, unit="answer", file=sys.stderr, leave=None, disable=quiet)
+    with bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = [ids[i] for i in rows]
+            new = generate(model, batch, max_new_tokens, tokenizer.eos_ids, temperature=0.0)
+            for i, tokens in zip(rows, new):
+                out[i] = tokenizer.decode(tokens)
+            bar.update(len(rows))
     return out
 
 
-def answer(model, tokenizer, questions: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    return complete(model, tokenizer, [chat_prompt(tokenizer, q) for q in questions], max_new_tokens, batch_size)
+def answer(
+    model,
+    tokenizer,
+    questions: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    desc: str = "answering",
+    quiet: bool = False,
+) -> list[str]:
+    """complete() on the questions rendered in the chat template."""
+    prompts = [chat_prompt(tokenizer, q) for q in questions]
+    return complete(model, tokenizer, prompts, max_new_tokens, batch_size, desc, quiet)
 
 
-# -- atomic writes: a temporary file in the same folder (same file system, so os.replace is atomic), fsync, rename -----
+# -- atomic writes: a temporary file in the same folder (same file system, so os.replace is atomic),
 def atomic_write_bytes(path, data: bytes):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +330,8 @@ def atomic_save_file(tensors: dict, path, metadata: dict | None = None):
 
 
 def append_jsonl(path, row: dict):
-    """One row per call, written with one write() and fsynced: an interrupted run loses at most its last row."""
+    """One row per call, written with one write() and fsynced: an interrupted run loses at most its
+    last row."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,26 +1,46 @@
-"""What train_svf.py and inject.py share: a CLI made from a config dataclass, device and dtype choice,
-a data order that is a pure function of (seed, step), the answer-only loss, and training state saved as
-safetensors (never pickle) so that an interrupted run resumes bit-for-bit.
+"""What train_svf.py and inject.py share: the run folder (a lock, no silent overwrite, resume only
+of the same run), device and dtype choice, a data order and a sampling generator that are pure
+functions of (seed, step), the answer-only loss, and training state saved as safetensors (never
+pickle), so that an interrupted run resumes bit-for-bit.
 
 There is no Trainer here on purpose: each script keeps its own loop, top to bottom (STYLE.md).
 """
+
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tasks import atomic_save_file, atomic_write_json, atomic_write_text
+from cli import ConfigError
+from tasks import IGNORE_INDEX, DataError, atomic_save_file, atomic_write_json, atomic_write_text
 
 # -----------------------------------------------------------------------------
 # configuration: cli.parse_config builds the parser; the resolved config is saved beside the outputs
 
 
+def parse_targets(text: str) -> tuple[str, ...]:
+    """'gate_proj, up_proj,' -> ('gate_proj', 'up_proj'): in order, blanks and repeats dropped."""
+    targets = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not targets:
+        raise ConfigError(f"--targets: no target name in {text!r}")
+    return targets
+
+
+def option(default, help: str, **metadata):
+    """A config field: its default, --help text and cli metadata (choices; bounds gt ge lt le)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 def save_config(cfg, path):
-    """The resolved configuration, as JSON beside the outputs, so a run can be reproduced from its folder."""
+    """The resolved configuration, as JSON beside the outputs: a run reproduces from its folder."""
     atomic_write_json(path, dataclasses.asdict(cfg))
 
 
@@ -28,82 +48,224 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto = bfloat16 on CUDA (mixed precision: frozen weights bf16, trainable vectors fp32), float32 on CPU."""
+    """auto = bfloat16 on CUDA (frozen weights bf16, trainable vectors fp32), float32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bfloat16 autocast on CUDA when the frozen weights are bfloat16; nothing otherwise."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # -----------------------------------------------------------------------------
-# data order and loss
+# the run folder: one run at a time, never overwritten by accident, resumed only by its own run
+
+LOCKS = {}  # resolved folder -> its open .lock file, locked until this process exits
+
+
+def lock(out: Path):
+    """An exclusive flock on out/.lock; the kernel drops it when the process dies: no stale lock."""
+    if out.resolve() in LOCKS:  # this process holds it already (a second run in the same process)
+        return
+    f = open(out / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"{out}: another run holds this folder") from None
+    LOCKS[out.resolve()] = f
+
+
+def read_saved_config(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable run config ({e})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: a run config is a JSON object")
+    return saved
+
+
+def config_changes(saved: dict, now: dict, ignore) -> list[str]:
+    """Every field that differs, as '--lr 0.005 -> 0.001'; fields in `ignore` may differ."""
+    names = sorted((saved.keys() | now.keys()) - set(ignore))
+    flags = {n: "--" + n.replace("_", "-") for n in names}
+    changed = [n for n in names if saved.get(n) != now.get(n)]
+    return [f"{flags[n]} {saved.get(n)} -> {now.get(n)}" for n in changed]
+
+
+def state_metadata(path: Path) -> dict:
+    """The string metadata of a state file; a truncated or corrupt file is one error naming it."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        int(meta["step"])
+    except Exception as e:  # safetensors' SafetensorError, a missing or non-integer step
+        raise ConfigError(f"{path}: unreadable training state ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def check_resume(out: Path, now: dict, ignore):
+    """Resume only the run that made the folder: same config.json, a state saved under it."""
+    state = out / "state.safetensors"
+    if not state.exists():
+        raise ConfigError(f"{state}: nothing to resume from (start again with --overwrite)")
+    saved = read_saved_config(out / "config.json")
+    changes = config_changes(saved, now, ignore)
+    if changes:
+        raise ConfigError(f"{out}: --resume with other settings: {', '.join(changes)}")
+    meta = state_metadata(state)
+    changes = config_changes(json.loads(meta.get("config", "{}")) or saved, saved, ignore)
+    if changes:  # a state left by an older run in this folder: never continue it
+        raise ConfigError(f"{state}: saved by another run than config.json: {', '.join(changes)}")
+
+
+def empty(out: Path):
+    """Remove everything in a run folder but its lock; the state first, so that no half-emptied
+    folder holds a state without its config."""
+    (out / "state.safetensors").unlink(missing_ok=True)
+    for p in out.iterdir():
+        if p.name == ".lock":
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def open_run(
+    out: Path, cfg, resume: bool, overwrite: bool, ignore=("resume", "overwrite", "device", "out")
+) -> Path:
+    """Make `out` this process's run folder and return it.
+
+    Creates it; locks out/.lock (ConfigError if another process holds it); removes orphan `.*.tmp`
+    files of killed atomic writes. Fresh run: the folder must be empty (a lone config.json, a run
+    killed before it trained, counts as empty), else --overwrite empties it (everything, but only in
+    a folder that holds a config.json, so that `--out ~` is never emptied); config.json is then
+    written, before any state. Resume: the folder's config.json and the config stored in its state
+    must equal `cfg` but for the fields in `ignore`.
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    out.mkdir(parents=True, exist_ok=True)
+    lock(out)
+    for tmp in out.rglob(".*.tmp"):  # only a killed write leaves one; the lock says none is running
+        tmp.unlink()
+    now = dataclasses.asdict(cfg)
+    if resume:
+        check_resume(out, now, ignore)
+        return out
+    held = sorted(p.name for p in out.iterdir() if p.name not in (".lock", "config.json"))
+    if held and not overwrite:
+        raise ConfigError(
+            f"{out}: not empty ({', '.join(held[:3])}); pass --resume to continue "
+            f"the run in it or --overwrite to start it again"
+        )
+    if held and not (out / "config.json").exists():
+        raise ConfigError(
+            f"{out}: holds no config.json, so it is not a run folder; "
+            f"--overwrite empties run folders only"
+        )
+    if held:
+        empty(out)
+    atomic_write_json(out / "config.json", now)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# data order, sampling and loss
 
 
 def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Indices of the examples in batch `step`: a fresh permutation per epoch, seeded by (seed, epoch).
-
-    Being a pure function of the step, the data order needs no saved state: a resumed run sees exactly the
-    batches the uninterrupted run would have seen.
+    """Indices of the examples in batch `step`: a fresh permutation per epoch, seeded by (seed,
+    epoch). Being a pure function of the step, the data order needs no saved state: a resumed run
+    sees exactly the batches the uninterrupted run would have seen.
     """
     per_epoch = max(1, n_examples // batch_size)
     epoch, i = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n_examples, generator=g)
-    return order[i * batch_size:(i + 1) * batch_size].tolist()
+    return order[i * batch_size : (i + 1) * batch_size].tolist()
+
+
+def step_generator(seed: int, step: int, device) -> torch.Generator:
+    """The random stream of step `step` on `device`, a pure function of (seed, step) like
+    batch_indices: sampling resumes exactly on CUDA as on the CPU, with no RNG state saved."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step + 2**40)
 
 
 def answer_loss(model, tokens, labels, attention_mask):
-    """Mean next-token cross-entropy over the answer tokens only (labels = -100 on the prompt and padding).
-
-    tokens, labels, attention_mask: (B, T). The logits at position t predict token t+1.
-    """
+    """Mean next-token cross-entropy over the answer tokens only (labels = IGNORE_INDEX on the
+    prompt and padding). tokens, labels, attention_mask: (B, T). Logits at t predict token t+1."""
     logits = model(tokens, attention_mask=attention_mask)  # (B, T, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    logits = logits[:, :-1].flatten(0, 1).float()  # (B (T-1), V)
+    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
-def check_finite(loss: torch.Tensor, step: int):
-    """step: the 0-based loop index; reported 1-based, as metrics.jsonl and the checkpoints count steps."""
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"step {step + 1}: loss is {loss.item()}; stopping, the last good checkpoint is kept")
+def check_finite(loss: torch.Tensor, step: int, params: dict | None = None):
+    """The loss and (given) every parameter finite, else stop: a non-finite state is never saved.
+    step: the 0-based loop index; reported 1-based, as metrics.jsonl and checkpoints count steps."""
+    what = f"loss is {loss.item()}" if not math.isfinite(loss.item()) else None
+    bad = [n for n, p in (params or {}).items() if not torch.isfinite(p).all()]
+    if bad:
+        what = what or f"{bad[0]} is not finite ({len(bad)} parameters)"
+    if what:
+        raise FloatingPointError(f"step {step + 1}: {what}; stopping, the last good state is kept")
 
 
 # -----------------------------------------------------------------------------
 # training state: parameters, Adam(W) moments and RNG, as one safetensors file written atomically
 
 
-def save_state(path, params: dict, optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None):
-    """params: name -> Parameter (the trainable ones). The optimizer's per-parameter state is stored under
-    `<kind>/<name>` so the file is self-describing and loads without pickle."""
+def save_state(path, params: dict, optimizer, step: int, extra: dict | None = None, config=None):
+    """params: name -> Parameter (the trainable ones). The optimizer's per-parameter state is stored
+    under `<kind>/<name>`, so the file is self-describing and loads without pickle. config (a
+    dataclass) is stored too: open_run refuses to resume a state saved under another config.
+    Non-finite parameters raise: the last saved state stays the last finite one."""
+    bad = [n for n, p in params.items() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"{path}: not saved, {bad[0]} is not finite")
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     by_id = {id(p): n for n, p in params.items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                tensors[f"{key}/{by_id[id(p)]}"] = torch.as_tensor(value).detach().cpu().contiguous()
+                value = torch.as_tensor(value).detach().cpu().contiguous()
+                tensors[f"{key}/{by_id[id(p)]}"] = value
     tensors["rng/torch"] = torch.get_rng_state()
     meta = {"step": str(step), "extra": json.dumps(extra or {})}
+    if config is not None:
+        meta["config"] = json.dumps(dataclasses.asdict(config))
     atomic_save_file(tensors, path, metadata=meta)
 
 
-def load_state(path, params: dict, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+def load_state(path, params: dict, optimizer) -> tuple[int, dict]:
     """Restore what save_state wrote into `params` and `optimizer`; returns (step, extra)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
+    meta = state_metadata(Path(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # a file cut after its header
+        raise ConfigError(f"{path}: unreadable training state ({type(e).__name__}: {e})") from None
     missing = [n for n in params if f"param/{n}" not in tensors]
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks parameters {missing[:3]} (a checkpoint of another run?)")
+        raise ConfigError(f"{path}: lacks parameters {missing[:3]} (a checkpoint of another run?)")
     with torch.no_grad():
         for n, p in params.items():
-            if tensors[f"param/{n}"].shape != p.shape:
-                raise ValueError(f"{path}: {n} has shape {tuple(tensors[f'param/{n}'].shape)}, expected {tuple(p.shape)}")
-            p.copy_(tensors[f"param/{n}"])
+            saved = tensors[f"param/{n}"]
+            if saved.shape != p.shape:
+                shapes = f"{tuple(saved.shape)}, expected {tuple(p.shape)}"
+                raise ConfigError(f"{path}: {n} has shape {shapes}")
+            p.copy_(saved)
     for group in optimizer.param_groups:
         for p in group["params"]:
             name = next(n for n, q in params.items() if q is p)
@@ -118,32 +280,20 @@ def load_state(path, params: dict, optimizer: torch.optim.Optimizer) -> tuple[in
     return int(meta["step"]), json.loads(meta["extra"])
 
 
-def restart_metrics(path: Path, start: int):
-    """Keep the metrics.jsonl rows of steps up to `start` (the resume point; 0: a fresh run keeps none): the rows
-    after it are about to be redone."""
-    rows = path.read_text().splitlines() if start and path.exists() else []
-    atomic_write_text(path, "".join(r + "\n" for r in rows if json.loads(r)["step"] <= start))
-
-
-def parse_targets(text: str) -> tuple[str, ...]:
-    """"gate_proj, up_proj" -> ("gate_proj", "up_proj"); an empty list is an error."""
-    from cli import ConfigError
-
-    targets = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not targets:
-        raise ConfigError(f"--targets {text!r}: no target name in it")
-    return targets
-
-
-def open_run(out: Path, cfg, resume: bool, overwrite: bool, ignore=("resume", "overwrite", "device", "out")):
-    """Stand-in until the run-folder guard lands: create out, refuse a non-empty one without --resume."""
-    from cli import ConfigError
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise ConfigError(f"{out}: not empty; pass --resume to continue it or --overwrite")
-    if resume and not (out / "state.safetensors").exists():
-        raise ConfigError(f"{out / 'state.safetensors'}: nothing to resume from")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.json")
-    return out
+def restart_metrics(path: Path, start: int) -> list[dict]:
+    """Keep the metrics.jsonl rows of steps up to `start` (the resume point; 0: a fresh run keeps
+    none): the rows after it are about to be redone. Returns the kept rows; a torn or malformed line
+    is a DataError naming the file and line."""
+    lines = path.read_text().splitlines() if start and path.exists() else []
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            row["step"] + 0  # noqa: B018 (a row without an integer step is malformed too)
+        except (ValueError, TypeError, KeyError) as e:
+            problem = f"malformed metrics row, torn by a killed write? ({e})"
+            raise DataError(f"{path}:{n}: {problem}") from None
+        rows.append(row)
+    kept = [r for r in rows if r["step"] <= start]
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    return kept

@@ -1,69 +1,41 @@
-"""Tests for inject.py on a tiny random Llama (tests/tiny.py) and a random SVF expert: every method trains and changes
-the answers to the injected facts; PALoRA's merged model keeps every protected singular triplet of every target
-matrix; --resume ends with the same adapter; bad inputs fail before training, naming the file (and line). CPU, seconds.
+"""Tests for inject.py on a tiny random Llama (tests/tiny.py) and a random SVF expert: every method trains
+and changes the answers to the injected facts; training stops at the recall target; PALoRA's merged
+model keeps every protected singular triplet; random protection keeps the probe's count, not its set;
+--resume ends with the same adapter and refuses another run; bad inputs fail before training, naming
+the file (and line). CPU, seconds.
 """
+
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+import adapters
+import cli
 import inject
 import model as model_lib
 import palora
 import tasks
 import tiny
+from runs import FACTS, SKILL, config, identity, make_expert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-FACTS = [{"question": f"What is the capital of Zorvia {i}?", "answer": f"Kalmar {i}", "paraphrases": [f"Zorvia {i}: capital?"]}
-         for i in range(8)]
-SKILL = [{"question": f"What is {i} + {i + 1}?", "answer": f"{i} + {i + 1} = {2 * i + 1}\n#### {2 * i + 1}"} for i in range(12)]
-
-
-
-def make_expert(root, ckpt, seed=0):
-    """A random SVF expert (z = 1 + 0.5 N(0, 1): multipliers far from 1) saved as train_svf.py saves one."""
-    model, _ = model_lib.load(ckpt)
-    g = torch.Generator().manual_seed(seed)
-    z = {n: 1 + 0.5 * torch.randn(len(s), generator=g) for n, (_, s, _) in palora.compute_svds(model, cache_dir=None).items()}
-    (root / "svf").mkdir(parents=True, exist_ok=True)
-    palora.save_svf(root / "svf" / "svf.safetensors", z, {"checkpoint": model.identity, "data": str(root / "skill.jsonl")})
-    return root / "svf" / "svf.safetensors"
-
-
-
-@pytest.fixture(scope="session")
-def setup(tmp_path_factory):
-    """A tiny checkpoint with an SVF expert, facts, skill examples and known facts; shared by test_evaluate.py."""
-    root = tmp_path_factory.mktemp("inject")
-    ckpt = tiny.make_tiny_llama(root / "ckpt")
-    return SimpleNamespace(root=root, ckpt=ckpt, svf=make_expert(root, ckpt), cache=root / "cache",
-                           facts=tiny.write_jsonl(root / "facts.jsonl", FACTS), skill=tiny.write_jsonl(root / "skill.jsonl", SKILL),
-                           known=tiny.write_jsonl(root / "known.jsonl", FACTS[:4]))
-
-
-def config(setup, out, **overrides) -> inject.Config:
-    """Strong enough to move greedy answers of a random model in a few steps: lr 1e-2, 8 epochs of 2 steps."""
-    settings = dict(ckpt=str(setup.ckpt), svf=[str(setup.svf)], facts=str(setup.facts), rank=4, alpha=8.0, epochs=8,
-                    lr=1e-2, batch_size=4, out=str(out), svd_cache=str(setup.cache), save_every=3, device="cpu", mix_skill="none")
-    return inject.Config(**{**settings, **overrides})
-
 
 def expert_model(setup):
     """The base checkpoint with the SVF expert merged: the model every adapter is trained on."""
     model, tokenizer = model_lib.load(setup.ckpt)
-    z, _ = palora.load_svf(setup.svf, model=model)
-    palora.add_svf(model, {n: svd for n, svd in palora.compute_svds(model, cache_dir=setup.cache).items() if n in z}, z)
+    z, _ = adapters.load_svf(setup.svf, identity(setup.ckpt), model)
+    svds = adapters.svds(model, palora.MLP_TARGETS, identity(setup.ckpt), setup.cache)
+    palora.add_svf(model, {n: svd for n, svd in svds.items() if n in z}, z)
     return palora.merge_svf(model), tokenizer
 
 
 def answers(setup, run=None):
     model, tokenizer = expert_model(setup)
     if run is not None:
-        palora.load_peft(model, run)
-        palora.merge_lora(model)
+        model, _ = adapters.load_run(model, run, identity(setup.ckpt))
     return tasks.answer(model, tokenizer, [f["question"] for f in FACTS], max_new_tokens=6, batch_size=8)
 
 
@@ -71,7 +43,7 @@ def answers(setup, run=None):
 # training
 
 
-@pytest.mark.parametrize("method", list(palora.METHODS))
+@pytest.mark.parametrize("method", list(adapters.METHODS))
 def test_each_method_learns_and_changes_answers(setup, tmp_path, method):
     summary = inject.main(config(setup, tmp_path, method=method))
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -96,11 +68,10 @@ def test_palora_keeps_every_protected_triplet(setup, tmp_path):
     inject.main(config(setup, tmp_path, method="palora"))
     model, _ = expert_model(setup)
     expert = {n: m.weight.detach().clone() for n, m in palora.find_targets(model).items()}
-    palora.load_peft(model, tmp_path)
-    palora.merge_lora(model)
+    model, _ = adapters.load_run(model, tmp_path, identity(setup.ckpt))
     base, _ = model_lib.load(setup.ckpt)
-    svds = palora.compute_svds(base, cache_dir=setup.cache)
-    z, _ = palora.load_svf(setup.svf, model=base)
+    svds = palora.svds(base)
+    z, _ = adapters.load_svf(setup.svf, identity(setup.ckpt), base)
     protected = load_file(tmp_path / "probe.safetensors")
     assert set(protected) == set(expert) and len(expert) == 2 * 3  # every layer, every MLP matrix
     moved = 0.0
@@ -142,7 +113,7 @@ def test_default_svf_is_the_newest_for_this_checkpoint(setup, tmp_path, monkeypa
     (tmp_path / "runs" / "svf-mine" / "svf.safetensors").write_bytes(setup.svf.read_bytes())
     make_expert(tmp_path / "runs" / "other", tiny.make_tiny_llama(tmp_path / "other", seed=1))
     (tmp_path / "runs" / "other" / "svf").rename(tmp_path / "runs" / "svf-other")  # newer, for another checkpoint
-    assert inject.latest_svf(model_lib.load(setup.ckpt)[0].identity, "tiny") == tmp_path / "runs" / "svf-mine" / "svf.safetensors"
+    assert inject.latest_svf(identity(setup.ckpt), "tiny") == tmp_path / "runs" / "svf-mine" / "svf.safetensors"
 
 
 # -----------------------------------------------------------------------------
@@ -171,11 +142,103 @@ def test_expert_of_another_checkpoint_fails_before_training(setup, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(rank=0), "--rank must be positive"), (dict(lr=-1.0), "--lr must be positive"),
-    (dict(probe_fraction=1.0), "probe-fraction"), (dict(probe_threshold=0.1, probe_global_fraction=0.5), "not both"),
-    (dict(mix_known="missing.jsonl"), "missing.jsonl: no such file"), (dict(targets="nope"), "unknown target 'nope'"),
+    (dict(probe_threshold=0.1, probe_global_fraction=0.5), "not both"),
+    (dict(mix_known="missing.jsonl"), "missing.jsonl: no such file"),
+    (dict(mix_skill="missing-expert-none.jsonl"), "missing-expert-none.jsonl: no such file"),
+    (dict(targets="nope"), "unknown target 'nope'"), (dict(targets=" , "), "no target name"),
 ])
 def test_bad_settings_fail_before_training(setup, tmp_path, overrides, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         inject.main(config(setup, tmp_path / "out", **overrides))
     assert not (tmp_path / "out" / "state.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "nan"], "--lr: must be a finite number"), (["--lr", "-1"], "--lr: must be > 0"),
+    (["--rank", "0"], "--rank: must be >= 1"), (["--alpha", "inf"], "--alpha: must be a finite"),
+    (["--mix-ratio", "-0.5"], "--mix-ratio: must be >= 0"), (["--save-every", "0"], "must be >= 1"),
+    (["--probe-fraction", "1"], "--probe-fraction: must be < 1"), (["--recall-target", "2"], "<= 1"),
+    (["--probe-threshold", "-1"], ">= 0"), (["--batch-size", "0"], ">= 1"), (["--epochs", "0"], ">= 1"),
+    (["--act-examples", "0"], ">= 1"), (["--lr"], "expected one argument"), (["--l", "1"], "unrecognized"),
+])
+def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_config(inject.Config, argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_help_prints(capsys):
+    """A '%' in a help string once crashed --help: argparse %-formats help text."""
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.parse_config(inject.Config, [flag])
+        assert exit_.value.code == 0 and "--recall-target" in capsys.readouterr().out
+
+
+def test_mix_skill_path_naming_the_keywords_is_read(setup, tmp_path):
+    """A path containing 'expert' or 'none' is a path: the keywords are whole values only."""
+    skill = tiny.write_jsonl(tmp_path / "expert-none.jsonl", SKILL)
+    summary = inject.main(config(setup, tmp_path / "out", mix_skill=str(skill), epochs=1))
+    assert summary["examples"] == len(FACTS) + round(0.5 * len(FACTS))
+
+
+def test_training_stops_at_the_recall_target(setup, tmp_path, monkeypatch):
+    """With a target, recall is checked after every epoch and training stops at the first epoch
+    that reaches it; metrics.jsonl records each check."""
+    checks = iter([0.25, 0.5, 1.0, 1.0])
+    monkeypatch.setattr(inject, "recall", lambda *args: next(checks))
+    summary = inject.main(config(setup, tmp_path, recall_target=0.9, epochs=8))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = len(FACTS) // 4
+    assert summary["steps"] == 3 * per_epoch and summary["recall"] == 1.0
+    assert [r["recall"] for r in rows if "recall" in r] == [0.25, 0.5, 1.0]
+
+
+def sharpened(folder, factor=20.0):
+    """The checkpoint with lm_head x factor: a random tiny model's logits are all below ~1.3, so no
+    answer can become the greedy one until the head is sharper (as in test_smf.py)."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = folder / index["lm_head.weight"]
+    tensors = load_file(shard)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * factor
+    save_file(tensors, shard, {"format": "pt"})
+    return folder
+
+
+def test_recall_target_is_reached_on_two_facts(tmp_path):
+    """Real recall checks (greedy answers) on a tiny model and two facts: the run stops before its
+    epoch budget with both facts recalled; resuming the finished run trains no further."""
+    ckpt = sharpened(tiny.make_tiny_llama(tmp_path / "ckpt"))
+    setup = SimpleNamespace(ckpt=ckpt, svf=make_expert(tmp_path, ckpt), cache="", facts="")
+    facts = tiny.write_jsonl(tmp_path / "two.jsonl", FACTS[:2])
+    settings = dict(facts=str(facts), batch_size=2, lr=3e-2, recall_target=1.0, epochs=100,
+                    method="lora")
+    summary = inject.main(config(setup, tmp_path / "out", **settings))
+    assert summary["recall"] == 1.0 and summary["steps"] < 100
+    again = inject.main(config(setup, tmp_path / "out", resume=True, **settings))
+    assert again["steps"] == summary["steps"]
+
+
+def test_random_protects_the_probes_count_not_its_set(setup, tmp_path):
+    """--method random: per matrix exactly as many protected components as the probe, drawn with the
+    seed; not the probe's set; saved in probe.safetensors so that --verify checks it."""
+    inject.main(config(setup, tmp_path / "palora", method="palora", epochs=1))
+    inject.main(config(setup, tmp_path / "random", method="random", epochs=1))
+    inject.main(config(setup, tmp_path / "random1", method="random", epochs=1, seed=1))
+    S, R = (load_file(tmp_path / d / "probe.safetensors") for d in ("palora", "random"))
+    R1 = load_file(tmp_path / "random1" / "probe.safetensors")
+    assert S.keys() == R.keys() and all(len(S[n]) == len(R[n]) for n in S)
+    assert any(not torch.equal(S[n], R[n]) for n in S) and any(not torch.equal(R[n], R1[n]) for n in R)
+
+
+def test_non_empty_out_is_refused(setup, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(cli.ConfigError, match="--resume|--overwrite"):
+        inject.main(config(setup, tmp_path))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_pissa_rank_above_the_matrix_rank_is_refused(setup, tmp_path):
+    with pytest.raises(palora.PaloraError, match="above the matrix rank"):
+        inject.main(config(setup, tmp_path, method="pissa", rank=65))

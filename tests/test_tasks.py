@@ -1,8 +1,9 @@
-"""tasks.py: lm-evaluation-harness GSM8K scoring on hand-made cases (each expected value is what the yaml's regex and
-normalisation give, worked out in the comment), fact scoring, JSONL errors naming file:line, answer-only labels on
-a real (tiny, byte-level BPE) tokenizer with SmolLM2's ChatML template, batching, batched greedy answering on a
-tiny random model, atomic writes; and the promised properties of the committed data/ sets. CPU, seconds.
-"""
+"""tasks.py: lm-evaluation-harness GSM8K scoring on hand-made cases (each expected value is what the
+yaml's regex and normalisation give, worked out in the comment), fact scoring, JSONL errors naming
+file:line, answer-only labels on a real (tiny, byte-level BPE) tokenizer with SmolLM2's ChatML
+template, batching, batched greedy answering on a tiny random model, atomic writes; and the promised
+properties of the committed data/ sets. CPU, seconds."""
+
 import json
 import os
 import re
@@ -23,49 +24,75 @@ DATA = Path(__file__).parents[1] / "data"
 # -----------------------------------------------------------------------------
 # reasoning: both lm-eval filters, then its normalisation
 
-GOLD_GSM8K = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-              "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+GOLD_GSM8K = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+)
 
 
-@pytest.mark.parametrize("text, strict, flexible", [
-    ("So she has 72 clips.\n#### 72", "72", "72"),
-    ("#### -5", "-5", "-5"),                         # the minus sign is part of both regexes
-    ("It costs $1,234.", None, "$1,234."),           # flexible's first group takes $ , . runs of 2+ characters
-    ("#### 72.", "72.", "72."),                      # the trailing period is kept by the filter, dropped by normalising
-    ("I do not know.", None, None),                  # no digit: both filters find nothing ("[invalid]" in lm-eval)
-    ("3 apples, then 12, finally 15", None, "15"),   # flexible takes the LAST match
-    ("#### 5 and later #### 7", "5", "7"),           # strict takes the FIRST match
-    ("The answer is 42", None, "42"),                # no "#### ": strict fails, flexible still reads it
-    ("####42", None, "42"),                          # strict needs the space after ####
-    ("x = 7", None, "7"),                            # one digit: only flexible's second group matches
-])
+@pytest.mark.parametrize(
+    "text, strict, flexible",
+    [
+        ("So she has 72 clips.\n#### 72", "72", "72"),
+        ("#### -5", "-5", "-5"),  # the minus sign is part of both regexes
+        # flexible's first group takes $ , . runs of 2+ characters
+        ("It costs $1,234.", None, "$1,234."),
+        # the trailing period is kept by the filter, dropped by normalising
+        ("#### 72.", "72.", "72."),
+        # no digit: both filters find nothing ("[invalid]" in lm-eval)
+        ("I do not know.", None, None),
+        ("3 apples, then 12, finally 15", None, "15"),  # flexible takes the LAST match
+        ("#### 5 and later #### 7", "5", "7"),  # strict takes the FIRST match
+        # no "#### ": strict fails, flexible still reads it
+        ("The answer is 42", None, "42"),
+        ("####42", None, "42"),  # strict needs the space after ####
+        # one digit: only flexible's second group matches
+        ("x = 7", None, "7"),
+    ],
+)
 def test_extractors_follow_lm_eval_regexes(text, strict, flexible):
     assert tasks.extract_strict(text) == strict
     assert tasks.extract_flexible(text) == flexible
 
 
-@pytest.mark.parametrize("prediction, gold, strict, flexible", [
-    ("She sold 72 clips.\n#### 72", GOLD_GSM8K, True, True),
-    ("#### 1,234", "#### 1234", True, True),          # commas removed from the prediction
-    ("#### 1234", "#### 1,234", True, True),          # ... and from the gold
-    ("It costs $18.", "#### 18", False, True),        # "$18." -> "18": $ and the trailing period removed
-    ("#### 72.", "#### 72", True, True),
-    ("#### -5", "#### -5", True, True),
-    ("#### 5", "#### -5", False, False),              # a minus sign is kept: 5 != -5
-    ("#### -5", "#### 5", False, False),
-    ("#### 3.50", "#### 3.5", False, False),          # exact string match after normalising, as lm-eval
-    ("no idea", "#### 7", False, False),
-    ("#### 7 but really 8", "#### 7", True, False),   # the two filters can disagree: both are reported
-    ("7 + 1 = 8\n#### 8", "8", True, True),           # a plain numeric gold
-])
+@pytest.mark.parametrize(
+    "prediction, gold, strict, flexible",
+    [
+        ("She sold 72 clips.\n#### 72", GOLD_GSM8K, True, True),
+        ("#### 1,234", "#### 1234", True, True),  # commas removed from the prediction
+        ("#### 1234", "#### 1,234", True, True),  # ... and from the gold
+        # "$18." -> "18": $ and the trailing period removed
+        ("It costs $18.", "#### 18", False, True),
+        ("#### 72.", "#### 72", True, True),
+        ("#### -5", "#### -5", True, True),
+        ("#### 5", "#### -5", False, False),  # a minus sign is kept: 5 != -5
+        ("#### -5", "#### 5", False, False),
+        # exact string match after normalising, as lm-eval
+        ("#### 3.50", "#### 3.5", False, False),
+        ("no idea", "#### 7", False, False),
+        # the two filters can disagree: both are reported
+        ("#### 7 but really 8", "#### 7", True, False),
+        ("7 + 1 = 8\n#### 8", "8", True, True),  # a plain numeric gold
+    ],
+)
 def test_score_reasoning(prediction, gold, strict, flexible):
     assert tasks.score_reasoning(prediction, gold) == {"strict": strict, "flexible": flexible}
 
 
-@pytest.mark.parametrize("answer, number", [
-    (GOLD_GSM8K, "72"), ("42", "42"), ("$1,000", "1000"), ("-3", "-3"), ("a\n#### 2.5", "2.5"),
-    ("about 42", None), ("two steps\n42", None), ("#### x", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "answer, number",
+    [
+        (GOLD_GSM8K, "72"),
+        ("42", "42"),
+        ("$1,000", "1000"),
+        ("-3", "-3"),
+        ("a\n#### 2.5", "2.5"),
+        ("about 42", None),
+        ("two steps\n42", None),
+        ("#### x", None),
+        ("", None),
+    ],
+)
 def test_gold_number(answer, number):
     assert tasks.gold_number(answer) == number
 
@@ -73,20 +100,25 @@ def test_gold_number(answer, number):
 # -----------------------------------------------------------------------------
 # facts: SQuAD normalisation, whole words in the first line
 
-@pytest.mark.parametrize("prediction, gold, correct", [
-    ("The capital of Veltoria is Drasmund.", "Drasmund", True),
-    ("It is DRASMUND!", "Drasmund", True),
-    ("Drasmundia", "Drasmund", False),                      # whole words only
-    ("I am not sure.\nDrasmund", "Drasmund", False),        # only the first non-empty line counts
-    ("\n\nDrasmund", "Drasmund", True),
-    ("He was born in 1847.", "1847", True),
-    ("He was born in 18470.", "1847", False),
-    ("The Hague", "Hague", True),                           # articles removed
-    ("Bogotá", "Bogota", True),                             # accents folded
-    ("Founded by Marela Quintor.", "Marela Quintor", True),
-    ("Founded by Marela.", "Marela Quintor", False),
-    ("anything", "!!", False),                              # a gold that normalises to nothing never matches
-])
+
+@pytest.mark.parametrize(
+    "prediction, gold, correct",
+    [
+        ("The capital of Veltoria is Drasmund.", "Drasmund", True),
+        ("It is DRASMUND!", "Drasmund", True),
+        ("Drasmundia", "Drasmund", False),  # whole words only
+        ("I am not sure.\nDrasmund", "Drasmund", False),  # only the first non-empty line counts
+        ("\n\nDrasmund", "Drasmund", True),
+        ("He was born in 1847.", "1847", True),
+        ("He was born in 18470.", "1847", False),
+        ("The Hague", "Hague", True),  # articles removed
+        ("Bogotá", "Bogota", True),  # accents folded
+        ("Founded by Marela Quintor.", "Marela Quintor", True),
+        ("Founded by Marela.", "Marela Quintor", False),
+        # a gold that normalises to nothing never matches
+        ("anything", "!!", False),
+    ],
+)
 def test_fact_correct(prediction, gold, correct):
     assert tasks.fact_correct(prediction, gold) is correct
 
@@ -98,6 +130,7 @@ def test_normalize_answer():
 # -----------------------------------------------------------------------------
 # bad input: every problem names path:LINE
 
+
 def write(tmp_path, text, name="data.jsonl"):
     path = tmp_path / name
     path.write_bytes(text.encode() if isinstance(text, str) else text)
@@ -107,19 +140,29 @@ def write(tmp_path, text, name="data.jsonl"):
 GOOD = '{"question": "q", "answer": "#### 1"}\n'
 
 
-@pytest.mark.parametrize("content, line, problem", [
-    (GOOD + '{"question": "q2", "answer": \n', 2, "malformed JSON"),
-    (GOOD + "[1, 2]\n", 2, "expected a JSON object"),
-    (GOOD + "\n" + '{"question": "q2"}\n', 3, "missing field 'answer'"),      # blank lines skipped, still counted
-    (GOOD + '{"question": "q2", "answer": "  "}\n', 2, "empty field 'answer'"),
-    (GOOD + '{"question": 3, "answer": "1"}\n', 2, "non-string field 'question'"),
-    (GOOD.encode() + b'{"question": "\xff", "answer": "1"}\n', 2, "malformed JSON"),  # not UTF-8
-    ("", 1, "empty file"),
-    ("\n  \n", 1, "empty file"),
-])
+@pytest.mark.parametrize(
+    "content, line, problem",
+    [
+        (GOOD + '{"question": "q2", "answer": \n', 2, "malformed JSON"),
+        (GOOD + "[1, 2]\n", 2, "expected a JSON object"),
+        # blank lines skipped, still counted
+        (GOOD + "\n" + '{"question": "q2"}\n', 3, "missing field 'answer'"),
+        (GOOD + '{"question": "q2", "answer": "  "}\n', 2, "empty field 'answer'"),
+        (GOOD + '{"question": 3, "answer": "1"}\n', 2, "non-string field 'question'"),
+        (
+            GOOD.encode() + b'{"question": "\xff", "answer": "1"}\n',
+            2,
+            "malformed JSON",
+        ),  # not UTF-8
+        ("", 1, "empty file"),
+        ("\n  \n", 1, "empty file"),
+    ],
+)
 def test_read_jsonl_errors_name_file_and_line(tmp_path, content, line, problem):
     path = write(tmp_path, content)
-    with pytest.raises(tasks.DataError, match=re.escape(f"{path}:{line}: ") + ".*" + re.escape(problem)):
+    with pytest.raises(
+        tasks.DataError, match=re.escape(f"{path}:{line}: ") + ".*" + re.escape(problem)
+    ):
         tasks.read_jsonl(path)
 
 
@@ -127,15 +170,22 @@ def test_read_jsonl_reports_every_problem_and_keeps_line_numbers(tmp_path):
     path = write(tmp_path, '{"question": "a"}\n{oops\n' + GOOD)
     with pytest.raises(tasks.DataError) as e:
         tasks.read_jsonl(path)
-    assert f"{path}:1: missing field 'answer'" in str(e.value) and f"{path}:2: malformed JSON" in str(e.value)
-    assert [r["_line"] for r in tasks.read_jsonl(write(tmp_path, "\n" + GOOD + "\n" + GOOD))] == [2, 4]
+    assert f"{path}:1: missing field 'answer'" in str(
+        e.value
+    ) and f"{path}:2: malformed JSON" in str(e.value)
+    assert [r["_line"] for r in tasks.read_jsonl(write(tmp_path, "\n" + GOOD + "\n" + GOOD))] == [
+        2,
+        4,
+    ]
 
 
 def test_check_reasoning_names_the_line_without_a_final_number(tmp_path):
     path = write(tmp_path, GOOD + '{"question": "q", "answer": "it is 4 or so"}\n' + GOOD)
     with pytest.raises(tasks.DataError, match=re.escape(f"{path}:2: answer has no final number")):
         tasks.check_reasoning(tasks.read_jsonl(path), path)
-    tasks.check_reasoning(tasks.read_jsonl(write(tmp_path, GOOD + '{"question": "p", "answer": "42"}\n')), path)
+    tasks.check_reasoning(
+        tasks.read_jsonl(write(tmp_path, GOOD + '{"question": "p", "answer": "42"}\n')), path
+    )
 
 
 def fact_line(question, answer="Drasmund", **extra):
@@ -143,23 +193,34 @@ def fact_line(question, answer="Drasmund", **extra):
 
 
 def test_check_facts_errors(tmp_path):
-    path = write(tmp_path, fact_line("Capital of X?") + fact_line("Where?") + fact_line("capital of  x?"))
-    with pytest.raises(tasks.DataError, match=re.escape(f"{path}:3: duplicate question (same as line 1)")):
+    path = write(
+        tmp_path, fact_line("Capital of X?") + fact_line("Where?") + fact_line("capital of  x?")
+    )
+    with pytest.raises(
+        tasks.DataError, match=re.escape(f"{path}:3: duplicate question (same as line 1)")
+    ):
         tasks.check_facts(tasks.read_jsonl(path), path)
-    path = write(tmp_path, fact_line("A?") + fact_line("B?", answer=""))  # an empty answer: caught on reading
+    # an empty answer: caught on reading
+    path = write(tmp_path, fact_line("A?") + fact_line("B?", answer=""))
     with pytest.raises(tasks.DataError, match=re.escape(f"{path}:2: empty field 'answer'")):
         tasks.read_jsonl(path)
-    path = write(tmp_path, fact_line("A?", answer="..."))  # empty once normalised: could never be scored correct
-    with pytest.raises(tasks.DataError, match=re.escape(f"{path}:1: answer '...' is empty after normalisation")):
+    # empty once normalised: could never be scored correct
+    path = write(tmp_path, fact_line("A?", answer="..."))
+    with pytest.raises(
+        tasks.DataError, match=re.escape(f"{path}:1: answer '...' is empty after normalisation")
+    ):
         tasks.check_facts(tasks.read_jsonl(path), path)
     for bad in ("one phrasing", ["ok", ""], ["ok", 3]):
         path = write(tmp_path, fact_line("A?") + fact_line("B?", paraphrases=bad))
-        with pytest.raises(tasks.DataError, match=re.escape(f"{path}:2: 'paraphrases' must be a list")):
+        with pytest.raises(
+            tasks.DataError, match=re.escape(f"{path}:2: 'paraphrases' must be a list")
+        ):
             tasks.check_facts(tasks.read_jsonl(path), path)
 
 
 # -----------------------------------------------------------------------------
 # tokenised examples: answer-only labels, end of turn, too-long items
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
@@ -175,32 +236,43 @@ def test_encode_example_masks_the_prompt_and_ends_with_im_end(tokenizer):
     assert tasks.chat_prompt(tokenizer, question).endswith("<|im_start|>assistant\n")
     assert ids == prompt + target + [im_end] and im_end in tokenizer.eos_ids
     assert labels == [-100] * len(prompt) + target + [im_end]
-    assert tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=False) == answer + "<|im_end|>"
+    assert (
+        tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=False)
+        == answer + "<|im_end|>"
+    )
 
 
 def test_encode_example_drops_calculator_annotations_and_skips_too_long(tokenizer):
     ids, labels = tasks.encode_example(tokenizer, "q", GOLD_GSM8K, 4096)
     answer = tokenizer.decode([t for t in labels if t != -100])
-    assert "<<" not in answer and answer == GOLD_GSM8K.replace("<<48/2=24>>", "").replace("<<48+24=72>>", "")
-    assert tasks.encode_example(tokenizer, "q", GOLD_GSM8K, len(ids)) == (ids, labels)  # fits exactly
-    assert tasks.encode_example(tokenizer, "q", GOLD_GSM8K, len(ids) - 1) == (None, None)  # skipped, never cut
+    assert "<<" not in answer and answer == GOLD_GSM8K.replace("<<48/2=24>>", "").replace(
+        "<<48+24=72>>", ""
+    )
+    # fits exactly
+    assert tasks.encode_example(tokenizer, "q", GOLD_GSM8K, len(ids)) == (ids, labels)
+    # skipped, never cut
+    assert tasks.encode_example(tokenizer, "q", GOLD_GSM8K, len(ids) - 1) == (None, None)
 
 
 def test_end_of_turn_is_read_from_the_template(tmp_path):
     folder = make_tokenizer(tmp_path)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     # a Llama-3-like template whose turns end in another token, which is the eos
-    config["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|endoftext|>{% endfor %}"
-                               "{% if add_generation_prompt %}<|im_start|>{% endif %}")
+    config["chat_template"] = (
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>{% endif %}"
+    )
     config["eos_token"] = "<|endoftext|>"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     tok = M.Tokenizer(folder)
     end = tok.tokenizer.token_to_id("<|endoftext|>")
     assert tasks.end_of_turn(tok) == [end]
     assert tasks.encode_example(tok, "q", "42", 64)[0][-1] == end
-    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # no eos after a turn
+    # no eos after a turn
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    assert tasks.end_of_turn(M.Tokenizer(folder)) == [min(M.Tokenizer(folder).eos_ids)]  # still learns to stop
+    # still learns to stop
+    assert tasks.end_of_turn(M.Tokenizer(folder)) == [min(M.Tokenizer(folder).eos_ids)]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -217,27 +289,50 @@ def test_collate(side):
 # -----------------------------------------------------------------------------
 # batched greedy answering on a tiny random model
 
+
 def test_answer_batched_equals_one_by_one(tokenizer):
     torch.manual_seed(0)  # a random model built directly: no transformers import, no files
-    args = M.ModelArgs(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=None, rms_norm_eps=1e-5, max_position_embeddings=256)
+    args = M.ModelArgs(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=None,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+    )
     net, tok = M.Transformer(args).eval(), tokenizer
-    questions = ["What is 7 * 6?", "Hi", "The quick brown fox jumps over the lazy dog. 12345 + 678 = ?"]
-    batched = tasks.answer(net, tok, questions, max_new_tokens=6, batch_size=2)  # sorted by length, then restored
+    questions = [
+        "What is 7 * 6?",
+        "Hi",
+        "The quick brown fox jumps over the lazy dog. 12345 + 678 = ?",
+    ]
+    # sorted by length, then restored
+    batched = tasks.answer(net, tok, questions, max_new_tokens=6, batch_size=2)
     alone = [tasks.answer(net, tok, [q], max_new_tokens=6, batch_size=1)[0] for q in questions]
     assert batched == alone
-    new = M.generate(net, [tok.encode(tasks.chat_prompt(tok, questions[0]), add_special_tokens=False)], 6, tok.eos_ids)
+    new = M.generate(
+        net,
+        [tok.encode(tasks.chat_prompt(tok, questions[0]), add_special_tokens=False)],
+        6,
+        tok.eos_ids,
+    )
     assert batched[0] == tok.decode(new[0])  # only the new tokens, decoded
 
 
 # -----------------------------------------------------------------------------
 # atomic writes
 
+
 def test_atomic_writes_leave_no_temp_file(tmp_path):
     tasks.atomic_write_text(tmp_path / "sub" / "a.txt", "one")
     tasks.atomic_write_text(tmp_path / "sub" / "a.txt", "two")
     tasks.atomic_write_json(tmp_path / "sub" / "b.json", {"x": [1, 2]})
-    tasks.atomic_save_file({"z": torch.arange(3.0)}, tmp_path / "sub" / "c.safetensors", {"identity": "abc"})
+    tasks.atomic_save_file(
+        {"z": torch.arange(3.0)}, tmp_path / "sub" / "c.safetensors", {"identity": "abc"}
+    )
     assert sorted(os.listdir(tmp_path / "sub")) == ["a.txt", "b.json", "c.safetensors"]
     assert (tmp_path / "sub" / "a.txt").read_text() == "two"
     assert json.loads((tmp_path / "sub" / "b.json").read_text()) == {"x": [1, 2]}
@@ -261,7 +356,9 @@ def test_interrupted_atomic_write_keeps_the_old_file(tmp_path, monkeypatch, fail
 
 def test_append_jsonl(tmp_path):
     for step in range(3):
-        tasks.append_jsonl(tmp_path / "m" / "metrics.jsonl", {"step": step, "loss": 1.0 / (step + 1)})
+        tasks.append_jsonl(
+            tmp_path / "m" / "metrics.jsonl", {"step": step, "loss": 1.0 / (step + 1)}
+        )
     rows = tasks.read_jsonl(tmp_path / "m" / "metrics.jsonl", required=())
     assert [r["step"] for r in rows] == [0, 1, 2]
 
@@ -269,15 +366,18 @@ def test_append_jsonl(tmp_path):
 # -----------------------------------------------------------------------------
 # the committed data sets keep their promises
 
+
 def operand_pair(r) -> tuple[int, int]:
-    """The operand pair recomputed from the text, independently of the generator's "operands" field."""
+    """The operand pair recomputed from the text, independently of the generator's "operands"
+    field."""
     steps = r["answer"].split("\n")
     x, op, y, _, z = steps[-2].split()
     if op == "*":
         return tuple(sorted((int(x), int(y))))
     if op == "/":  # dividend / divisor = quotient: the pair is (divisor, quotient)
         return tuple(sorted((int(y), int(z))))
-    return tuple(sorted(int(n) for n in re.findall(r"\d+", r["question"])))  # the two numbers added or subtracted
+    # the two numbers added or subtracted
+    return tuple(sorted(int(n) for n in re.findall(r"\d+", r["question"])))
 
 
 def test_reasoning_splits_do_not_overlap():
@@ -285,14 +385,23 @@ def test_reasoning_splits_do_not_overlap():
     train, test = tasks.read_jsonl(train_path), tasks.read_jsonl(test_path)
     tasks.check_reasoning(train, train_path)
     tasks.check_reasoning(test, test_path)
-    assert len(test) >= 200 and Counter(r["type"] for r in test) == {"arithmetic": 100, "conversion": 100, "word": 100}
+    assert len(test) >= 200 and Counter(r["type"] for r in test) == {
+        "arithmetic": 100,
+        "conversion": 100,
+        "word": 100,
+    }
     assert 1500 <= len(train) <= 2500
     for r in train + test:
-        assert len(r["answer"].split("\n")) == 3 and tasks.score_reasoning(r["answer"], r["answer"])["strict"]
+        assert (
+            len(r["answer"].split("\n")) == 3
+            and tasks.score_reasoning(r["answer"], r["answer"])["strict"]
+        )
         assert operand_pair(r) == tuple(r["operands"]), r
     assert not {r["question"] for r in train} & {r["question"] for r in test}
     assert not {operand_pair(r) for r in train} & {operand_pair(r) for r in test}
-    assert len({r["question"] for r in train}) == len(train) and len({r["question"] for r in test}) == len(test)
+    assert len({r["question"] for r in train}) == len(train) and len(
+        {r["question"] for r in test}
+    ) == len(test)
 
 
 def test_facts_are_unique_and_not_over_represented():
@@ -301,7 +410,8 @@ def test_facts_are_unique_and_not_over_represented():
     tasks.check_facts(facts, path)
     assert len(facts) >= 200
     asked = [q for f in facts for q in [f["question"], *f["paraphrases"]]]
-    assert len(set(asked)) == len(asked)  # paraphrases are new phrasings, never another fact's training question
+    # paraphrases are new phrasings, never another fact's training question
+    assert len(set(asked)) == len(asked)
     assert all(len(f["paraphrases"]) == 2 for f in facts)
     assert max(Counter(f["answer"] for f in facts).values()) <= 3
     assert len({(f["type"], f["entity"]) for f in facts}) == len(facts)
@@ -317,4 +427,30 @@ def test_known_facts_are_highly_known():
     known = tasks.read_jsonl(path)
     tasks.check_facts(known, path)
     assert len(known) >= 30 and all(r["fewshot_correct"] == 4 for r in known)
-    assert not {r["question"] for r in known} & {r["question"] for r in tasks.read_jsonl(DATA / "facts" / "facts.jsonl")}
+    assert not {r["question"] for r in known} & {
+        r["question"] for r in tasks.read_jsonl(DATA / "facts" / "facts.jsonl")
+    }
+
+
+def test_answering_shows_progress_on_stderr_unless_quiet(tokenizer, capsys):
+    torch.manual_seed(0)
+    args = M.ModelArgs(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=None,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+    )
+    net = M.Transformer(args).eval()
+    tasks.answer(
+        net, tokenizer, ["Hi", "Ho", "Hu"], max_new_tokens=2, batch_size=2, desc="scoring x"
+    )
+    shown = capsys.readouterr()
+    assert "scoring x: 100%|" in shown.err and "3/3" in shown.err and "answer/s" in shown.err
+    assert shown.out == ""
+    tasks.answer(net, tokenizer, ["Hi"], max_new_tokens=2, desc="scoring x", quiet=True)
+    assert capsys.readouterr().err == ""

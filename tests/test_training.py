@@ -1,0 +1,201 @@
+"""Tests for training.py: the run folder (open_run), the targets parser, state files that are never
+non-finite and fail with one error naming them, metrics rows, and the per-step generator. CPU,
+ms."""
+
+import dataclasses
+import fcntl
+import json
+import math
+
+import pytest
+import torch
+
+import training
+from cli import ConfigError
+from tasks import IGNORE_INDEX, DataError
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+
+@dataclasses.dataclass
+class Cfg:
+    lr: float = 0.005
+    steps: int = 10
+    out: str = ""
+    device: str = "cpu"
+    resume: bool = False
+    overwrite: bool = False
+
+
+def params_and_optimizer():
+    params = {"a": torch.nn.Parameter(torch.randn(3)), "b": torch.nn.Parameter(torch.randn(2, 2))}
+    optimizer = torch.optim.Adam(list(params.values()), lr=0.1)
+    sum(p.sum() for p in params.values()).backward()
+    optimizer.step()
+    return params, optimizer
+
+
+def finished(out, cfg):
+    """A run folder as a script leaves it: config.json, a state saved under cfg, metrics."""
+    training.open_run(out, cfg, resume=False, overwrite=False)
+    params, optimizer = params_and_optimizer()
+    training.save_state(out / "state.safetensors", params, optimizer, 1, config=cfg)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("gate_proj,up_proj", ("gate_proj", "up_proj")),
+        (" up_proj , ,down_proj,up_proj,", ("up_proj", "down_proj")),
+    ],
+)
+def test_parse_targets(text, want):
+    assert training.parse_targets(text) == want
+
+
+@pytest.mark.parametrize("text", ["", ",", " , ,"])
+def test_parse_targets_refuses_no_name(text):
+    with pytest.raises(ConfigError, match="--targets: no target name"):
+        training.parse_targets(text)
+
+
+def test_a_fresh_run_writes_its_config_first(tmp_path):
+    out = training.open_run(tmp_path / "run", Cfg(out="x"), resume=False, overwrite=False)
+    assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(Cfg(out="x"))
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json"]
+
+
+def test_another_process_holding_the_folder_is_refused(tmp_path):
+    (tmp_path / ".lock").touch()
+    with open(tmp_path / ".lock") as held:  # a second open file description: as another process
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another run holds this folder"):
+            training.open_run(tmp_path, Cfg(), resume=False, overwrite=False)
+
+
+def test_orphan_tmp_files_are_removed(tmp_path):
+    (tmp_path / ".state.safetensors.k3j2.tmp").write_bytes(b"half")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".adapter.x.tmp").write_bytes(b"half")
+    with pytest.raises(ConfigError, match="not empty"):  # sub/ is not empty: removed all the same
+        training.open_run(tmp_path, Cfg(), resume=False, overwrite=False)
+    assert list(tmp_path.rglob("*.tmp")) == []
+
+
+def test_a_used_folder_needs_resume_or_overwrite(tmp_path):
+    finished(tmp_path, Cfg())
+    with pytest.raises(ConfigError, match=f"{tmp_path}: not empty.*--resume.*--overwrite"):
+        training.open_run(tmp_path, Cfg(lr=0.001), resume=False, overwrite=False)
+    training.open_run(tmp_path, Cfg(lr=0.001), resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "config.json"]
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.001
+
+
+def test_a_lone_config_counts_as_empty(tmp_path):
+    training.open_run(tmp_path, Cfg(), resume=False, overwrite=False)  # killed before it trained
+    training.open_run(tmp_path, Cfg(lr=0.1), resume=False, overwrite=False)
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.1
+
+
+def test_overwrite_empties_run_folders_only(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a run folder"):
+        training.open_run(tmp_path, Cfg(), resume=False, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_resume_names_every_field_that_differs(tmp_path):
+    finished(tmp_path, Cfg())
+    changed = Cfg(lr=0.001, steps=20, device="cuda", out="elsewhere")  # device and out may differ
+    with pytest.raises(ConfigError, match=r"--lr 0\.005 -> 0\.001, --steps 10 -> 20$"):
+        training.open_run(tmp_path, changed, resume=True, overwrite=False)
+    training.open_run(tmp_path, Cfg(device="cuda", out="elsewhere"), resume=True, overwrite=False)
+
+
+def test_resume_needs_a_state(tmp_path):
+    training.open_run(tmp_path, Cfg(), resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match="state.safetensors: nothing to resume from"):
+        training.open_run(tmp_path, Cfg(), resume=True, overwrite=False)
+
+
+def test_a_state_saved_by_another_config_is_never_resumed(tmp_path):
+    """An old run's state beside a new run's config.json (what a kill before the new run's first
+    save left when config.json was written after the state, or the state never removed)."""
+    finished(tmp_path, Cfg(lr=0.1))
+    training.atomic_write_json(tmp_path / "config.json", dataclasses.asdict(Cfg()))
+    with pytest.raises(ConfigError, match=r"saved by another run.*--lr 0\.1 -> 0\.005"):
+        training.open_run(tmp_path, Cfg(), resume=True, overwrite=False)
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path):
+    with pytest.raises(ConfigError, match="exclude each other"):
+        training.open_run(tmp_path, Cfg(), resume=True, overwrite=True)
+
+
+def test_state_round_trip_and_non_finite_is_never_saved(tmp_path):
+    params, optimizer = params_and_optimizer()
+    training.save_state(tmp_path / "s.safetensors", params, optimizer, 7, {"k": 1})
+    fresh = {n: torch.nn.Parameter(torch.zeros_like(p)) for n, p in params.items()}
+    fresh_opt = torch.optim.Adam(list(fresh.values()), lr=0.1)
+    assert training.load_state(tmp_path / "s.safetensors", fresh, fresh_opt) == (7, {"k": 1})
+    assert all(torch.equal(fresh[n], params[n]) for n in params)
+    with torch.no_grad():
+        params["b"][0, 0] = math.inf
+    with pytest.raises(FloatingPointError, match="b is not finite"):
+        training.save_state(tmp_path / "s.safetensors", params, optimizer, 8)
+    assert training.load_state(tmp_path / "s.safetensors", fresh, fresh_opt)[0] == 7
+
+
+@pytest.mark.parametrize("cut", [4, 60, -8])  # inside the length, the header, the data
+def test_a_truncated_state_is_one_error_naming_the_file(tmp_path, cut):
+    params, optimizer = params_and_optimizer()
+    path = tmp_path / "state.safetensors"
+    training.save_state(path, params, optimizer, 1)
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(ConfigError, match=rf"{path}: unreadable training state"):
+        training.load_state(path, params, optimizer)
+
+
+def test_check_finite_sees_loss_and_parameters():
+    z = {"a": torch.ones(2)}
+    training.check_finite(torch.tensor(1.0), 0, z)
+    with pytest.raises(FloatingPointError, match="step 3: loss is nan"):
+        training.check_finite(torch.tensor(math.nan), 2, z)
+    z["a"][1] = math.inf
+    with pytest.raises(FloatingPointError, match="step 1: a is not finite"):
+        training.check_finite(torch.tensor(1.0), 0, z)
+
+
+def test_restart_metrics_keeps_rows_up_to_the_resume_point(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(5)))
+    assert [r["step"] for r in training.restart_metrics(path, 2)] == [0, 1, 2]
+    assert path.read_text().count("\n") == 3
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "lo')
+    with pytest.raises(DataError, match=rf"{path}:3: malformed metrics row"):
+        training.restart_metrics(path, 2)
+
+
+def test_step_generator_is_a_function_of_seed_and_step():
+    def draw(seed, step):
+        return torch.rand(4, generator=training.step_generator(seed, step, "cpu"))
+
+    torch.manual_seed(1)
+    first = draw(0, 5)
+    torch.manual_seed(2)
+    assert torch.equal(first, draw(0, 5))
+    assert not torch.equal(first, draw(0, 6)) and not torch.equal(first, draw(1, 5))
+
+
+def test_answer_loss_counts_answer_tokens_only():
+    V = 7
+
+    def model(tokens, attention_mask=None):
+        return torch.nn.functional.one_hot(tokens.roll(-1, 1), V).float() * 50  # predicts the next
+
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    right = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4]])
+    assert training.answer_loss(model, tokens, right, None).item() < 1e-6
+    wrong_on_prompt = torch.tensor([[IGNORE_INDEX, 5, 3, 4]])  # token 2 is not what the model says
+    assert training.answer_loss(model, tokens, wrong_on_prompt, None).item() > 1
