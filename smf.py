@@ -86,8 +86,12 @@ def lookup(x, W_q, K, k: int):
 
 
 def kmeans(x, n: int, generator, iters: int = 20):
-    """n centroids of the rows of x (N, d), Lloyd's algorithm from n distinct random rows."""
-    C = x[torch.randperm(len(x), generator=generator)[:n]].clone()  # (n, d)
+    """n centroids of the rows of x (N, d): Lloyd's algorithm from a farthest-point start (a random
+    row, then each next the row farthest from those chosen), so no two start in one cluster."""
+    C = x[torch.randint(len(x), (1,), generator=generator)]  # (1, d)
+    for _ in range(n - 1):
+        far = torch.cdist(x, C).min(-1).values.argmax()  # (N, c) -> (N,) -> the farthest row
+        C = torch.cat([C, x[far, None]])  # (c + 1, d)
     for _ in range(iters):
         nearest = torch.cdist(x, C).argmin(-1)  # (N, n) -> (N,)
         sums = torch.zeros_like(C).index_add_(0, nearest, x)  # (n, d)

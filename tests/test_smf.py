@@ -119,6 +119,24 @@ def test_keys_come_from_the_checkpoint(folder):
     assert used.docs == 6 and int(used.counts.sum()) == 6 * 12 * 4
 
 
+def test_kmeans_finds_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])
+    x = (centers[:, None] + 0.1 * torch.randn(3, 40, 2, generator=g)).flatten(0, 1)  # (120, 2)
+    C = smf.kmeans(x, 3, g)
+    assert torch.cdist(C, centers).min(-1).values.max() < 0.1
+    assert torch.cdist(C, centers).argmin(-1).sort().values.tolist() == [0, 1, 2]
+
+
+def test_keys_are_centroids_of_the_queries(folder):
+    """With keys_from, K are k-means centroids of the background's queries (|q half| ~ √(D/2) = 5.7
+    for RMS-normed states), not the random init (|K_i| ~ 1)."""
+    model, _ = model_lib.load(folder)
+    smf.add_memory(model, [0], 64, 4, keys_from=background_run(model))
+    K = smf.memories(model)["model.layers.0.mlp.memory"].K
+    assert K.norm(dim=-1).mean() > 2.5
+
+
 def test_steps_change_only_the_chosen_rows(folder):
     model, background = retrofitted(folder)
     before = {n: t.clone() for n, t in model.state_dict().items()}
