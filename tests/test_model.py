@@ -6,6 +6,9 @@ the file. CPU only, no downloads, a few seconds.
 """
 import json
 import shutil
+import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig
 
+import cli
 import model as M
 from tests.tiny import CORPUS, make_tiny_llama, make_tiny_mistral
 
@@ -299,9 +303,20 @@ def truncate_first_shard(folder):
     (delete_first_shard, r"model-00001-of-0000\d\.safetensors: shard listed in model\.safetensors\.index\.json is missing"),
     (reshape_embedding, r"model-00001-of-0000\d\.safetensors: tensor 'model\.embed_tokens\.weight' has shape \(320, 32\), "
                         r"expected \(320, 64\)"),
+    (edit_config(num_hidden_layers=-2), r"config\.json: num_hidden_layers must be a positive integer, got -2"),
+    (edit_config(num_attention_heads=0), r"config\.json: num_attention_heads must be a positive integer, got 0"),
+    (edit_config(hidden_size=64.0), r"config\.json: hidden_size must be a positive integer, got 64\.0"),
+    (edit_config(intermediate_size="96"), r"config\.json: intermediate_size must be a positive integer, got '96'"),
+    (edit_config(num_key_value_heads=3), r"config\.json: num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (edit_config(rms_norm_eps=-1), r"config\.json: rms_norm_eps must be a number in \(0, 1\)"),
+    (edit_config(vocab_size=10**9), r"model-00001-of-0000\d\.safetensors: tensor 'model\.embed_tokens\.weight' has "
+                                    r"shape \(320, 64\), expected \(1000000000, 64\) from config\.json"),
+    (edit_config(intermediate_size=10**9), r"model-0000\d-of-0000\d\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj"
+                                           r"\.weight' has shape \(96, 64\), expected \(1000000000, 64\)"),
     (truncate_first_shard, r"model-00001-of-0000\d\.safetensors: tensor '.*' runs past the end of the file \(truncated\?\)"),
 ], ids=["no_weights", "architecture", "missing_key", "rope_type", "rope_key", "extra_tensor", "missing_shard",
-        "wrong_shape", "truncated"])
+        "wrong_shape", "negative_layers", "zero_heads", "float_size", "string_size", "heads_groups", "eps",
+        "huge_vocab", "huge_mlp", "truncated"])
 def test_bad_checkpoint_names_the_file(folders, tmp_path, breakage, match):
     folder = broken_copy(folders["llama"], tmp_path, breakage)
     with pytest.raises(ValueError, match=match):
@@ -317,3 +332,97 @@ def test_missing_tokenizer_names_the_file(folders, tmp_path):
 def test_unknown_name_is_an_error():
     with pytest.raises(ValueError, match="'no_such_model' is neither a folder nor a known checkpoint"):
         M.load("no_such_model")
+
+
+def test_million_layers_fail_before_memory_grows(folders, tmp_path):
+    """1,000,000 layers would be ~9M meta tensors; the header comparison stops at the first missing one."""
+    folder = broken_copy(folders["llama"], tmp_path, edit_config(num_hidden_layers=1_000_000))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"broken: missing tensor 'model\.layers\.2\.input_layernorm\.weight'"):
+            M.load(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, peak
+
+
+# -----------------------------------------------------------------------------
+# one forward for training, prefill and decoding
+
+
+def test_one_forward_serves_prefill_decoding_and_hidden_states(folders):
+    """Prefill, a chunk and single tokens through the cache give the full forward's logits;
+    head=False gives the hidden states after the last norm; last=True the last position only."""
+    ours, _ = M.load(folders["mistral"])  # sliding window 5 < 12: the cached path masks it too
+    tokens, mask = batch()
+    with torch.no_grad():
+        full = ours(tokens, mask)  # (B, T, V)
+        hidden = ours(tokens, mask, head=False)  # (B, T, D)
+        torch.testing.assert_close(ours.lm_head(hidden), full, atol=0, rtol=0)
+        torch.testing.assert_close(ours(tokens, mask, last=True), full[:, -1:], atol=ATOL, rtol=0)
+        cache = ours.new_cache(3, 12)
+        pieces = [ours(tokens[:, :6], mask[:, :6], cache, 0)]  # prefill
+        pieces.append(ours(tokens[:, 6:9], mask[:, :9], cache, 6))  # a chunk after the cache
+        for t in range(9, 12):  # one token at a time
+            pieces.append(ours(tokens[:, t : t + 1], mask[:, : t + 1], cache, t))
+        real = mask.bool()
+        torch.testing.assert_close(torch.cat(pieces, 1)[real], full[real], atol=ATOL, rtol=0)
+        cache = ours.new_cache(3, 12)  # no padding: no mask at all
+        ours(tokens[:, :6], None, cache, 0)
+        torch.testing.assert_close(ours(tokens[:, 6:], None, cache, 6), ours(tokens)[:, 6:], atol=ATOL, rtol=0)
+
+
+def test_generate_goes_through_the_root_module(folders):
+    """Every step calls model(...), so a wrapper's hooks (DDP, FSDP) run; a wrapper with .module works."""
+    ours, tokenizer = M.load(folders["llama"])
+    calls = []
+    ours.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    class Wrapper(torch.nn.Module):  # like DDP: the model in .module, forward passes through
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    got = M.generate(Wrapper(ours), [[5, 6, 7]], 6, eos_ids=set())
+    assert len(calls) == 6 and got == M.generate(ours, [[5, 6, 7]], 6, eos_ids=set())
+
+
+# -----------------------------------------------------------------------------
+# command line: bad flags are one line on stderr and exit status 2
+
+
+@pytest.mark.parametrize("flags", [
+    ["--temperature", "-1"], ["--temperature", "nan"], ["--temperature", "inf"], ["--top-p", "0"],
+    ["--top-p", "1.5"], ["--top-p", "nan"], ["--max-new-tokens", "-1"], ["--max-new", "5"], ["--device", "gpu9"],
+], ids=["temperature_negative", "temperature_nan", "temperature_inf", "top_p_zero", "top_p_above_one",
+        "top_p_nan", "max_new_tokens_negative", "abbreviated", "device"])
+def test_command_line_refuses_bad_flags(folders, capsys, flags):
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(M.main, ["--ckpt", str(folders["llama"]), *flags, "Hello"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_command_line_caps_max_new_tokens_at_the_context(folders, capsys):
+    model, tokenizer = M.load(folders["llama"])
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}]),
+                              add_special_tokens=False)
+    room = model.args.max_position_embeddings - len(prompt)
+    M.main(["--ckpt", str(folders["llama"]), "--max-new-tokens", "1000", "Hello"])
+    out, err = capsys.readouterr()
+    assert err == f"warning: --max-new-tokens 1000 capped to {room}: the prompt has {len(prompt)} tokens of " \
+                  f"the context's {model.args.max_position_embeddings}\n"
+    assert out == tokenizer.decode(M.generate(model, [prompt], room, tokenizer.eos_ids)[0]) + "\n"
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    """Run as a script (python model.py): an expected error is `error: ...`, no traceback, exit 2."""
+    script = Path(M.__file__)
+    done = subprocess.run([sys.executable, script, "--ckpt", str(tmp_path / "none"), "Hi"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: '{tmp_path / 'none'}' is neither a folder nor a known")

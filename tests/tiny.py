@@ -29,7 +29,9 @@ CORPUS = [
     "Question: what is 7 * 6? Answer: 42.",
 ]
 COMMON = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+              num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+              # not HF's defaults (1e-6, 10000), so that a model.py ignoring either fails the parity tests
+              rms_norm_eps=1e-3, rope_theta=5e5)
 
 
 def make_tokenizer(path) -> Path:
@@ -63,7 +65,7 @@ def make_tiny_llama(path, tie=False, seed=0, max_shard_size="100KB") -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**COMMON, max_position_embeddings=128, tie_word_embeddings=tie, rope_theta=10000.0,
+    config = LlamaConfig(**COMMON, max_position_embeddings=128, tie_word_embeddings=tie,
                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=16))
     return _save(LlamaForCausalLM(config).eval(), path, max_shard_size)
@@ -74,8 +76,7 @@ def make_tiny_mistral(path, seed=0, sliding_window=5, max_shard_size="100KB") ->
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    config = MistralConfig(**COMMON, head_dim=24, sliding_window=sliding_window, max_position_embeddings=128,
-                           rope_theta=10000.0)
+    config = MistralConfig(**COMMON, head_dim=24, sliding_window=sliding_window, max_position_embeddings=128)
     return _save(MistralForCausalLM(config).eval(), path, max_shard_size)
 
 
