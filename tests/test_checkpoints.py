@@ -14,6 +14,9 @@ the text cut before and after every numeral: what Digits(individual_digits=True)
 import hashlib
 import json
 import os
+import re
+import subprocess
+import sys
 import unicodedata
 
 import jinja2
@@ -308,3 +311,72 @@ def test_identity(tmp_path, folder):
     ]
     assert len({base, *map(checkpoints.identity, changed)}) == 4
     assert checkpoints.identity(folder) == checkpoints.identity(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safetensors headers: checked as safetensors checks them, before any data is read
+
+
+def raw_safetensors(path, header, data: bytes):
+    """A .safetensors file written byte by byte, so that its header can be wrong."""
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def entry(begin, end, shape=(2,), dtype="F32"):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+
+
+def test_good_header_reads(tmp_path):
+    path = raw_safetensors(tmp_path / "ok.safetensors", {"a": entry(0, 8), "b": entry(8, 16)}, bytes(16))
+    header, start = checkpoints.safetensors_header(path)
+    assert set(header) == {"a", "b"} and start == path.stat().st_size - 16
+
+
+@pytest.mark.parametrize("header, data, match", [
+    ({"a": entry(0, 8), "b": entry(4, 12)}, bytes(12), r"tensor 'b' overlaps the tensor before it"),
+    ({"a": entry(0, 8), "b": entry(8, 16)}, bytes(12), r"tensor 'b' runs past the end of the file"),
+    ({"a": entry(0, 8, shape=(4,))}, bytes(8), r"tensor 'a' spans 8 bytes, but F32 \(4,\) needs 16"),
+    ({"a": entry(0, 8), "b": entry(12, 20)}, bytes(20), r"tensor 'b' leaves a gap before it"),
+    ({"a": entry(0, 8)}, bytes(12), r"4 bytes after the last tensor"),
+    ({"a": entry(0, 8, dtype="F33")}, bytes(8), r"tensor 'a' has a bad header entry"),
+    ({"a": entry(0, -8, shape=(-2,))}, bytes(8), r"tensor 'a' has a bad header entry"),
+], ids=["overlap", "past_end", "dtype_times_shape", "gap", "trailing_bytes", "unknown_dtype", "negative"])
+def test_bad_header_names_the_file(tmp_path, header, data, match):
+    path = raw_safetensors(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=f"{path}: {match}"):
+        checkpoints.safetensors_header(path)
+
+
+def test_huge_header_length_names_the_file(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes((2**62).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match=f"{path}: not a safetensors file \\(header length {2**62}"):
+        checkpoints.safetensors_header(path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=f"{path}: not a safetensors file"):
+        checkpoints.identity(tmp_path)  # identity reads headers through the same check
+
+
+def test_overlapping_offsets_refused_like_safetensors(tmp_path):
+    """safetensors' own reader refuses the overlapping file; ours must too."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = raw_safetensors(tmp_path / "m.safetensors", {"a": entry(0, 8), "b": entry(4, 12)}, bytes(12))
+    with pytest.raises(SafetensorError):
+        load_file(path)
+    with pytest.raises(CheckpointError, match="overlaps"):
+        checkpoints.safetensors_header(path)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["no_such_model"], r"error: 'no_such_model' is neither a folder nor a known checkpoint name"),
+    (["--bogus"], r"error: unrecognized arguments: --bogus"),
+])
+def test_command_line_error_is_one_line(argv, match):
+    script = checkpoints.repo_root() / "checkpoints.py"
+    done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert re.match(match, done.stderr), done.stderr
