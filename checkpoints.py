@@ -39,13 +39,15 @@ import cli
 
 
 class CheckpointError(ValueError):
-    """A checkpoint name, folder or downloaded file that cannot be used; the message names it and says why."""
+    """A checkpoint name, folder or downloaded file that cannot be used; the message names it and
+    says why."""
 
     expected = True  # bad input: cli.run prints it as one line, exit 2
 
 
 def read_json(path: Path, default=None) -> dict:
-    """A JSON file's content; a missing file is `default`, or an error naming it when there is no default."""
+    """A JSON file's content; a missing file is `default`, or an error naming it when there is no
+    default."""
     if not path.is_file() and default is not None:
         return default
     try:
@@ -77,7 +79,8 @@ CHECKPOINTS_DIR = repo_root() / "checkpoints"
 
 
 def resolve(ckpt: str | Path) -> Path:
-    """The folder of a checkpoint given as a folder or a name from KNOWN (see the module docstring)."""
+    """The folder of a checkpoint given as a folder or a name from KNOWN (see the module
+    docstring)."""
     path = Path(ckpt).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -118,7 +121,8 @@ def hf_cache_dir() -> Path:
 
 
 def hf_cache_snapshot(repo_id: str) -> Path | None:
-    """The snapshot of repo_id in the HF cache: the one refs/main names, else the newest; None if there is none."""
+    """The snapshot of repo_id in the HF cache: the one refs/main names, else the newest; None if
+    there is none."""
     repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
     ref = repo / "refs" / "main"
     if ref.is_file():
@@ -130,8 +134,10 @@ def hf_cache_snapshot(repo_id: str) -> Path | None:
 
 
 def fetch_command(name: str) -> str:
-    """The command that puts checkpoint `name` where resolve() looks first. Only the HF-format weights:
-    "model*.safetensors" skips the duplicate consolidated.safetensors / original/*.pth of these repos."""
+    """The command that puts checkpoint `name` where resolve() looks first. Only the HF-format
+    weights:
+    "model*.safetensors" skips the duplicate consolidated.safetensors / original/*.pth of these
+    repos."""
     if name == DEFAULT:
         return f"{Path(sys.executable).name} {_shown(repo_root() / 'checkpoints.py')} smollm2_135m"
     gated = "meta-llama" in KNOWN[name]

