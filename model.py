@@ -1,29 +1,45 @@
-"""A Llama / Mistral decoder that loads Hugging Face checkpoints key for key, its tokenizer, and generation.
+"""A Llama / Mistral decoder that loads Hugging Face checkpoints key for key, and its generation
+loop.
 
-Read top to bottom: config -> layers -> model -> generation -> loading -> command line (the tokenizer: tokenizer.py).
+Read top to bottom: config -> layers -> model -> generation -> loading -> command line.
+The tokenizer is in tokenizer.py; names, files and safetensors headers in checkpoints.py.
 References:
-- Llama 2/3: https://arxiv.org/abs/2307.09288, https://arxiv.org/abs/2407.21783 (llama3 rope scaling)
+- Llama 2/3: https://arxiv.org/abs/2307.09288, https://arxiv.org/abs/2407.21783 (llama3 rope)
 - Mistral 7B (grouped-query attention, sliding window): https://arxiv.org/abs/2310.06825
-- RoPE https://arxiv.org/abs/2104.09864, RMSNorm https://arxiv.org/abs/1910.07467, SwiGLU https://arxiv.org/abs/2002.05202
-- transformers models/llama/modeling_llama.py: module names and the rotate_half rope layout, so checkpoints load
-  with no weight permutation. safetensors format: https://github.com/huggingface/safetensors
+- RoPE https://arxiv.org/abs/2104.09864, RMSNorm https://arxiv.org/abs/1910.07467,
+  SwiGLU https://arxiv.org/abs/2002.05202
+- transformers models/llama/modeling_llama.py: module names and the rotate_half rope layout,
+  so checkpoints load with no weight permutation.
+- gpt-fast model.py: one forward for training, prefill and decoding, a preallocated KV cache.
 
-Run:  python model.py "What is the capital of France?"          (default checkpoint smollm2_135m)
+Run:  python model.py "What is the capital of France?"      (default checkpoint smollm2_135m)
       python model.py --ckpt path/to/hf_folder --dtype bfloat16 --temperature 0.7 "Tell me a story"
 
-Dimension letters: B batch, T query positions, S key positions (cache slots), D hidden size, H query heads,
-Hkv key/value heads, Dh head size, F MLP hidden size, V vocabulary. Linear weights are (out, in).
+Dimension letters: B batch, T query positions, S key positions (cache slots), D hidden size,
+H query heads, Hkv key/value heads, Dh head size, F MLP hidden size, V vocabulary.
+Linear weights are (out, in).
 """
+
 import argparse
-import json
+import math
+import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, identity, read_json, resolve
+import cli
+from checkpoints import (
+    DEFAULT,
+    CheckpointError,
+    check_tensors,
+    identity,
+    read_json,
+    read_safetensors,
+    resolve,
+    weight_index,
+)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -31,18 +47,61 @@ from tokenizer import Tokenizer
 
 REQUIRED = object()
 CONFIG_KEYS = {  # config.json key -> its default when absent (HF's), or REQUIRED
-    "vocab_size": REQUIRED, "hidden_size": REQUIRED, "intermediate_size": REQUIRED, "num_hidden_layers": REQUIRED,
-    "num_attention_heads": REQUIRED, "rms_norm_eps": REQUIRED, "max_position_embeddings": REQUIRED,
+    "vocab_size": REQUIRED,
+    "hidden_size": REQUIRED,
+    "intermediate_size": REQUIRED,
+    "num_hidden_layers": REQUIRED,
+    "num_attention_heads": REQUIRED,
+    "rms_norm_eps": REQUIRED,
+    "max_position_embeddings": REQUIRED,
     "num_key_value_heads": None,  # None -> num_attention_heads (no GQA)
     "head_dim": None,  # None -> hidden_size // num_attention_heads
     "tie_word_embeddings": False,  # Llama 3.2 1B/3B and SmolLM2 share lm_head with the embedding
 }
 ARCHITECTURES = {  # config.json architectures[0] -> the keys it adds, with HF's default
     "LlamaForCausalLM": {},
-    # sliding_window null = full attention; HF's num_key_value_heads default (8) is Mistral 7B's size: require it
+    # sliding_window null = full attention; HF's num_key_value_heads default (8) is Mistral 7B's
+    # size: require it
     "MistralForCausalLM": {"sliding_window": 4096, "num_key_value_heads": REQUIRED},
 }
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LLAMA3_ROPE_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
+SIZES = (  # positive integers when present; None means "derive it" (or "no window")
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "num_key_value_heads",
+    "head_dim",
+    "sliding_window",
+)
+
+
+def check_sizes(values: dict, source) -> None:
+    """Every size a positive integer, the heads divisible into groups: else CheckpointError."""
+    for key in SIZES:
+        value = values.get(key)
+        if value is None:
+            continue
+        if type(value) is not int or value <= 0:  # type(): True is an int, and not a size
+            raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}")
+    heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
+    if kv_heads is not None and heads % kv_heads:
+        raise CheckpointError(
+            f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+            f"{kv_heads}"
+        )
+    if values["head_dim"] is None and values["hidden_size"] % heads:
+        raise CheckpointError(f"{source}: hidden_size is not a multiple of num_attention_heads")
+    eps = values["rms_norm_eps"]
+    if type(eps) not in (int, float) or not 0 < eps < 1:
+        raise CheckpointError(f"{source}: rms_norm_eps must be a number in (0, 1), got {eps!r}")
 
 
 @dataclass
@@ -59,7 +118,9 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # llama3 rope: the LLAMA3_ROPE_KEYS
-    sliding_window: int | None = None  # a query sees itself and the sliding_window - 1 keys before it
+    sliding_window: int | None = (
+        None  # a query sees itself and the sliding_window - 1 keys before it
+    )
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -69,20 +130,64 @@ class ModelArgs:
     def from_hf_config(cls, config: dict, source="config.json") -> "ModelArgs":
         arch = config.get("architectures", ["(missing key 'architectures')"])[0]
         if arch not in ARCHITECTURES:
-            raise CheckpointError(f"{source}: unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
-        if config.get("hidden_act", "silu") != "silu" or config.get("attention_bias") or config.get("mlp_bias"):
-            raise CheckpointError(f"{source}: only hidden_act 'silu' without attention or MLP biases is supported")
-        # rope: transformers>=5 writes rope_parameters (theta inside); Hub files write rope_theta + rope_scaling
-        rope = config.get("rope_parameters") or dict(config.get("rope_scaling") or {}, rope_theta=config.get("rope_theta"))
+            supported = ", ".join(ARCHITECTURES)
+            raise CheckpointError(
+                f"{source}: unsupported architecture {arch!r} (supported: {supported})"
+            )
+        plain = config.get("hidden_act", "silu") == "silu"
+        if not plain or config.get("attention_bias") or config.get("mlp_bias"):
+            raise CheckpointError(
+                f"{source}: only hidden_act 'silu' without attention or MLP biases is supported"
+            )
+        # rope: transformers>=5 writes rope_parameters (theta inside); Hub files write rope_theta
+        # and rope_scaling
+        rope = config.get("rope_parameters")
+        if not rope:
+            rope = dict(config.get("rope_scaling") or {}, rope_theta=config.get("rope_theta"))
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "llama3"):
-            raise CheckpointError(f"{source}: unsupported rope type {kind!r} (supported: default, llama3)")
-        values = {k: config.get(k, default) for k, default in (CONFIG_KEYS | ARCHITECTURES[arch]).items()}
-        scaling = {k: rope.get(k, REQUIRED) for k in LLAMA3_ROPE_KEYS} if kind == "llama3" else {}
+            raise CheckpointError(
+                f"{source}: unsupported rope type {kind!r} (supported: default, llama3)"
+            )
+        keys = CONFIG_KEYS | ARCHITECTURES[arch]
+        values = {k: config.get(k, default) for k, default in keys.items()}
+        scaling = {}
+        if kind == "llama3":
+            scaling = {k: rope.get(k, REQUIRED) for k in LLAMA3_ROPE_KEYS}
         missing = [k for k, v in (values | scaling).items() if v is REQUIRED]
         if missing:
             raise CheckpointError(f"{source}: missing key {missing[0]!r} (needed for {arch})")
-        return cls(**values, rope_theta=rope.get("rope_theta") or 10000.0, rope_scaling=scaling or None)
+        check_sizes(values, source)
+        theta = rope.get("rope_theta") or 10000.0
+        if type(theta) not in (int, float) or not 1 < theta < math.inf:
+            raise CheckpointError(f"{source}: rope_theta must be a number > 1, got {theta!r}")
+        return cls(**values, rope_theta=theta, rope_scaling=scaling or None)
+
+
+def weight_shapes(args: ModelArgs):
+    """(name, shape) of every tensor the checkpoint stores, in state_dict order, as a generator:
+    a config.json with a million layers is compared with the files before anything is built."""
+    D, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
+    q = args.num_attention_heads * args.head_dim
+    kv = args.num_key_value_heads * args.head_dim
+    yield "model.embed_tokens.weight", (V, D)
+    per_layer = {
+        "input_layernorm": (D,),
+        "self_attn.q_proj": (q, D),
+        "self_attn.k_proj": (kv, D),
+        "self_attn.v_proj": (kv, D),
+        "self_attn.o_proj": (D, q),
+        "post_attention_layernorm": (D,),
+        "mlp.gate_proj": (F, D),
+        "mlp.up_proj": (F, D),
+        "mlp.down_proj": (D, F),
+    }
+    for i in range(args.num_hidden_layers):
+        for name, shape in per_layer.items():
+            yield f"model.layers.{i}.{name}.weight", shape
+    yield "model.norm.weight", (D,)
+    if not args.tie_word_embeddings:  # tied: the head is the embedding, not stored again
+        yield "lm_head.weight", (V, D)
 
 
 # -----------------------------------------------------------------------------
@@ -90,32 +195,40 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), normalised in float32 and cast back before the weight, as HF does."""
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in float32 and cast back before the weight,
+    as HF does."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
     def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        y = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 def rope_frequencies(args: ModelArgs, device) -> torch.Tensor:
-    """theta_i = base^(-2i/Dh), (Dh/2,) float32. llama3 keeps short wavelengths, divides long ones by `factor`
-    and interpolates in between (Llama 3 paper, sec. 3.3; HF _compute_llama3_parameters)."""
-    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim)
+    """theta_i = base^(-2i/Dh), (Dh/2,) float32. llama3 keeps short wavelengths, divides long ones
+    by `factor` and interpolates in between (Llama 3 paper, sec. 3.3; HF
+    _compute_llama3_parameters)."""
+    i2 = torch.arange(0, args.head_dim, 2, device=device).float()  # (Dh/2,): 2i
+    inv_freq = 1.0 / args.rope_theta ** (i2 / args.head_dim)
     if args.rope_scaling is None:
         return inv_freq
     s = args.rope_scaling
-    ratio = s["original_max_position_embeddings"] * inv_freq / (2 * torch.pi)  # old context / wavelength
-    smooth = ((ratio - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+    ratio = s["original_max_position_embeddings"] * inv_freq / (2 * torch.pi)  # context/wavelength
+    smooth = (ratio - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smooth = smooth.clamp(0, 1)
     return (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
 
 
 def rope_cos_sin(inv_freq, positions, dtype):
-    """positions (B, T) -> cos, sin (B, 1, T, Dh) in `dtype`; the angles are float32 so long positions stay exact."""
+    """positions (B, T) -> cos, sin (B, 1, T, Dh) in `dtype`; the angles are float32 so long
+    positions stay exact."""
     angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, Dh/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (B, 1, T, Dh): rotate_half pairs dim i with i + Dh/2
+    # rotate_half pairs dim i with i + Dh/2
+    angles = torch.cat((angles, angles), dim=-1)  # (B, 1, T, Dh)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -126,41 +239,59 @@ def apply_rope(x, cos, sin):
 
 
 def causal_mask(valid, q_slots, num_keys: int, window: int | None):
-    """Which keys each query sees: (B or 1, 1, T, S) bool, or None when plain causal attention will do.
+    """Which keys each query sees: (B or 1, 1, T, S) bool, or None when plain causal attention
+    will do.
 
-    valid (B, S) marks real tokens (False = left padding); q_slots (T,) are the queries' slots among the S keys.
-    A padding query would see no key at all (NaN in some kernels), so it sees itself; its output is never used.
+    valid (B, S) marks real tokens (False = left padding); q_slots (T,) are the queries' slots
+    among the S keys. A padding query would see no key at all (NaN in some kernels), so it sees
+    itself; its output is never used.
     """
     if valid is None and window is None:
         return None
-    k, q = torch.arange(num_keys, device=q_slots.device), q_slots[:, None]  # (S,), (T, 1)
-    allowed = (k <= q) & (k > q - window) if window else k <= q  # (T, S)
-    return allowed if valid is None else (allowed & valid[:, None, None, :]) | (k == q)  # (B, 1, T, S)
+    k = torch.arange(num_keys, device=q_slots.device)  # (S,)
+    q = q_slots[:, None]  # (T, 1)
+    allowed = k <= q  # (T, S)
+    if window:
+        allowed = allowed & (k > q - window)
+    if valid is None:
+        return allowed
+    return (allowed & valid[:, None, None, :]) | (k == q)  # (B, 1, T, S)
 
 
 class Attention(nn.Module):
+    """y = o(softmax(q kᵀ / sqrt(Dh) + mask) v), q k v with rope; H/Hkv query heads share each
+    key/value head (grouped-query attention)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        D, H, Hkv, self.head_dim = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        self.q_proj = nn.Linear(D, H * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(D, Hkv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(D, Hkv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(H * self.head_dim, D, bias=False)
+        D, H, Hkv = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = Dh = args.head_dim
+        self.q_proj = nn.Linear(D, H * Dh, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, T, H*Dh) -> (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # generation: write slots start..start+T-1 of the preallocated cache, read its prefix
+        Dh = self.head_dim
+        q = self.q_proj(x).view(B, T, -1, Dh).transpose(1, 2)  # (B, T, H*Dh) -> (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, -1, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, -1, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if cache is not None:  # write slots start..start+T-1 of the preallocated cache
             k_cache, v_cache = cache  # (B, Hkv, S_max, Dh) each
-            k_cache[:, :, start:start + T], v_cache[:, :, start:start + T] = k, v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, Hkv, S, Dh)
-        # enable_gqa: each group of H/Hkv query heads shares a key/value head. Without a mask either T == S
-        # (training, prefill: causal) or T == 1 (a new token sees every slot), so is_causal is right in both cases.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, Dh) -> (B, T, H*Dh) -> (B, T, D)
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k = k_cache[:, :, : start + T]  # (B, Hkv, S, Dh): every slot so far
+            v = v_cache[:, :, : start + T]
+        # Without a mask either T == S (training, prefill: causal) or T == 1 (a new token sees
+        # every slot), so is_causal is right in both cases.
+        causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )  # (B, H, T, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*Dh) -> (B, T, D)
 
 
 class MLP(nn.Module):
@@ -177,6 +308,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(·)): a pre-norm residual block, (B, T, D) -> (B, T, D)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -194,52 +327,63 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """logits = lm_head(norm(blocks(embed(tokens)))): one forward for training, prefill and
+    decoding, so wrappers (DDP, FSDP) see every call."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = nn.ModuleDict(dict(  # named like HF's LlamaModel, so state_dict keys are the checkpoint's keys
-            embed_tokens=nn.Embedding(args.vocab_size, args.hidden_size),
-            layers=nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers)),
-            norm=RMSNorm(args.hidden_size, args.rms_norm_eps),
-        ))
+        # named like HF's LlamaModel, so state_dict keys are the checkpoint's keys
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(args.vocab_size, args.hidden_size),
+                layers=nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers)),
+                norm=RMSNorm(args.hidden_size, args.rms_norm_eps),
+            )
+        )
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, tokens, attention_mask=None):
-        """tokens (B, T), attention_mask (B, T) with 1 = token, 0 = left padding -> logits (B, T, V)."""
+    def forward(self, tokens, attention_mask=None, cache=None, start=0, head=True, last=False):
+        """tokens (B, T) in slots start..start+T-1 -> logits (B, T, V).
+
+        attention_mask (B, start + T): 1 = token, 0 = left padding, over every slot so far (as
+        HF's); None = no padding. cache (new_cache) holds slots 0..start-1 and receives the new
+        ones; without a cache start is 0 (training, scoring).
+        head=False returns the final hidden states instead, after the last norm: (B, T, D).
+        last=True keeps only position T-1, (B, 1, V or D): what generation needs.
+        """
         B, T = tokens.shape
-        slots = torch.arange(T, device=tokens.device)
-        if attention_mask is None:
-            valid, positions = None, slots.expand(B, T)
-        else:  # left padding: a row's first real token is position 0 (HF: cumsum of the mask)
-            valid, positions = attention_mask.bool(), (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        S = start + T  # keys: the cached slots, then the new ones
+        slots = torch.arange(start, S, device=tokens.device)  # (T,)
+        valid = None
+        positions = slots.expand(B, T)
+        if attention_mask is not None:  # a row's first real token is position 0 (HF: cumsum)
+            valid = attention_mask.bool()  # (B, S)
+            positions = attention_mask.long().cumsum(-1)[:, start:] - 1  # (B, T)
+            positions = positions.clamp(min=0)
+        elif cache is not None and T > 1 and start > 0:  # is_causal would align it at slot 0
+            valid = torch.ones(1, S, dtype=torch.bool, device=tokens.device)
         h = self.model.embed_tokens(tokens)  # (B, T, D)
-        cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions, h.dtype)
-        mask = causal_mask(valid, slots, T, self.args.sliding_window)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, mask)
-        return self.lm_head(self.model.norm(h))  # (B, T, D) -> (B, T, V)
+        inv_freq = rope_frequencies(self.args, tokens.device)
+        cos, sin = rope_cos_sin(inv_freq, positions, h.dtype)  # (B, 1, T, Dh)
+        mask = causal_mask(valid, slots, S, self.args.sliding_window)
+        caches = cache if cache is not None else [None] * len(self.model.layers)
+        for layer, layer_cache in zip(self.model.layers, caches):
+            h = layer(h, cos, sin, mask, layer_cache, start)
+        if last:
+            h = h[:, -1:]  # (B, 1, D)
+        h = self.model.norm(h)
+        return self.lm_head(h) if head else h  # (B, T, V) or (B, T, D)
 
     def new_cache(self, batch_size: int, max_len: int):
-        """Per layer a (key, value) pair of (B, Hkv, S_max, Dh) buffers, in the model's device and dtype."""
+        """Per layer a (key, value) pair of (B, Hkv, S_max, Dh) buffers, in the model's device and
+        dtype."""
         shape = (batch_size, self.args.num_key_value_heads, max_len, self.args.head_dim)
         w = self.model.embed_tokens.weight
-        return [(w.new_zeros(shape), w.new_zeros(shape)) for _ in self.model.layers]
-
-    def forward_cached(self, tokens, start, cos, sin, valid, cache):
-        """tokens (B, T) fill cache slots start..start+T-1 -> logits of the last one (B, V). Used by generate only.
-
-        cos, sin (B, 1, S_max, Dh) and valid (B, S_max) (or None: no padding) describe every slot of the cache.
-        """
-        T = tokens.shape[1]
-        slots = torch.arange(start, start + T, device=tokens.device)
-        mask = causal_mask(None if valid is None else valid[:, :start + T], slots, start + T, self.args.sliding_window)
-        cos, sin = cos[:, :, start:start + T], sin[:, :, start:start + T]  # (B, 1, T, Dh)
-        h = self.model.embed_tokens(tokens)  # (B, T, D)
-        for layer, layer_cache in zip(self.model.layers, cache):
-            h = layer(h, cos, sin, mask, layer_cache, start)
-        return self.lm_head(self.model.norm(h[:, -1]))  # (B, D) -> (B, V)
+        like = dict(dtype=w.dtype, device=w.device)
+        return [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.model.layers]
 
 
 # -----------------------------------------------------------------------------
@@ -247,125 +391,89 @@ class Transformer(nn.Module):
 
 
 def sample(logits, temperature: float, top_p: float, generator=None):
-    """logits (B, V) -> tokens (B,): argmax if temperature == 0, else nucleus sampling with HF's rule (drop a token
-    when the tokens more likely than it already hold top_p of the mass; the most likely one always stays)."""
+    """logits (B, V) -> tokens (B,): argmax if temperature == 0, else nucleus sampling with HF's
+    rule (drop a token when the tokens more likely than it already hold top_p of the mass; the
+    most likely one always stays)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs, order = F.softmax(logits.float() / temperature, dim=-1).sort(dim=-1, descending=True)  # (B, V)
+    probs = F.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    probs, order = probs.sort(dim=-1, descending=True)
     probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    return order.gather(-1, torch.multinomial(probs, 1, generator=generator))[:, 0]  # multinomial renormalises
+    drawn = torch.multinomial(probs, 1, generator=generator)  # (B, 1); multinomial renormalises
+    return order.gather(-1, drawn)[:, 0]
 
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0, generator=None):
-    """prompts: lists of token ids, left-padded into one batch -> each row's new tokens, cut before its first eos."""
+    """prompts: lists of token ids, left-padded into one batch -> each row's new tokens, cut
+    before its first eos. The batch stops once every row has emitted an eos. Every step calls
+    model(...), so hooks of a wrapper (DDP, FSDP) run."""
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    w = model.model.embed_tokens.weight
-    B, P, S = len(prompts), max(map(len, prompts)), max(map(len, prompts)) + max_new_tokens
-    pad = torch.tensor([P - len(p) for p in prompts], device=w.device)  # (B,)
-    tokens = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=w.device)  # (B, P)
-    slots = torch.arange(S, device=w.device)
-    valid = slots >= pad[:, None] if pad.any() else None  # (B, S): the slot holds a real token
-    cos, sin = rope_cos_sin(rope_frequencies(model.args, w.device), (slots - pad[:, None]).clamp(min=0), w.dtype)
-    cache, eos = model.new_cache(B, S), torch.tensor(sorted(eos_ids), dtype=torch.long, device=w.device)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=w.device)
-    done = torch.zeros(B, dtype=torch.bool, device=w.device)
-    logits = model.forward_cached(tokens, 0, cos, sin, valid, cache)  # the whole prompt at once: (B, V)
+    device = next(model.parameters()).device
+    B = len(prompts)
+    P = max(map(len, prompts))
+    S = P + max_new_tokens
+    pads = [P - len(p) for p in prompts]
+    rows = [[0] * pad + list(p) for pad, p in zip(pads, prompts)]
+    tokens = torch.tensor(rows, device=device)  # (B, P)
+    mask = None  # (B, S): 1 = the slot holds a real token; None = no padding anywhere
+    if any(pads):
+        first = torch.tensor(pads, device=device)[:, None]  # (B, 1)
+        mask = (torch.arange(S, device=device) >= first).long()
+    core = getattr(model, "module", model)  # DDP and FSDP1 keep the Transformer in .module
+    cache = core.new_cache(B, S)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    prompt_mask = None if mask is None else mask[:, :P]
+    logits = model(tokens, prompt_mask, cache, 0, last=True)[:, -1]  # the whole prompt: (B, V)
     for t in range(max_new_tokens):
-        out[:, t] = next_token = sample(logits, temperature, top_p, generator)  # (B,)
+        next_token = sample(logits, temperature, top_p, generator)  # (B,)
+        out[:, t] = next_token
         done |= torch.isin(next_token, eos)
-        if t + 1 == max_new_tokens or done.all():  # rows that finished early keep going until all have
+        if t + 1 == max_new_tokens or done.all():  # finished rows go on until all have
             break
-        logits = model.forward_cached(next_token[:, None], P + t, cos, sin, valid, cache)
-    rows = out[:, :t + 1].tolist()
-    return [row[:next((i for i, x in enumerate(row) if x in eos_ids), len(row))] for row in rows]
+        start = P + t
+        step_mask = None if mask is None else mask[:, : start + 1]
+        logits = model(next_token[:, None], step_mask, cache, start)[:, -1]  # (B, V)
+    new = out[:, : t + 1].tolist()
+    return [row[: next((i for i, x in enumerate(row) if x in eos_ids), len(row))] for row in new]
 
 
 # -----------------------------------------------------------------------------
-# loading: config.json, then (sharded) safetensors read tensor by tensor into the final dtype and device
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def safetensors_header(path: Path) -> tuple[dict, int]:
-    """A .safetensors file is a u64 header size, a JSON header {name: {dtype, shape, data_offsets}}, then raw
-    little-endian data. -> (header, offset where the data starts)."""
-    with open(path, "rb") as f:
-        try:
-            size = int.from_bytes(f.read(8), "little")
-            return json.loads(f.read(size)), 8 + size
-        except ValueError as e:
-            raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
-
-
-def read_safetensors(path: Path, out: dict, chunk_bytes=1 << 24):
-    """Fill the tensors of `out` (name -> allocated tensor, any dtype and device) from one .safetensors file, through
-    one 16 MiB buffer; no memory map, whose pages would stay resident beside the converted copies."""
-    header, data_start = safetensors_header(path)
-    with open(path, "rb") as f:
-        for name, tensor in out.items():
-            info = header.get(name)
-            if info is None or info["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} is " + ("not in this file" if info is None else
-                                      f"of unsupported dtype {info['dtype']}"))
-            if tuple(info["shape"]) != tuple(tensor.shape):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(info['shape'])}, expected "
-                                      f"{tuple(tensor.shape)} from config.json")
-            src = SAFETENSORS_DTYPES[info["dtype"]]
-            f.seek(data_start + info["data_offsets"][0])
-            flat, step = tensor.view(-1), chunk_bytes // src.itemsize
-            buffer = torch.empty(min(step, flat.numel()), dtype=src)
-            for i in range(0, flat.numel(), step):
-                chunk = buffer[:min(step, flat.numel() - i)]
-                if f.readinto(chunk.view(torch.uint8).numpy()) != chunk.numel() * src.itemsize:
-                    raise CheckpointError(f"{path}: file ends inside tensor {name!r} (truncated?)")
-                flat[i:i + chunk.numel()].copy_(chunk)  # converts to the target dtype and device
-
-
-def weight_files(folder: Path) -> dict[str, Path]:
-    """tensor name -> the file holding it, from model.safetensors.index.json or the single model.safetensors."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = {name: folder / shard for name, shard in read_json(index).get("weight_map", {}).items()}
-        for shard in sorted(set(files.values())):
-            if not shard.is_file():
-                raise CheckpointError(f"{shard}: shard listed in {index.name} is missing")
-        return files
-    if (folder / "model.safetensors").is_file():
-        names = safetensors_header(folder / "model.safetensors")[0].keys() - {"__metadata__"}
-        return {name: folder / "model.safetensors" for name in names}
-    raise CheckpointError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
+# loading: config.json, then (sharded) safetensors read tensor by tensor into the final dtype
 
 
 def load(ckpt, device=None, dtype=None):
-    """A checkpoint folder or name (checkpoints.resolve) -> (Transformer, Tokenizer); dtype default float32."""
-    folder, device = resolve(ckpt), torch.device(device or "cpu")
+    """A checkpoint folder or name (checkpoints.resolve) -> (Transformer, Tokenizer); dtype
+    default float32. config.json and the files' headers are checked against each other before
+    any tensor is allocated."""
+    folder = resolve(ckpt)
+    device = torch.device(device or "cpu")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
     config_path = folder / "config.json"
     args = ModelArgs.from_hf_config(read_json(config_path), source=config_path)
-    with torch.device("meta"):  # shapes only: each weight is allocated once, below, in its final dtype and device
-        model = Transformer(args)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    files = weight_files(folder)
+    index = weight_index(folder)  # name -> (file, header entry)
     if args.tie_word_embeddings:  # the head is the embedding; some exporters store a copy anyway
-        del expected["lm_head.weight"]
-        files.pop("lm_head.weight", None)
-    for names, problem in ((files.keys() - expected, "unexpected tensor"), (expected.keys() - files, "missing tensor")):
-        if names:
-            name = min(names)
-            raise CheckpointError(f"{files.get(name, folder)}: {problem} {name!r} for the model in {config_path.name}")
-    state = {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in expected.items()}
-    for path in sorted(set(files.values())):
-        read_safetensors(path, {name: state[name] for name, p in files.items() if p == path})
+        index.pop("lm_head.weight", None)
+    check_tensors(index, weight_shapes(args), folder, config_path.name)
+    # shapes only: each weight is allocated once, below, in its final dtype and device
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {}
+    for name, shape in weight_shapes(args):
+        state[name] = torch.empty(shape, dtype=dtype, device=device)
+    for path in sorted({path for path, _ in index.values()}):
+        read_safetensors(path, {name: state[name] for name, (p, _) in index.items() if p == path})
     if args.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)  # assign: the meta parameters become these tensors
-    if args.tie_word_embeddings:  # assign made two Parameters of one tensor: make them one, as in __init__
+    model.load_state_dict(state, strict=True, assign=True)  # the meta parameters become these
+    if args.tie_word_embeddings:  # assign made two Parameters of one tensor: make them one
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.folder, model.config_path, model.identity = folder, config_path, identity(folder)
+    model.folder, model.identity = folder, identity(folder)
     return model, Tokenizer(folder)
 
 
@@ -373,24 +481,65 @@ def load(ckpt, device=None, dtype=None):
 # command line: answer one prompt through the checkpoint's chat template
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Answer a prompt with a checkpoint, through its chat template.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    parser = cli.Parser(
+        description="Answer a prompt with a checkpoint, through its chat template.",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("prompt")
-    parser.add_argument("--ckpt", default="smollm2_135m", help="folder or name: smollm2_135m, llama31_8b, mistral_7b")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--ckpt", default=DEFAULT, help="folder or name (see checkpoints.py)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help=">= 0; capped, with a warning, where the prompt plus it would pass the model's "
+        "max_position_embeddings",
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error(f"--temperature: must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # NaN fails too
+        parser.error(f"--top-p: must be in (0, 1], got {args.top_p}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: not a torch device: {args.device!r}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     model, tokenizer = load(args.ckpt, args.device, args.dtype)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    answer = generate(model, [tokenizer.encode(prompt, add_special_tokens=False)], args.max_new_tokens, tokenizer.eos_ids,
-                      args.temperature, args.top_p, torch.Generator(args.device).manual_seed(args.seed))
+    chat = [{"role": "user", "content": args.prompt}]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(chat), add_special_tokens=False)
+    room = model.args.max_position_embeddings - len(prompt)
+    if room <= 0:
+        raise cli.ConfigError(
+            f"the prompt has {len(prompt)} tokens, the model's context "
+            f"{model.args.max_position_embeddings}: no room to answer"
+        )
+    new_tokens = args.max_new_tokens
+    if new_tokens > room:
+        print(
+            f"warning: --max-new-tokens {new_tokens} capped to {room}: the prompt has "
+            f"{len(prompt)} tokens of the context's {model.args.max_position_embeddings}",
+            file=sys.stderr,
+        )
+        new_tokens = room
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    answer = generate(
+        model, [prompt], new_tokens, tokenizer.eos_ids, args.temperature, args.top_p, generator
+    )
     print(tokenizer.decode(answer[0]))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,17 +1,27 @@
-"""model.py against transformers on the same checkpoint folder, same dtype and thread count, in one run.
+"""model.py against transformers on the same checkpoint folder, same dtype and thread count, in one
+run.
 
-Prints one table with the ratio ours/theirs for: forward tokens/s (batch 8x128, float32 and bfloat16), one training
-step with only a small vector trainable (a per-channel scale on each MLP output, batch 8x64), greedy generation
-tokens/s (64 new tokens after a 42-token prompt, batch 1 and 8), and peak RSS while loading (each load in a fresh
+Prints one table with the ratio ours/theirs for: forward tokens/s (batch 8x128, float32 and
+bfloat16), one training
+step with only a small vector trainable (a per-channel scale on each MLP output, batch 8x64), greedy
+generation
+tokens/s (64 new tokens after a 42-token prompt, batch 1 and 8), and peak RSS while loading (each
+load in a fresh
 subprocess, /proc VmHWM after loading minus before, divided by the weights' bytes).
-Goals (issue 3): forward >= 1.0x, generation >= 2x, loading peak <= 1.3x the weights.
+Goals (issue 11): greedy batch 1 at >= 90% of the memory-bandwidth ceiling, batch 8 >= 1.5x
+transformers. The ceiling is measured in the same run: one matrix-vector product over as many
+float32 bytes as the weights (what a batch-1 decoding step must read), as tokens/s; each
+generation figure is also printed as a % of it. `--only generate` runs the generation rows alone.
 
-Timings are the best of --repeats runs, ours and theirs interleaved, so that load from other processes on a shared
+Timings are the best of --repeats runs, ours and theirs interleaved, so that load from other
+processes on a shared
 machine hits both alike; the load average is printed with the table.
 
-Run:  python benchmarks/bench_model.py                        (smollm2_135m, 2 threads, about 5 minutes)
+Run:  python benchmarks/bench_model.py                        (smollm2_135m, 2 threads, about 5
+minutes)
       python benchmarks/bench_model.py --ckpt path/to/folder --threads 4 --repeats 5
 """
+
 import argparse
 import datetime
 import json
@@ -51,7 +61,8 @@ def compare(fn_ours, fn_theirs, repeats):
 
 
 class Scaled(torch.nn.Module):
-    """y = linear(x) * s: a per-channel scale, the only trainable tensor of the training-step benchmark."""
+    """y = linear(x) * s: a per-channel scale, the only trainable tensor of the training-step
+    benchmark."""
 
     def __init__(self, linear):
         super().__init__()
@@ -74,25 +85,29 @@ def train_step_fn(model, logits_of, tokens):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step, sum(p.numel() for p in params)
 
 
 LOAD_SNIPPET = """
 import sys, torch
-import torch._dynamo  # imported lazily by some meta-device paths (~70 MB of modules): count it in the baseline
+import torch._dynamo  # imported lazily by some meta-device paths (~70 MB of modules): count it in
+the baseline
 torch.set_num_threads({threads})
 which, folder, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 if which == "ours":
     sys.path.insert(0, {root!r}); import model as M
 else:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-def peak_kib():  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) benchmark process
+def peak_kib():  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large)
+benchmark process
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 before = peak_kib()
 if which == "ours":
     m, _ = M.load(folder, dtype=dtype)
 else:  # the model and its tokenizer, as model.load returns both
-    m, _ = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
+    m, _ = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype),
+    AutoTokenizer.from_pretrained(folder)
 after = peak_kib()
 with torch.no_grad():  # transformers maps the file and reads it on first use: count that too
     m(torch.zeros(1, 8, dtype=torch.long))
@@ -103,15 +118,44 @@ print(before * 1024, after * 1024, used * 1024, weights)
 
 
 def load_peak(which, folder, dtype, threads):
-    """(peak RSS added by loading, and by loading plus one forward, weights' bytes), in a fresh process each."""
+    """(peak RSS added by loading, and by loading plus one forward, weights' bytes), in a fresh
+    process each."""
     code = LOAD_SNIPPET.format(threads=threads, root=str(Path(M.__file__).parent))
-    out = subprocess.run([sys.executable, "-c", code, which, str(folder), dtype], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, which, str(folder), dtype],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     before, after, used, weights = map(int, out.stdout.split()[-4:])
     return after - before, used - before, weights
 
 
+def bandwidth_ceiling(weight_bytes, repeats):
+    """Tokens/s if a decoding step did nothing but read the weights once: the best time of a
+    float32 matrix-vector product over weight_bytes, (N, 576) @ (576,)."""
+    cols = 576
+    W = torch.randn(weight_bytes // 4 // cols, cols)  # (N, 576), float32
+    x = torch.randn(cols)
+    return 1.0 / best_time(lambda: W @ x, max(repeats, 5))
+
+
+def cpu_flags():
+    flags = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("flags")
+        ),
+        [],
+    )
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--only", choices=["generate"], help="run the generation rows alone")
     parser.add_argument("--ckpt", default="smollm2_135m")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -125,60 +169,140 @@ def main():
     g = torch.Generator().manual_seed(0)
     V = ours.args.vocab_size
 
+    weights = {id(p): p for p in ours.parameters()}.values()  # tied: count the embedding once
+    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
+    ceiling = bandwidth_ceiling(weight_bytes, args.repeats)
+    print(
+        f"bandwidth ceiling: {ceiling:.1f} tok/s ({weight_bytes * ceiling / 1e9:.1f} GB/s)",
+        flush=True,
+    )
+
     # forward: logits for every position, no autograd
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16) if args.only is None else ():
         a, _ = M.load(folder, dtype=dtype)
         b = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         tokens = torch.randint(0, V, (8, 128), generator=g)
         with torch.no_grad():
-            t_ours, t_theirs = compare(lambda: a(tokens), lambda: b(tokens).logits, args.repeats)
-        rows.append((f"forward {str(dtype)[6:]} 8x128 (tok/s)", tokens.numel() / t_ours, tokens.numel() / t_theirs, True))
+            t_ours, t_theirs = compare(
+                lambda a=a, x=tokens: a(x), lambda b=b, x=tokens: b(x).logits, args.repeats
+            )
+        rows.append(
+            (
+                f"forward {str(dtype)[6:]} 8x128 (tok/s)",
+                tokens.numel() / t_ours,
+                tokens.numel() / t_theirs,
+                True,
+            )
+        )
         print(rows[-1], flush=True)
         del a, b
 
-    # greedy generation, float32: 64 new tokens after a 42-token prompt; eos is disabled so all 64 are made
+    # greedy generation, float32: 64 new tokens after a 42-token prompt; eos is disabled so all 64
+    # are made
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Write a long story about a lighthouse keeper "
-                                           "who finds a message in a bottle on a stormy winter night by the sea."}])
+    text = tokenizer.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": "Write a long story about a lighthouse keeper "
+                "who finds a message in a bottle on a stormy winter night by the sea.",
+            }
+        ]
+    )
     prompt = (tokenizer.encode(text, add_special_tokens=False) * 2)[:PROMPT_LEN]
-    no_eos = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    no_eos = GenerationConfig(
+        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+    )
     for B in (1, 8):
         prompts = torch.tensor([prompt] * B)
 
-        def run_ours():
+        def run_ours(prompts=prompts):
             out = M.generate(ours, prompts.tolist(), NEW_TOKENS, eos_ids=set())
             assert all(len(row) == NEW_TOKENS for row in out)
 
-        def run_theirs():
+        def run_theirs(prompts=prompts):
             with torch.no_grad():
-                out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=no_eos)
+                out = theirs.generate(
+                    prompts, attention_mask=torch.ones_like(prompts), generation_config=no_eos
+                )
             assert out.shape[1] == PROMPT_LEN + NEW_TOKENS
 
         t_ours, t_theirs = compare(run_ours, run_theirs, args.repeats)
-        rows.append((f"generate greedy batch {B} (tok/s)", B * NEW_TOKENS / t_ours, B * NEW_TOKENS / t_theirs, True))
-        print(rows[-1], flush=True)
+        rows.append(
+            (
+                f"generate greedy batch {B} (tok/s)",
+                B * NEW_TOKENS / t_ours,
+                B * NEW_TOKENS / t_theirs,
+                True,
+            )
+        )
+        steps = NEW_TOKENS / t_ours  # decoding steps/s, each reading every weight once
+        print(rows[-1], f"ours: {100 * steps / ceiling:.0f}% of the ceiling's steps/s", flush=True)
+    if args.only == "generate":
+        rows.append(("bandwidth ceiling (tok/s at batch 1)", ceiling, ceiling, True))
+        return report(args, folder, rows)
 
-    # one training step (forward, backward, AdamW) with only a per-channel scale on each MLP output trainable
+    rows.append(("bandwidth ceiling (tok/s at batch 1)", ceiling, ceiling, True))
+
+    # one training step (forward, backward, AdamW) with only a per-channel scale on each MLP output
+    # trainable
     tokens = torch.randint(0, V, (8, 64), generator=g)
     step_ours, n_ours = train_step_fn(ours, ours, tokens)
     step_theirs, n_theirs = train_step_fn(theirs, lambda x: theirs(x).logits, tokens)
     assert n_ours == n_theirs
     t_ours, t_theirs = compare(step_ours, step_theirs, args.repeats)
-    rows.append((f"train step 8x64, {n_ours} trainable (tok/s)", tokens.numel() / t_ours, tokens.numel() / t_theirs, True))
+    rows.append(
+        (
+            f"train step 8x64, {n_ours} trainable (tok/s)",
+            tokens.numel() / t_ours,
+            tokens.numel() / t_theirs,
+            True,
+        )
+    )
 
     # peak RSS while loading, each in a fresh process
     for dtype in ("float32", "bfloat16"):
         (load_ours, used_ours, weights), (load_theirs, used_theirs, _) = (
-            load_peak(which, folder, dtype, args.threads) for which in ("ours", "transformers"))
-        rows.append((f"load {dtype}: peak RSS / weights ({weights / 2**20:.0f} MiB)", load_ours / weights,
-                     load_theirs / weights, False))
-        rows.append((f"load {dtype} + 1 forward: peak RSS / weights", used_ours / weights, used_theirs / weights, False))
+            load_peak(which, folder, dtype, args.threads) for which in ("ours", "transformers")
+        )
+        rows.append(
+            (
+                f"load {dtype}: peak RSS / weights ({weights / 2**20:.0f} MiB)",
+                load_ours / weights,
+                load_theirs / weights,
+                False,
+            )
+        )
+        rows.append(
+            (
+                f"load {dtype} + 1 forward: peak RSS / weights",
+                used_ours / weights,
+                used_theirs / weights,
+                False,
+            )
+        )
 
+    report(args, folder, rows)
+
+
+def report(args, folder, rows):
     import transformers
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    print(f"\n{datetime.date.today()}  {cpu}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, checkpoint {folder.name}, load average {os.getloadavg()[0]:.1f}")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"\n{datetime.date.today()}  {cpu}, {os.cpu_count()} cores, {args.threads} threads, torch "
+        f"{torch.__version__}, "
+        f"transformers {transformers.__version__}, checkpoint {folder.name}, load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    print(f"cpu flags: {cpu_flags()}")
     print(f"{'measure':52s} {'ours':>10s} {'transformers':>13s} {'ours/theirs':>12s}")
     for name, a, b, _ in rows:
         print(f"{name:52s} {a:10.2f} {b:13.2f} {a / b if b else float('nan'):11.2f}x")
