@@ -34,7 +34,6 @@ from checkpoints import (
     DEFAULT,
     CheckpointError,
     check_tensors,
-    identity,
     read_json,
     read_safetensors,
     resolve,
@@ -473,7 +472,6 @@ def load(ckpt, device=None, dtype=None):
     model.load_state_dict(state, strict=True, assign=True)  # the meta parameters become these
     if args.tie_word_embeddings:  # assign made two Parameters of one tensor: make them one
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.folder, model.identity = folder, identity(folder)
     return model, Tokenizer(folder)
 
 

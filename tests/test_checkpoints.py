@@ -170,12 +170,9 @@ def test_converted_logits_match_transformers_gguf(converted, ids, reference_logi
 
 
 def test_model_py_logits_match_transformers_gguf(folder, ids, reference_logits):
-    if not (checkpoints.repo_root() / "model.py").exists():
-        pytest.skip("model.py is not written yet")
     import model
 
     net, tokenizer = model.load("smollm2_135m", dtype=torch.float32)
-    assert net.identity == checkpoints.identity(folder)
     assert tokenizer.encode("\n\n".join(TEXTS)) == ids
     with torch.no_grad():
         logits = net(torch.tensor([ids]))[0]  # (T, V)
