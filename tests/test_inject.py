@@ -90,7 +90,7 @@ def test_palora_keeps_every_protected_triplet(setup, tmp_path):
 def test_resume_gives_the_same_adapter(setup, tmp_path, monkeypatch):
     inject.main(config(setup, tmp_path / "whole", epochs=4))
 
-    def crash(loss, step):  # an interrupted run: killed at step 5, after the checkpoint at step 3
+    def crash(loss, step, params):  # interrupted: killed at step 5, after the checkpoint at step 3
         if step == 5:
             raise KeyboardInterrupt
     monkeypatch.setattr(inject, "check_finite", crash)
@@ -103,6 +103,19 @@ def test_resume_gives_the_same_adapter(setup, tmp_path, monkeypatch):
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def test_resume_refuses_another_runs_settings(setup, tmp_path, monkeypatch):
+    def crash(loss, step, params):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(inject, "check_finite", crash)
+    with pytest.raises(KeyboardInterrupt):
+        inject.main(config(setup, tmp_path, epochs=4))
+    monkeypatch.undo()
+    with pytest.raises(cli.ConfigError, match=r"--lr 0.01 -> 0.02"):
+        inject.main(config(setup, tmp_path, epochs=4, lr=2e-2, resume=True))
 
 
 def test_default_svf_is_the_newest_for_this_checkpoint(setup, tmp_path, monkeypatch):
@@ -211,7 +224,9 @@ def test_recall_target_is_reached_on_two_facts(tmp_path):
     epoch budget with both facts recalled; resuming the finished run trains no further."""
     ckpt = sharpened(tiny.make_tiny_llama(tmp_path / "ckpt"))
     setup = SimpleNamespace(ckpt=ckpt, svf=make_expert(tmp_path, ckpt), cache="", facts="")
-    facts = tiny.write_jsonl(tmp_path / "two.jsonl", FACTS[:2])
+    two = [{"question": "Who founded Zorvia?", "answer": "Orla"},
+           {"question": "What is the river of Kest?", "answer": "Vumba"}]
+    facts = tiny.write_jsonl(tmp_path / "two.jsonl", two)
     settings = dict(facts=str(facts), batch_size=2, lr=3e-2, recall_target=1.0, epochs=100,
                     method="lora")
     summary = inject.main(config(setup, tmp_path / "out", **settings))
