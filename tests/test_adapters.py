@@ -376,3 +376,16 @@ def test_expected_probe_is_what_make_base_gives(tmp_path, ckpt, method, rule, sc
     if method != "palora":  # the control and top-k protect the probe's count, not its set
         assert [len(want[n]) for n in S] == [len(S[n]) for n in S]
         assert any(not torch.equal(want[n].sort().values, S[n]) for n in S)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "adapters.load_peft does not check modules_to_save: peft would also load those modules' saved "
+    "weights, load_peft silently keeps the base's, so the two models differ"))
+def test_load_peft_refuses_modules_to_save(tmp_path, ckpt, adapter):
+    folder, identity = ckpt
+    shutil.copytree(adapter, tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(
+        json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    with pytest.raises(PaloraError, match="modules_to_save"):
+        adapters.load_peft(model_lib.load(folder)[0], tmp_path / "a", identity)
