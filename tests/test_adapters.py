@@ -1,0 +1,391 @@
+"""Tests for adapters.py: every file a method writes or reads, against the libraries that read them
+too (peft loads our adapter, transformers our merged folder), each refusal (another checkpoint, a
+corrupted or foreign file), and the --method dispatch (attach, save_run, load_run, run_method,
+expected_probe against inject.make_base). A tiny random Llama (tests/tiny.py); CPU, seconds.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adapters
+import checkpoints
+import inject
+import model as model_lib
+import palora
+import tiny
+from palora import PaloraError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """(folder, identity) of a tiny random Llama written by transformers (sharded safetensors)."""
+    folder = tiny.make_tiny_llama(tmp_path_factory.mktemp("tiny"))
+    return folder, checkpoints.identity(folder)
+
+
+def random_expert(svds: dict, seed: int) -> dict:
+    """z = 1 + 0.5 N(0, 1) per component: multipliers far from 1, as a trained expert's can be."""
+    g = seeded(seed)
+    return {n: 1 + 0.5 * torch.randn(len(s), generator=g) for n, (_, s, _) in svds.items()}
+
+
+def perturb(params: dict, seed: int):
+    """A "trained" adapter: every A and B moved by 0.1 N(0, 1)."""
+    g = seeded(seed)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def tokens(seed=0):
+    return torch.randint(0, tiny.VOCAB_SIZE, (2, 7), generator=seeded(seed))
+
+
+def hf_logits(folder, ids, adapter=None):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        hf = PeftModel.from_pretrained(hf, adapter)
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+def lora_run(ckpt, out, method="palora", seed=0, metadata=None):
+    """A model with `method` attached through the dispatch (probe of a random expert, a quarter of
+    each matrix), perturbed, saved by save_run into `out`; returns the model."""
+    folder, identity = ckpt
+    model, _ = model_lib.load(folder)
+    svds = palora.svds(model)
+    S = palora.probe(svds, [random_expert(svds, seed)], ("fraction", 0.25))
+    protected = palora.same_count(method, S, svds, seed)
+    params = adapters.attach(model, method, 4, 8.0, seed, svds, protected)
+    perturb(params, seed + 1)
+    meta = {"svf": "[]"} if metadata is None else metadata
+    adapters.save_run(model, method, out, identity, str(folder), meta)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# the SVD cache
+
+
+def down_proj(seed: int) -> nn.ModuleDict:
+    W = torch.randn(4, 6, generator=seeded(seed))
+    return nn.ModuleDict({"down_proj": palora.frozen_linear(W)})
+
+
+def test_svd_cache(tmp_path, monkeypatch):
+    W = torch.randn(4, 6, generator=seeded(0))
+    model = nn.ModuleDict({"down_proj": palora.frozen_linear(W)})
+    first = adapters.svds(model, ("down_proj",), "ck", tmp_path)
+    path = tmp_path / "ck" / "down_proj.safetensors"
+    assert path.exists()
+    assert all(torch.equal(a, b) for a, b in zip(first["down_proj"], palora.svd(W)))
+    with monkeypatch.context() as m:  # read back from the file, not recomputed
+        m.setattr(palora, "svd", lambda W: pytest.fail("the cached SVD was recomputed"))
+        again = adapters.svds(model, ("down_proj",), "ck", tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(first["down_proj"], again["down_proj"]))
+    assert adapters.svds(model, ("down_proj",), "ck", "").keys() == first.keys()  # "": no cache
+
+
+def test_svd_cache_stale_is_recomputed(tmp_path):
+    """The weight changed under the same identity (another checkpoint's factors): a warning and
+    the new weight's SVD, written back."""
+    model = down_proj(seed=0)
+    first = adapters.svds(model, ("down_proj",), "ck", tmp_path)
+    with torch.no_grad():
+        model["down_proj"].weight.mul_(2)
+    with pytest.warns(UserWarning, match="stale SVD cache .*weight_sha256"):
+        fresh = adapters.svds(model, ("down_proj",), "ck", tmp_path)
+    assert torch.allclose(fresh["down_proj"][1], 2 * first["down_proj"][1])
+    _, meta = adapters.read_tensors(tmp_path / "ck" / "down_proj.safetensors")
+    assert meta["weight_sha256"] == adapters.digest(model["down_proj"].weight)
+
+
+def test_svd_cache_corrupted_is_an_error(tmp_path):
+    model = down_proj(seed=0)
+    adapters.svds(model, ("down_proj",), "ck", tmp_path)
+    path = tmp_path / "ck" / "down_proj.safetensors"
+    good = path.read_bytes()
+    tensors, meta = adapters.read_tensors(path)
+    del tensors["Vh"]  # the right metadata, a factor missing
+    adapters.save_tensors(tensors, path, meta)
+    with pytest.raises(PaloraError, match=r"corrupted SVD cache \(not U, s, Vh\)"):
+        adapters.svds(model, ("down_proj",), "ck", tmp_path)
+    data = bytearray(good)
+    data[-5] ^= 0xFF  # flip bits inside the tensor bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(PaloraError, match=r"corrupted SVD cache \(checksum\)"):
+        adapters.svds(model, ("down_proj",), "ck", tmp_path)
+    path.write_bytes(good[:40])  # truncated
+    with pytest.raises(PaloraError, match="unreadable"):
+        adapters.svds(model, ("down_proj",), "ck", tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# z files and probe files
+
+
+def test_z_files(tmp_path, ckpt):
+    folder, identity = ckpt
+    model, _ = model_lib.load(folder)
+    z = random_expert(palora.svds(model), seed=0)
+    adapters.save_svf(tmp_path / "z.safetensors", z, identity, {"steps": 3})
+    loaded, meta = adapters.load_svf(tmp_path / "z.safetensors", identity, model)
+    assert loaded.keys() == z.keys() and all(torch.equal(loaded[n], z[n]) for n in z)
+    assert meta["checkpoint"] == identity and meta["steps"] == "3"
+    assert meta["format"] == "palora-svf" and meta["targets"] == "down_proj,gate_proj,up_proj"
+    with pytest.raises(PaloraError, match="made for checkpoint .*'another-checkpoint'"):
+        adapters.load_svf(tmp_path / "z.safetensors", "another-checkpoint")
+    bad = {n: torch.ones(len(t) + 1) for n, t in z.items()}
+    adapters.save_svf(tmp_path / "bad.safetensors", bad, identity)
+    with pytest.raises(PaloraError, match="has shape .*R = "):
+        adapters.load_svf(tmp_path / "bad.safetensors", identity, model)
+    adapters.load_svf(tmp_path / "bad.safetensors", identity)  # no model: shapes unchecked
+
+
+RANKS = {"a.up_proj": 6, "b.up_proj": 4}
+
+
+def probe_file(path, protected, identity="ck"):
+    adapters.save_probe(path, protected, identity, {"method": "palora"})
+    return path
+
+
+def test_load_probe_reads_back(tmp_path):
+    S = {"a.up_proj": torch.tensor([0, 5, 2]), "b.up_proj": torch.tensor([], dtype=torch.int64)}
+    loaded, meta = adapters.load_probe(probe_file(tmp_path / "p.safetensors", S), "ck", RANKS)
+    assert all(torch.equal(loaded[n], S[n]) for n in S)  # an empty set is a valid selection
+    assert meta["format"] == "palora-probe" and meta["method"] == "palora"
+    with pytest.raises(PaloraError, match="made for checkpoint 'ck'"):
+        adapters.load_probe(tmp_path / "p.safetensors", "other", RANKS)
+
+
+GOOD = torch.tensor([0, 1])
+
+
+def good_but(name, S):
+    """A well-formed probe of RANKS with one matrix's indices replaced by S."""
+    return {**{n: GOOD.clone() for n in RANKS}, name: S}  # safetensors refuses shared memory
+
+
+NOT_DISTINCT = "does not hold distinct int64 indices in"
+BAD_PROBES = {
+    "emptied": ({}, "a.up_proj is missing"),
+    "missing matrix": ({"a.up_proj": GOOD}, "b.up_proj is missing"),
+    # (an empty set per matrix is well formed: a threshold rule can select nothing)
+    "not a target": (good_but("c.up_proj", GOOD), "c.up_proj is not a target"),
+    "out of range": (good_but("b.up_proj", torch.tensor([1, 4])), f"b.up_proj {NOT_DISTINCT}.*4"),
+    "negative": (good_but("a.up_proj", torch.tensor([-1, 2])), f"a.up_proj {NOT_DISTINCT} .0, 6"),
+    "float": (good_but("a.up_proj", GOOD.float()), f"a.up_proj {NOT_DISTINCT}"),
+    "int32": (good_but("a.up_proj", GOOD.int()), f"a.up_proj {NOT_DISTINCT}"),
+    "repeated": (good_but("a.up_proj", torch.tensor([1, 3, 1])), f"a.up_proj {NOT_DISTINCT}"),
+    "2-D": (good_but("a.up_proj", GOOD[None]), f"a.up_proj {NOT_DISTINCT}"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROBES))
+def test_load_probe_refuses(tmp_path, case):
+    """A probe file that cannot be the run's. (One with some indices removed is well formed: it is
+    evaluate.verify's to compare with what the run's record gives.)"""
+    protected, message = BAD_PROBES[case]
+    path = probe_file(tmp_path / "p.safetensors", protected)
+    with pytest.raises(PaloraError, match=f"p.safetensors: {message}"):
+        adapters.load_probe(path, "ck", RANKS)
+
+
+# -----------------------------------------------------------------------------
+# PEFT adapters and merged folders, read by peft and transformers
+
+
+@pytest.mark.parametrize("method", ["palora", "pissa"])
+def test_peft_loads_our_adapter(tmp_path, ckpt, method):
+    folder, identity = ckpt
+    ours = lora_run(ckpt, tmp_path / "adapter", method)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "gate_proj", "up_proj"]
+    assert config["r"] == (8 if method == "pissa" else 4)  # PiSSA exports [B | -B0] [A ; A0]
+    assert config["lora_alpha"] == (16.0 if method == "pissa" else 8.0)
+    assert config["base_model_name_or_path"] == str(folder)
+    ids = tokens()
+    with torch.no_grad():
+        expected = ours(ids)
+    assert torch.allclose(hf_logits(folder, ids, tmp_path / "adapter"), expected, atol=1e-5)
+    fresh, _ = model_lib.load(folder)  # and back: our load_peft on an untouched model
+    layers, meta = adapters.load_peft(fresh, tmp_path / "adapter", identity)
+    assert len(layers) == 6 and meta["method"] == method and meta["checkpoint"] == identity
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids), expected, atol=1e-5)
+    with pytest.raises(PaloraError, match="made for checkpoint"):
+        adapters.load_peft(model_lib.load(folder)[0], tmp_path / "adapter", "another-checkpoint")
+
+
+@pytest.fixture(scope="module")
+def adapter(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapter")
+    lora_run(ckpt, out, "lora")
+    return out
+
+
+@pytest.mark.parametrize("key, value", [("use_dora", True), ("use_rslora", True),
+                                        ("fan_in_fan_out", True), ("bias", "all"),
+                                        ("bias", "lora_only"), ("peft_type", "LOHA"),
+                                        ("rank_pattern", {"model.layers.0.mlp.up_proj": 2}),
+                                        ("alpha_pattern", {"model.layers.0.mlp.up_proj": 2})])
+def test_load_peft_refuses_what_it_would_misread(tmp_path, ckpt, adapter, key, value):
+    """A plain LoRALinear would give another dW than peft for each of these settings."""
+    folder, identity = ckpt
+    shutil.copytree(adapter, tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(PaloraError, match=f"{key} = .* is not supported"):
+        adapters.load_peft(model_lib.load(folder)[0], tmp_path / "a", identity)
+
+
+def test_load_peft_refuses_an_adapter_that_does_not_fit(tmp_path, ckpt, adapter):
+    folder, identity = ckpt
+    shutil.copytree(adapter, tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    with pytest.raises(PaloraError, match="the adapter does not fit the model"):
+        adapters.load_peft(model_lib.load(folder)[0], tmp_path / "a", identity)
+    (tmp_path / "a" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(PaloraError, match="adapter_config.json: unreadable"):
+        adapters.load_peft(model_lib.load(folder)[0], tmp_path / "a", identity)
+
+
+def test_transformers_loads_merged_svf(tmp_path, ckpt):
+    folder, identity = ckpt
+    ours, _ = model_lib.load(folder)
+    z = palora.add_svf(ours, palora.svds(ours), random_expert(palora.svds(ours), seed=0))
+    ids = tokens()
+    with torch.no_grad():
+        expected = ours(ids)
+    with pytest.raises(PaloraError, match="merge the model first"):
+        adapters.save_merged(ours, folder, tmp_path / "merged")
+    assert len(z) == 6
+    palora.merge_svf(ours)
+    adapters.save_merged(ours, folder, tmp_path / "merged")
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    assert not list((tmp_path / "merged").glob("*.index.json"))  # one file, not the shards' index
+    assert torch.allclose(hf_logits(tmp_path / "merged", ids), expected, atol=1e-5)
+    reloaded, _ = model_lib.load(tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids), expected, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the dispatch
+
+
+def test_attach_unknown_method(ckpt):
+    model, _ = model_lib.load(ckpt[0])
+    with pytest.raises(PaloraError, match="unknown method 'dora'"):
+        adapters.attach(model, "dora", 2, 4.0, 0, palora.svds(model))
+    with pytest.raises(PaloraError, match="unknown method 'dora'"):
+        adapters.save_run(model, "dora", "unused", ckpt[1], "base", {})
+    assert adapters.METHODS == tuple(palora.METHODS)
+
+
+def test_run_method_trusts_the_adapter_file(tmp_path, ckpt):
+    """config.json is easy to edit; the adapter file's metadata says what the run trained."""
+    lora_run(ckpt, tmp_path, "palora")
+    (tmp_path / "config.json").write_text(json.dumps({"method": "lora", "ckpt": "x"}))
+    assert adapters.run_config(tmp_path)["method"] == "lora"
+    assert adapters.run_method(tmp_path) == "palora"
+    adapters.save_peft(lora_run(ckpt, tmp_path / "b"), tmp_path / "b", ckpt[1], "base", {})
+    with pytest.raises(PaloraError, match="no known method in its metadata"):
+        adapters.run_method(tmp_path / "b")
+
+
+def test_run_config_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json: missing"):
+        adapters.run_config(tmp_path)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(PaloraError, match="config.json: unreadable"):
+        adapters.run_config(tmp_path)
+
+
+def test_load_run(tmp_path, ckpt):
+    """The run's adapter on the untouched model, merged; dW per weight is the trained layer's."""
+    folder, identity = ckpt
+    ours = lora_run(ckpt, tmp_path, "palora")
+    trained = {n: m for n, m in ours.named_modules() if isinstance(m, palora.LoRALinear)}
+    model, _ = model_lib.load(folder)
+    merged, info = adapters.load_run(model, tmp_path, identity)
+    assert info["method"] == "palora"
+    assert info["added"] == sum(m.A.numel() + m.B.numel() for m in trained.values())
+    assert info["dW"].keys() == trained.keys()
+    for n, layer in trained.items():
+        want = palora.delta_weight(layer).double()
+        assert torch.allclose(info["dW"][n], want, atol=1e-6 * want.norm().item())
+    assert not any(isinstance(m, palora.LoRALinear) for m in merged.modules())
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.allclose(merged(ids), ours(ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("method, rule, score", [
+    ("palora", ("fraction", 0.3), "delta"),
+    ("topk", ("global_fraction", 0.2), "energy"),
+    ("random", ("fraction", 0.5), "delta"),
+    ("random", ("threshold", 0.3), "energy"),
+])
+def test_expected_probe_is_what_make_base_gives(tmp_path, ckpt, method, rule, score):
+    """inject.make_base's (S, protected) with two experts, reproduced from the probe file's record
+    alone, after the metadata's round trip through strings."""
+    folder, identity = ckpt
+    model, _ = model_lib.load(folder)
+    svds = palora.svds(model)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"z{i}.safetensors")
+        adapters.save_svf(paths[-1], random_expert(svds, seed=10 + i), identity)
+    flags = {"fraction": "probe_fraction", "threshold": "probe_threshold",
+             "global_fraction": "probe_global_fraction"}
+    cfg = inject.Config(method=method, seed=3, svd_cache="", probe_score=score,
+                        **{flags[rule[0]]: rule[1]})
+    assert palora.probe_rule(cfg.probe_fraction, cfg.probe_threshold,
+                             cfg.probe_global_fraction) == rule
+    experts = [adapters.load_svf(p, identity, model)[0] for p in paths]
+    _, S, protected = inject.make_base(model, identity, cfg, experts, palora.MLP_TARGETS)
+    meta = {"method": method, "svf": json.dumps([str(p) for p in paths]), "score": score,
+            "selection": json.dumps(rule), "seed": cfg.seed}  # as inject.main writes it
+    adapters.save_probe(tmp_path / "probe.safetensors", protected, identity, meta)
+    ranks = {n: len(s) for n, (_, s, _) in svds.items()}
+    loaded, meta = adapters.load_probe(tmp_path / "probe.safetensors", identity, ranks)
+    fresh, _ = model_lib.load(folder)
+    S2, want = adapters.expected_probe(meta, palora.svds(fresh), identity, method)
+    assert S2.keys() == S.keys() == want.keys() == ranks.keys()
+    for n in S:
+        assert torch.equal(S2[n], S[n])
+        assert torch.equal(want[n], protected[n]) and torch.equal(loaded[n], protected[n])
+    if method != "palora":  # the control and top-k protect the probe's count, not its set
+        assert [len(want[n]) for n in S] == [len(S[n]) for n in S]
+        assert any(not torch.equal(want[n].sort().values, S[n]) for n in S)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "adapters.load_peft does not check modules_to_save: peft would also load those modules' saved "
+    "weights, load_peft silently keeps the base's, so the two models differ"))
+def test_load_peft_refuses_modules_to_save(tmp_path, ckpt, adapter):
+    folder, identity = ckpt
+    shutil.copytree(adapter, tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(
+        json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    with pytest.raises(PaloraError, match="modules_to_save"):
+        adapters.load_peft(model_lib.load(folder)[0], tmp_path / "a", identity)
