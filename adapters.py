@@ -32,7 +32,7 @@ METHODS = tuple(palora.METHODS)  # the values of --method, in table order
 
 def save_tensors(tensors: dict, path, metadata: dict):
     """safetensors written atomically (a crash never leaves half a file); metadata values as strings."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # unshared
     atomic_save_file(tensors, path, {k: str(v) for k, v in metadata.items()})
 
 
@@ -196,7 +196,7 @@ def load_peft(model: nn.Module, folder, identity: str) -> tuple[dict, dict]:
     except (OSError, ValueError) as e:
         raise PaloraError(f"{config_path}: unreadable ({e})") from None
     for key in ("peft_type", "fan_in_fan_out", "bias", "use_dora", "use_rslora", "rank_pattern",
-                "alpha_pattern"):
+                "alpha_pattern", "modules_to_save"):
         if (config.get(key) or PEFT_FIXED[key]) != PEFT_FIXED[key]:
             raise PaloraError(f"{config_path}: {key} = {config[key]!r} is not supported")
     tensors, meta = read_tensors(folder / "adapter_model.safetensors", identity)

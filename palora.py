@@ -17,6 +17,7 @@ Dimension letters: B batch, T tokens, D hidden, F MLP width. One weight W is (ou
 """
 
 import math
+import zlib
 from functools import partial
 from typing import NamedTuple
 
@@ -235,12 +236,11 @@ def same_count(method: str, S: dict, expert_svds: dict, seed: int) -> dict:
     expert's largest (OPLoRA), "random" uniform with the seed (the control), else S itself."""
     if method == "topk":  # largest first: U_S's columns in the order OPLoRA takes them
         return {n: largest(expert_svds[n][1], len(s)) for n, s in S.items()}
-    if method == "random":
-        g = torch.Generator().manual_seed(seed)
+    if method == "random":  # one generator per matrix: the draw depends on (seed, name) alone
         out = {}
-        for n, s in S.items():  # in S's order: the draw depends on the seed and the names alone
-            R = len(expert_svds[n][1])
-            out[n] = torch.randperm(R, generator=g)[: len(s)].sort().values
+        for n, s in S.items():
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(n.encode()))
+            out[n] = torch.randperm(len(expert_svds[n][1]), generator=g)[: len(s)].sort().values
         return out
     return S
 
