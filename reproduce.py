@@ -39,6 +39,12 @@ class Config:
     sweep: bool = field(default=False, metadata={"help": "PALoRA's settings instead of the methods"})
     limit: int = field(default=0, metadata={"help": "reasoning items scored per split (0: all)",
                                             "ge": 0})
+    reasoning: str = field(default=evaluate.Config.reasoning, metadata={"help": "in-template set"})
+    reasoning_ood: str = field(default=evaluate.Config.reasoning_ood, metadata={
+        "help": "held-out-template set"})
+    known: str = field(default=evaluate.Config.known, metadata={"help": "known facts (locality)"})
+    max_new_tokens: int = field(default=evaluate.Config.max_new_tokens, metadata={
+        "help": "reasoning answer length", "ge": 1})
     out: str = field(default="runs/reproduce", metadata={"help": "output folder"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     plot: bool = field(default=False, metadata={"help": "tradeoff.png and probe.png"})
@@ -112,9 +118,10 @@ def main(cfg: Config) -> dict:
         tasks.atomic_write_text(facts, "".join(lines))
     svf = expert(cfg, identity)
     runs = inject_all(cfg, svf, facts)
+    scoring = {k: getattr(cfg, k) for k in ("limit", "reasoning", "reasoning_ood", "known",
+                                            "max_new_tokens", "device", "plot")}
     return evaluate.main(evaluate.Config(ckpt=cfg.ckpt, svf=str(svf), adapter=[str(r) for r in runs],
-                                         facts=str(facts), limit=cfg.limit, device=cfg.device,
-                                         out=str(folder / "eval"), plot=cfg.plot))
+                                         facts=str(facts), out=str(folder / "eval"), **scoring))
 
 
 if __name__ == "__main__":
