@@ -1,12 +1,16 @@
-"""The command line every palora script shares: a parser generated from the script's config dataclass, so
-defaults live once; flags checked before any work starts; expected errors printed as one line.
+"""The command line every palora script shares: a parser generated from the script's config
+dataclass, so defaults live once; flags checked before any work starts; expected errors printed as
+one line.
 
-    error: <file>:<line>: <problem>        (or "error: --flag: <problem>" for a bad flag), exit status 2
+    error: <file>:<line>: <problem>        (or "error: --flag: <problem>" for a bad flag), exit
+    status 2
 
-An expected error is bad input: a data file, a checkpoint, a setting, a run folder. Its exception class says so
-with `expected = True` (tasks.DataError, checkpoints.CheckpointError, palora.PaloraError, ConfigError), so that
-palora.py needs no import from here; FileNotFoundError counts too. Anything else is a bug and keeps its traceback.
+An expected error is bad input: a data file, a checkpoint, a setting, a run folder. Its exception
+class says so with `expected = True` (tasks.DataError, checkpoints.CheckpointError,
+palora.PaloraError, ConfigError), so that palora.py needs no import from here; FileNotFoundError
+counts too. Anything else is a bug and keeps its traceback.
 """
+
 import argparse
 import dataclasses
 import math
@@ -15,6 +19,7 @@ import sys
 
 class ConfigError(ValueError):
     """A bad flag, combination of flags or run folder; the message names the flag or the file."""
+
     expected = True
 
 
@@ -26,12 +31,17 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-BOUNDS = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="),
-          "lt": (lambda v, b: v < b, "<"), "le": (lambda v, b: v <= b, "<=")}
+BOUNDS = {
+    "gt": (lambda v, b: v > b, ">"),
+    "ge": (lambda v, b: v >= b, ">="),
+    "lt": (lambda v, b: v < b, "<"),
+    "le": (lambda v, b: v <= b, "<="),
+}
 
 
 def check_numbers(cfg):
-    """Every float finite; every bound in a field's metadata (gt, ge, lt, le) held. Raises ConfigError."""
+    """Every float finite; every bound in a field's metadata (gt, ge, lt, le) held. Raises
+    ConfigError."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         flag = "--" + f.name.replace("_", "-")
@@ -43,29 +53,43 @@ def check_numbers(cfg):
 
 
 def parse_config(cls, argv=None, description=None):
-    """Build a parser from the dataclass `cls` (help from field metadata) and parse argv into a checked `cls`.
+    """Build a parser from the dataclass `cls` (help from field metadata) and parse argv into a
+    checked `cls`.
 
-    Unknown and abbreviated flags are errors. Booleans are `--flag` / `--no-flag`; list fields take the flag
-    several times (`--svf a --svf b`). Numbers are checked by check_numbers.
+    Unknown and abbreviated flags are errors. Booleans are `--flag` / `--no-flag`; list fields take
+    the flag several times (`--svf a --svf b`). Numbers are checked by check_numbers.
     """
-    parser = Parser(description=description, allow_abbrev=False,
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(
+        description=description,
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     types = {"int": int, "float": float, "str": str, "bool": bool, "list": list}
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         kind = types[f.type if isinstance(f.type, str) else f.type.__name__]
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+            )
         elif kind is list:
-            parser.add_argument(flag, action="append", default=None, help=help_text + " (repeatable)")
+            parser.add_argument(
+                flag, action="append", default=None, help=help_text + " (repeatable)"
+            )
         else:
-            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                                help=help_text)
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=f.default,
+                choices=f.metadata.get("choices"),
+                help=help_text,
+            )
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-    for f in dataclasses.fields(cls):  # repeatable flags not given fall back to the field's default list
+    for f in dataclasses.fields(
+        cls
+    ):  # repeatable flags not given fall back to the field's default list
         if values[f.name] is None and f.default_factory is not dataclasses.MISSING:
             values[f.name] = f.default_factory()
     cfg = cls(**values)
@@ -77,7 +101,8 @@ def parse_config(cls, argv=None, description=None):
 
 
 def one_line(e: BaseException) -> str:
-    """The first problem of an error message, with a count of the others (DataError collects several)."""
+    """The first problem of an error message, with a count of the others (DataError collects
+    several)."""
     lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     more = len(lines) - 1
     return lines[0] + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")

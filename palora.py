@@ -1,11 +1,12 @@
-"""PALoRA (Projection-Adaptive LoRA, arXiv 2605.24549): the method alone, in torch. Read top to bottom.
+"""PALoRA (Projection-Adaptive LoRA, arXiv 2605.24549): the method alone, in torch, top to bottom.
 
 1. SVF (Transformer², arXiv 2501.06252): W = U diag(s) Vh is cut once and only z is trained:
    W' = U diag(s ⊙ z) Vh · c, c = Σs / Σ(s ⊙ z).
-2. Probe (this project's rule; the paper publishes none): m = z · c; the skill's components are those
-   with |m - 1| largest, wherever they sit in the spectrum.
-3. Injection: dW = (I - U_S U_Sᵀ) B A (I - V_S V_Sᵀ) · alpha/r. For any A, B: U_Sᵀ dW = 0 (output side)
-   and dW V_S = 0 (input side), so each protected triplet (u_i, s_i m_i, v_i) of W' is one of W' + dW.
+2. Probe (this project's rule; the paper publishes none): m = z · c; the skill's components are
+   those with |m - 1| largest, wherever they sit in the spectrum.
+3. Injection: dW = (I - U_S U_Sᵀ) B A (I - V_S V_Sᵀ) · alpha/r. For any A, B: U_Sᵀ dW = 0 (output
+   side) and dW V_S = 0 (input side): each protected triplet (u_i, s_i m_i, v_i) of W' is one of
+   W' + dW.
 Baselines on the same layer: LoRA (2106.09685), PiSSA (2404.02948), MiLoRA (2406.09044), top-k
 protection (OPLoRA, 2510.13003), random protection (a control); "palora_act", input side from
 activations (CorDA 2406.05223, AlphaEdit 2410.02355), is our extension.
@@ -26,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the one place default targets are named
-U32 = 2.0**-24  # float32 unit roundoff: merge checks and the float32 leakage bound are multiples of it
+# float32 unit roundoff: merge checks and the float32 leakage bound are multiples of it
+U32 = 2.0**-24
 
 
 class PaloraError(ValueError):
@@ -41,12 +43,12 @@ def wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def matrix_kind(name: str) -> str:
-    """"model.layers.0.mlp.down_proj" -> "down_proj": the name targets are given by."""
+    """The matrix kind targets name: "model.layers.0.mlp.up_proj" -> "up_proj"."""
     return name.rpartition(".")[2]
 
 
 def largest(s: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k entries of largest |s|, largest first (an expert's s ⊙ m may be negative)."""
+    """Indices of the k largest |s|, largest first (an expert's s ⊙ m may be negative)."""
     return torch.argsort(s.abs(), descending=True)[:k]
 
 
@@ -56,7 +58,9 @@ def find_targets(model: nn.Module, targets=MLP_TARGETS) -> dict[str, nn.Linear]:
     valid = sorted({matrix_kind(n) for n in linears})
     for t in targets:
         if t not in valid:
-            raise PaloraError(f"unknown target {t!r}: the model's linear layers are {', '.join(valid)}")
+            raise PaloraError(
+                f"unknown target {t!r}: the model's linear layers are {', '.join(valid)}"
+            )
     chosen = {n: m for n, m in linears.items() if matrix_kind(n) in targets}
     for n, m in chosen.items():
         if m.bias is not None:  # Llama and Mistral have none; the layers below would drop it
@@ -71,7 +75,7 @@ def replace(model: nn.Module, name: str, module: nn.Module):
 
 
 def frozen_linear(W: torch.Tensor) -> nn.Linear:
-    """A bias-free nn.Linear holding W (out, in), frozen: a merged weight is the next stage's base."""
+    """A frozen bias-free nn.Linear holding W (out, in): a merged weight, the next stage's base."""
     layer = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
     layer.weight = nn.Parameter(W, requires_grad=False)
     return layer
@@ -89,7 +93,9 @@ def svd(W: torch.Tensor):
 
 def svds(model: nn.Module, targets=MLP_TARGETS) -> dict:
     """name -> (U, s, Vh) on the CPU for every target weight (adapters.svds caches them on disk)."""
-    return {n: tuple(t.cpu() for t in svd(m.weight)) for n, m in find_targets(model, targets).items()}
+    return {
+        n: tuple(t.cpu() for t in svd(m.weight)) for n, m in find_targets(model, targets).items()
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -97,7 +103,7 @@ def svds(model: nn.Module, targets=MLP_TARGETS) -> dict:
 
 
 def multiplier(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """m = z · c, c = Σs / Σ(s ⊙ z): the factor on each singular value (Σ s ⊙ m = Σ s, so z ~ a·z)."""
+    """m = z · c, c = Σs / Σ(s ⊙ z): each singular value's factor (Σ s ⊙ m = Σ s, so z ~ a·z)."""
     return z * (s.sum() / (s * z).sum())  # (R,)
 
 
@@ -107,8 +113,8 @@ def svf_weight(U, s, Vh, z) -> torch.Tensor:
 
 
 def expert_svds(svds: dict, z: dict) -> dict:
-    """SVD of each merged expert W', (U, s ⊙ m, Vh): U, Vh are W's, only s changes. Kept in the base's
-    order, so indices still name the same components; whoever needs the largest sorts by |s ⊙ m|."""
+    """SVD of each merged expert W', (U, s ⊙ m, Vh): U, Vh are W's, only s changes. Kept in the
+    base's order, so indices name the same components; who needs the largest sorts by |s ⊙ m|."""
     out = {}
     for n, (U, s, Vh) in svds.items():
         out[n] = (U, s * multiplier(s, z[n].to(s)), Vh) if n in z else (U, s, Vh)
@@ -118,9 +124,9 @@ def expert_svds(svds: dict, z: dict) -> dict:
 class SVFLinear(nn.Module):
     """y = ((x Vhᵀ) ⊙ (s ⊙ m)) Uᵀ = x W'ᵀ, m = z · Σs / Σ(s ⊙ z); W' is never formed.
 
-    U (out, R), s (R,), Vh (R, in) are frozen buffers that replace W (not kept beside it: (out + in) R
-    numbers against W's out · in, 1.375x for SmolLM2's 576 x 1536). z (R,), initialised at 1 (W' = W),
-    is the only parameter. U and Vh may be bfloat16 (CUDA autocast); s and z stay float32.
+    U (out, R), s (R,), Vh (R, in) are frozen buffers that replace W (not kept beside it: (out + in)
+    R numbers against W's out · in, 1.375x for SmolLM2's 576 x 1536). z (R,), initialised at 1 (W' =
+    W), is the only parameter. U and Vh may be bfloat16 (CUDA autocast); s and z stay float32.
     """
 
     def __init__(self, U, s, Vh, z=None):
@@ -139,7 +145,7 @@ class SVFLinear(nn.Module):
 
 
 def add_svf(model: nn.Module, svds: dict, z: dict | None = None) -> dict[str, nn.Parameter]:
-    """Replace each weight named in svds by an SVFLinear (z from `z`, else ones); returns name -> z."""
+    """Replace each weight named in svds by an SVFLinear (z from `z`, else ones): name -> z."""
     layers = {n: m for n, m in model.named_modules() if n in svds and isinstance(m, nn.Linear)}
     missing = sorted(set(svds) - set(layers)) + sorted(set(z or svds) ^ set(svds))
     if missing:
@@ -148,7 +154,9 @@ def add_svf(model: nn.Module, svds: dict, z: dict | None = None) -> dict[str, nn
     for name, layer in layers.items():
         (U, s, Vh), W = svds[name], layer.weight
         if z is not None and z[name].shape != s.shape:
-            raise PaloraError(f"{name}: z has shape {tuple(z[name].shape)}, the weight has R = {len(s)}")
+            raise PaloraError(
+                f"{name}: z has shape {tuple(z[name].shape)}, the weight has R = {len(s)}"
+            )
         U, s, Vh = U.to(W.device, W.dtype), s.to(W.device), Vh.to(W.device, W.dtype)
         new = SVFLinear(U, s, Vh, None if z is None else z[name])
         replace(model, name, new)
@@ -158,7 +166,8 @@ def add_svf(model: nn.Module, svds: dict, z: dict | None = None) -> dict[str, nn
 
 @torch.no_grad()
 def merge_svf(model: nn.Module) -> nn.Module:
-    """Replace each SVFLinear by a frozen nn.Linear holding W' (float32, stored in U's dtype). Checked:
+    """Replace each SVFLinear by a frozen nn.Linear holding W' (float32, stored in U's dtype).
+    Checked:
     x W'ᵀ equals the factored forward within 2 (R + in) u ||x|| ||W'||₂ (first-order rounding)."""
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, SVFLinear)]:
         U, Vh = wide(layer.U), wide(layer.Vh)
@@ -180,13 +189,16 @@ def merge_svf(model: nn.Module) -> nn.Module:
 def select(scores: dict, rule: tuple[str, float]) -> dict:
     """name -> indices chosen by rule, one of: ("fraction", f) the top round(f · R) scores of each
     matrix; ("k", k) the top k of each; ("threshold", t) every score above t; ("global_fraction", f)
-    the scores above the pooled quantile that keeps f of all components (the rank adapts per matrix)."""
+    the scores above the pooled quantile that keeps f of all components (rank adapts per matrix)."""
     kind, value = rule
     if kind in ("fraction", "global_fraction") and not 0 < value < 1:
         raise PaloraError(f"probe {kind} must be in (0, 1), got {value}")
     if kind == "global_fraction":  # ties at the quantile are all kept
         flat = torch.cat(list(scores.values()))
-        kind, value = "threshold", torch.topk(flat, max(1, round(value * len(flat)))).values[-1].item()
+        kind, value = (
+            "threshold",
+            torch.topk(flat, max(1, round(value * len(flat)))).values[-1].item(),
+        )
         return {n: torch.nonzero(sc >= value).flatten() for n, sc in scores.items()}
     if kind == "threshold":
         return {n: torch.nonzero(sc > value).flatten() for n, sc in scores.items()}
@@ -213,8 +225,9 @@ def probe_rule(fraction=0.5, threshold=0.0, global_fraction=0.0) -> tuple[str, f
 
 def probe(svds: dict, experts: list[dict], rule=("fraction", 0.5), score="delta") -> dict:
     """name -> S, int64 ascending: indices into the base weight's spectrum (descending s) of the
-    components the SVF expert(s) moved most. score "delta" = |m - 1| (blind to where a component sits,
-    since the skill is spread over the spectrum), "energy" = s ⊙ |m - 1|. Several experts: the union."""
+    components the SVF expert(s) moved most. score "delta" = |m - 1| (blind to where a component
+    sits,
+    since the skill is spread over the spectrum), "energy" = s ⊙ |m - 1|. Several experts: union."""
     if score not in ("delta", "energy"):
         raise PaloraError(f"unknown probe score {score!r}: delta or energy")
     protected = {}
@@ -222,7 +235,9 @@ def probe(svds: dict, experts: list[dict], rule=("fraction", 0.5), score="delta"
         scores = {}
         for n, t in z.items():
             if n not in svds or t.shape != svds[n][1].shape:
-                raise PaloraError(f"expert z for {n}: shape {tuple(t.shape)} does not match its SVD")
+                raise PaloraError(
+                    f"expert z for {n}: shape {tuple(t.shape)} does not match its SVD"
+                )
             s = svds[n][1]
             delta = (multiplier(s, t.to(s)) - 1).abs()  # |m - 1|, (R,)
             scores[n] = delta * s if score == "energy" else delta
@@ -257,17 +272,18 @@ def protected_bases(svd_: tuple, S: torch.Tensor):
 
 
 def project_out(B: torch.Tensor, U_S) -> torch.Tensor:
-    """B - U_S (U_Sᵀ B), output side: (k, out) @ (out, r) -> (k, r); (out, k) @ (k, r) -> (out, r)."""
+    """B - U_S (U_Sᵀ B), out side: (k, out) @ (out, r) -> (k, r); (out, k) @ (k, r) -> (out, r)."""
     return B if U_S is None else B - U_S @ (U_S.T @ B)
 
 
 def project_in(A: torch.Tensor, V_S) -> torch.Tensor:
-    """A - (A V_S) V_Sᵀ, input side: (r, in) @ (in, k) -> (r, k); (r, k) @ (k, in) -> (r, in)."""
+    """A - (A V_S) V_Sᵀ, in side: (r, in) @ (in, k) -> (r, k); (r, k) @ (k, in) -> (r, in)."""
     return A if V_S is None else A - (A @ V_S) @ V_S.T
 
 
 class LoRALinear(nn.Module):
-    """y = x Wᵀ + (alpha/r) (x A_pᵀ) B_pᵀ: dW = (alpha/r) B_p A_p = (I - U_S U_Sᵀ) B A (I - V_S V_Sᵀ) alpha/r.
+    """y = x Wᵀ + (alpha/r) (x A_pᵀ) B_pᵀ: dW = (alpha/r) B_p A_p = (I - U_S U_Sᵀ) B A (I - V_S
+    V_Sᵀ) alpha/r.
 
     W (out, in) frozen; A (r, in), B (out, r) trained; U_S (out, k), V_S (in, k) frozen orthonormal
     buffers (None = unprotected). B_p, A_p are recomputed from A, B at every forward, so
@@ -288,7 +304,7 @@ class LoRALinear(nn.Module):
             self.register_buffer(name, None if t is None else t.detach().to(A).clone())
 
     def projected(self):
-        """(A_p, B_p) in the factors' precision: autocast off, as a bfloat16 projection leaks ~1e-2."""
+        """(A_p, B_p) in the factors' precision: autocast off (a bfloat16 projection leaks 1e-2)."""
         with torch.autocast(self.A.device.type, enabled=False):
             return project_in(self.A, self.V_S), project_out(self.B, self.U_S)
 
@@ -306,8 +322,9 @@ def delta_weight(layer: LoRALinear) -> torch.Tensor:
 
 
 def leakage(dW: torch.Tensor, U_S=None, V_S=None) -> tuple[float, float]:
-    """(||U_Sᵀ dW|| / ||dW||, ||dW V_S|| / ||dW||), Frobenius: the update's share on the protected output
-    (U) and input (V) directions; 0 for PALoRA up to rounding (tests/test_palora.py), measured for others."""
+    """(||U_Sᵀ dW|| / ||dW||, ||dW V_S|| / ||dW||), Frobenius: the update's share on the protected
+    output
+    (U) and input (V) directions; 0 for PALoRA up to rounding (tests/test_palora.py)."""
     norm = dW.norm()
     out = dW[:0] if U_S is None else U_S.T.to(dW) @ dW  # (k, out) @ (out, in) -> (k, in)
     inp = dW[:, :0] if V_S is None else dW @ V_S.to(dW)  # (out, in) @ (in, k) -> (out, k)
@@ -319,7 +336,7 @@ def leakage(dW: torch.Tensor, U_S=None, V_S=None) -> tuple[float, float]:
 
 
 class Target(NamedTuple):
-    """What an initialisation may use for one weight: W (out, in), its SVD, the protected S, V_act."""
+    """What an initialisation may use for one weight: W (out, in), its SVD, protected S, V_act."""
 
     W: torch.Tensor
     svd: tuple | None
@@ -328,7 +345,7 @@ class Target(NamedTuple):
 
 
 def lora_factors(t: Target, r: int, generator):
-    """A (r, in) ~ U(±1/√in), peft's kaiming_uniform_(a=√5); B (out, r) = 0, so dW = 0 at the start."""
+    """A (r, in) ~ U(±1/√in), peft's kaiming_uniform_(a=√5); B (out, r) = 0: dW = 0 at the start."""
     (out, inp), dtype = t.W.shape, torch.promote_types(t.W.dtype, torch.float32)
     bound = 1 / math.sqrt(inp)
     A = torch.empty(r, inp, dtype=dtype).uniform_(-bound, bound, generator=generator)
@@ -352,13 +369,16 @@ def init_palora_act(t: Target, r, alpha, generator):
 
 
 def init_spectral(t: Target, r, alpha, generator, top: bool):
-    """PiSSA (top) / MiLoRA (bottom), as peft: A = √(s/scale) Vh[idx] (r, in), B = U[:, idx] √(s/scale)
+    """PiSSA (top) / MiLoRA (bottom), as peft: A = √(s/scale) Vh[idx] (r, in), B = U[:, idx]
+    √(s/scale)
     (out, r), so scale · B A = U[:, idx] diag(s) Vh[idx]; the frozen residual is W - scale · B A."""
     U, s, Vh = (x.to(t.W.device) for x in t.svd)
     if r > len(s):
         raise PaloraError(f"rank {r} is above the matrix rank {len(s)}: PiSSA/MiLoRA need r <= R")
     idx = torch.argsort(s.abs(), descending=top)[:r]
-    root = (s[idx].abs() * r / alpha).sqrt()  # an expert's s ⊙ m can be negative: its sign goes into B
+    root = (
+        s[idx].abs() * r / alpha
+    ).sqrt()  # an expert's s ⊙ m can be negative: its sign goes into B
     A = root[:, None] * Vh[idx]  # (r, in)
     B = U[:, idx] * (root * s[idx].sign())  # (out, r)
     W0 = wide(t.W) - (alpha / r) * (B @ A).to(wide(t.W))  # (out, r) @ (r, in) -> (out, in)
@@ -377,13 +397,22 @@ METHODS = {
 PROTECTING = ("palora", "topk", "random", "palora_act")  # need the probe's S (and the SVD)
 
 
-def add_lora(model, method: str, r: int, alpha: float, svds=None, protected=None, input_bases=None,
-             seed: int = 0) -> dict[str, nn.Parameter]:
-    """Replace each weight named in svds by the LoRALinear METHODS[method] builds; returns the trained
-    tensors, "<weight name>.A" / ".B" -> Parameter.
+def add_lora(
+    model,
+    method: str,
+    r: int,
+    alpha: float,
+    svds=None,
+    protected=None,
+    input_bases=None,
+    seed: int = 0,
+) -> dict[str, nn.Parameter]:
+    """Replace each weight named in svds by the LoRALinear METHODS[method] builds; returns the
+    trained tensors, "<weight name>.A" / ".B" -> Parameter.
 
-    svds: name -> SVD of the weight being adapted (expert_svds(...) on an SVF expert), which also names
-    the targets; protected: name -> S the method protects (same_count(...)); input_bases: name -> V_act.
+    svds: name -> SVD of the weight being adapted (expert_svds(...) on an SVF expert), which also
+    names the targets; protected: name -> S the method protects (same_count(...)); input_bases: name
+    -> V_act.
     """
     if method not in METHODS:
         raise PaloraError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -402,7 +431,7 @@ def add_lora(model, method: str, r: int, alpha: float, svds=None, protected=None
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace each LoRALinear by a frozen nn.Linear holding W + dW, summed in float32 (or float64)."""
+    """Replace each LoRALinear by a frozen nn.Linear holding W + dW, summed in float32 or wider."""
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
         W = wide(layer.weight) + delta_weight(layer)
         replace(model, name, frozen_linear(W.to(layer.weight.dtype)))
@@ -419,7 +448,8 @@ def lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def activation_covariances(model: nn.Module, names, run) -> dict[str, torch.Tensor]:
-    """name -> C = Σ xᵀ x (in, in) over the input rows each layer sees while run() does forward passes
+    """name -> C = Σ xᵀ x (in, in) over the input rows each layer sees while run() does forward
+    passes
     (padding rows count too: pass unpadded batches)."""
     covs = {}
 
@@ -427,7 +457,9 @@ def activation_covariances(model: nn.Module, names, run) -> dict[str, torch.Tens
         x = wide(args[0].detach().flatten(0, -2))  # (..., in) -> (N, in)
         covs[name] = covs.get(name, 0) + x.T @ x  # (in, N) @ (N, in) -> (in, in)
 
-    hooks = [model.get_submodule(n).register_forward_pre_hook(partial(accumulate, n)) for n in names]
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(partial(accumulate, n)) for n in names
+    ]
     with torch.no_grad():
         run()
     for h in hooks:
@@ -446,8 +478,8 @@ def activation_bases(covs: dict, counts: dict) -> dict[str, torch.Tensor]:
 
 
 def export_factors(layer: LoRALinear):
-    """(A, B, alpha) of a plain LoRA giving the layer's dW on its original base. PALoRA, top-k, random:
-    the projections folded in (A_p, B_p), the same dW exactly. PiSSA, MiLoRA (peft's
+    """(A, B, alpha) of a plain LoRA giving the layer's dW on its original base. PALoRA, top-k,
+    random: the projections folded in (A_p, B_p), the same dW exactly. PiSSA, MiLoRA (peft's
     subtract_mutated_init): W - W0 = scale B0 A0, so dW on W is scale (B A - B0 A0)
     = scale [B | -B0] [A ; A0], rank 2r with alpha doubled to keep alpha/r."""
     A, B = layer.projected()

@@ -1,10 +1,11 @@
-"""The whole comparison in one command: the SVF expert (reused if one exists for --ckpt), each method x
-seed injected on the same facts with the same rank, replay and stopping rule, then evaluate.py's
-table with paired intervals. The only script that runs the others.
+"""The whole comparison in one command: the SVF expert (reused if one exists for --ckpt), each
+method x seed injected on the same facts with the same rank, replay and stopping rule, then
+evaluate.py's table with paired intervals. The only script that runs the others.
 
     python reproduce.py                          # every method x seeds 0,1,2, then the table
     python reproduce.py --methods palora,lora --seeds 0
-    python reproduce.py --sweep                  # PALoRA's settings: lr, recall target, replay, probe
+    python reproduce.py --sweep                  # PALoRA's settings: lr, recall target, replay,
+    probe
 
 Runs live in --out as <setting>-s<seed>/. A finished run whose config.json matches is reused, a
 half-done one resumed, and one made with other settings refused (inject.py's run-folder guard): a
@@ -31,20 +32,28 @@ REPO = Path(__file__).resolve().parent
 @dataclass
 class Config:
     ckpt: str = field(default=checkpoints.DEFAULT, metadata={"help": "checkpoint folder or name"})
-    svf: str = field(default="", metadata={"help": "SVF expert (default: the newest, or train one)"})
+    svf: str = field(
+        default="", metadata={"help": "SVF expert (default: the newest, or train one)"}
+    )
     facts: str = field(default=inject.Config.facts, metadata={"help": "facts JSONL to inject"})
     n_facts: int = field(default=100, metadata={"help": "the first N facts (0: all)", "ge": 0})
     methods: str = field(default=",".join(adapters.METHODS), metadata={"help": "comma-separated"})
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
-    sweep: bool = field(default=False, metadata={"help": "PALoRA's settings instead of the methods"})
-    limit: int = field(default=0, metadata={"help": "reasoning items scored per split (0: all)",
-                                            "ge": 0})
+    sweep: bool = field(
+        default=False, metadata={"help": "PALoRA's settings instead of the methods"}
+    )
+    limit: int = field(
+        default=0, metadata={"help": "reasoning items scored per split (0: all)", "ge": 0}
+    )
     reasoning: str = field(default=evaluate.Config.reasoning, metadata={"help": "in-template set"})
-    reasoning_ood: str = field(default=evaluate.Config.reasoning_ood, metadata={
-        "help": "held-out-template set"})
+    reasoning_ood: str = field(
+        default=evaluate.Config.reasoning_ood, metadata={"help": "held-out-template set"}
+    )
     known: str = field(default=evaluate.Config.known, metadata={"help": "known facts (locality)"})
-    max_new_tokens: int = field(default=evaluate.Config.max_new_tokens, metadata={
-        "help": "reasoning answer length", "ge": 1})
+    max_new_tokens: int = field(
+        default=evaluate.Config.max_new_tokens,
+        metadata={"help": "reasoning answer length", "ge": 1},
+    )
     out: str = field(default="runs/reproduce", metadata={"help": "output folder"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     plot: bool = field(default=False, metadata={"help": "tradeoff.png and probe.png"})
@@ -54,11 +63,16 @@ def sweep_variants() -> dict:
     """name -> inject.Config overrides for PALoRA on the same facts, rank and seeds."""
     lr = inject.Config.lr
     return {
-        "lr-x0.5": {"lr": lr / 2}, "lr-x2": {"lr": lr * 2},
-        "target-0.7": {"recall_target": 0.7}, "target-1.0": {"recall_target": 1.0},
-        "replay-0": {"mix_skill": "none"}, "replay-1.0": {"mix_ratio": 1.0},
-        "fraction-0.25": {"probe_fraction": 0.25}, "fraction-0.75": {"probe_fraction": 0.75},
-        "energy": {"probe_score": "energy"}, "global-0.5": {"probe_global_fraction": 0.5},
+        "lr-x0.5": {"lr": lr / 2},
+        "lr-x2": {"lr": lr * 2},
+        "target-0.7": {"recall_target": 0.7},
+        "target-1.0": {"recall_target": 1.0},
+        "replay-0": {"mix_skill": "none"},
+        "replay-1.0": {"mix_ratio": 1.0},
+        "fraction-0.25": {"probe_fraction": 0.25},
+        "fraction-0.75": {"probe_fraction": 0.75},
+        "energy": {"probe_score": "energy"},
+        "global-0.5": {"probe_global_fraction": 0.5},
         "mix-known": {"mix_known": "data/known/known_mix.jsonl"},
         "rank-16": {"rank": 16, "alpha": 32.0},
     }
@@ -80,8 +94,10 @@ def same_run(out: Path, want: dict):
     saved = adapters.run_config(out)
     differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in want.items() if saved.get(k) != v]
     if differ:
-        raise cli.ConfigError(f"{out}: a finished run with other settings ({', '.join(differ)}); "
-                              f"move it away or use another --out")
+        raise cli.ConfigError(
+            f"{out}: a finished run with other settings ({', '.join(differ)}); "
+            f"move it away or use another --out"
+        )
 
 
 def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
@@ -93,15 +109,35 @@ def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
     for seed in [int(s) for s in cfg.seeds.split(",")]:
         for name, overrides in settings.items():
             out = Path(cfg.out) / f"{name}-s{seed}"
-            run = inject.Config(ckpt=cfg.ckpt, svf=[str(svf)], facts=str(facts), seed=seed,
-                                out=str(out), device=cfg.device, **overrides)
+            run = inject.Config(
+                ckpt=cfg.ckpt,
+                svf=[str(svf)],
+                facts=str(facts),
+                seed=seed,
+                out=str(out),
+                device=cfg.device,
+                **overrides,
+            )
             runs.append(out)
             if (out / "adapter_model.safetensors").exists():
-                same_run(out, {"method": run.method, "seed": seed, "facts": str(facts),
-                               "svf": [str(svf)], **overrides})
+                same_run(
+                    out,
+                    {
+                        "method": run.method,
+                        "seed": seed,
+                        "facts": str(facts),
+                        "svf": [str(svf)],
+                        **overrides,
+                    },
+                )
                 continue
-            inject.main(dataclasses.replace(run, resume=(out / "state.safetensors").exists(),
-                                            overwrite=not (out / "state.safetensors").exists()))
+            inject.main(
+                dataclasses.replace(
+                    run,
+                    resume=(out / "state.safetensors").exists(),
+                    overwrite=not (out / "state.safetensors").exists(),
+                )
+            )
     return runs
 
 
@@ -118,10 +154,28 @@ def main(cfg: Config) -> dict:
         tasks.atomic_write_text(facts, "".join(lines))
     svf = expert(cfg, identity)
     runs = inject_all(cfg, svf, facts)
-    scoring = {k: getattr(cfg, k) for k in ("limit", "reasoning", "reasoning_ood", "known",
-                                            "max_new_tokens", "device", "plot")}
-    return evaluate.main(evaluate.Config(ckpt=cfg.ckpt, svf=str(svf), adapter=[str(r) for r in runs],
-                                         facts=str(facts), out=str(folder / "eval"), **scoring))
+    scoring = {
+        k: getattr(cfg, k)
+        for k in (
+            "limit",
+            "reasoning",
+            "reasoning_ood",
+            "known",
+            "max_new_tokens",
+            "device",
+            "plot",
+        )
+    }
+    return evaluate.main(
+        evaluate.Config(
+            ckpt=cfg.ckpt,
+            svf=str(svf),
+            adapter=[str(r) for r in runs],
+            facts=str(facts),
+            out=str(folder / "eval"),
+            **scoring,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reproduce_config(setup, out, **overrides) -> reproduce.Config:
-    settings = dict(ckpt=str(setup.ckpt), svf=str(setup.svf), facts=str(setup.facts), n_facts=4,
-                    methods="palora,random,lora", seeds="0", limit=2, reasoning=str(setup.skill),
-                    reasoning_ood=str(setup.skill), known=str(setup.known), max_new_tokens=4,
-                    device="cpu", out=str(out))
+    settings = dict(
+        ckpt=str(setup.ckpt),
+        svf=str(setup.svf),
+        facts=str(setup.facts),
+        n_facts=4,
+        methods="palora,random,lora",
+        seeds="0",
+        limit=2,
+        reasoning=str(setup.skill),
+        reasoning_ood=str(setup.skill),
+        known=str(setup.known),
+        max_new_tokens=4,
+        device="cpu",
+        out=str(out),
+    )
     return reproduce.Config(**{**settings, **overrides})
 
 
