@@ -1,14 +1,12 @@
 """tasks.py: lm-evaluation-harness GSM8K scoring on hand-made cases (each expected value is what the
 yaml's regex and normalisation give, worked out in the comment), fact scoring, JSONL errors naming
 file:line, answer-only labels on a real (tiny, byte-level BPE) tokenizer with SmolLM2's ChatML
-template, batching, batched greedy answering on a tiny random model, atomic writes; and the promised
-properties of the committed data/ sets. CPU, seconds."""
+template, batching, batched greedy answering on a tiny random model, atomic writes (the committed
+data/ sets: tests/test_data.py). CPU, seconds."""
 
 import json
 import os
 import re
-from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +15,6 @@ from safetensors import safe_open
 import model as M
 import tasks
 from tests.tiny import make_tokenizer
-
-DATA = Path(__file__).parents[1] / "data"
-
 
 # -----------------------------------------------------------------------------
 # reasoning: both lm-eval filters, then its normalisation
@@ -361,77 +356,6 @@ def test_append_jsonl(tmp_path):
         )
     rows = tasks.read_jsonl(tmp_path / "m" / "metrics.jsonl", required=())
     assert [r["step"] for r in rows] == [0, 1, 2]
-
-
-# -----------------------------------------------------------------------------
-# the committed data sets keep their promises
-
-
-def operand_pair(r) -> tuple[int, int]:
-    """The operand pair recomputed from the text, independently of the generator's "operands"
-    field."""
-    steps = r["answer"].split("\n")
-    x, op, y, _, z = steps[-2].split()
-    if op == "*":
-        return tuple(sorted((int(x), int(y))))
-    if op == "/":  # dividend / divisor = quotient: the pair is (divisor, quotient)
-        return tuple(sorted((int(y), int(z))))
-    # the two numbers added or subtracted
-    return tuple(sorted(int(n) for n in re.findall(r"\d+", r["question"])))
-
-
-def test_reasoning_splits_do_not_overlap():
-    train_path, test_path = DATA / "reasoning" / "train.jsonl", DATA / "reasoning" / "test.jsonl"
-    train, test = tasks.read_jsonl(train_path), tasks.read_jsonl(test_path)
-    tasks.check_reasoning(train, train_path)
-    tasks.check_reasoning(test, test_path)
-    assert len(test) >= 200 and Counter(r["type"] for r in test) == {
-        "arithmetic": 100,
-        "conversion": 100,
-        "word": 100,
-    }
-    assert 1500 <= len(train) <= 2500
-    for r in train + test:
-        assert (
-            len(r["answer"].split("\n")) == 3
-            and tasks.score_reasoning(r["answer"], r["answer"])["strict"]
-        )
-        assert operand_pair(r) == tuple(r["operands"]), r
-    assert not {r["question"] for r in train} & {r["question"] for r in test}
-    assert not {operand_pair(r) for r in train} & {operand_pair(r) for r in test}
-    assert len({r["question"] for r in train}) == len(train) and len(
-        {r["question"] for r in test}
-    ) == len(test)
-
-
-def test_facts_are_unique_and_not_over_represented():
-    path = DATA / "facts" / "facts.jsonl"
-    facts = tasks.read_jsonl(path)
-    tasks.check_facts(facts, path)
-    assert len(facts) >= 200
-    asked = [q for f in facts for q in [f["question"], *f["paraphrases"]]]
-    # paraphrases are new phrasings, never another fact's training question
-    assert len(set(asked)) == len(asked)
-    assert all(len(f["paraphrases"]) == 2 for f in facts)
-    assert max(Counter(f["answer"] for f in facts).values()) <= 3
-    assert len({(f["type"], f["entity"]) for f in facts}) == len(facts)
-    for f in facts:  # the statement states the fact, and the scorer reads it as correct
-        assert f["entity"] in f["text"] and tasks.fact_correct(f["text"], f["answer"])
-        assert all(f["entity"] in p for p in f["paraphrases"])
-    years = sorted(int(f["answer"]) for f in facts if f["answer"].isdigit())
-    assert years[0] < 1700 and years[-1] > 1950  # spread out: no guessable era
-
-
-def test_known_facts_are_highly_known():
-    path = DATA / "known" / "known_facts.jsonl"
-    known = tasks.read_jsonl(path)
-    tasks.check_facts(known, path)
-    assert len(known) >= 30 and all(r["fewshot_correct"] == 4 for r in known)
-    assert not {r["question"] for r in known} & {
-        r["question"] for r in tasks.read_jsonl(DATA / "facts" / "facts.jsonl")
-    }
-
-
 def test_answering_shows_progress_on_stderr_unless_quiet(tokenizer, capsys):
     torch.manual_seed(0)
     args = M.ModelArgs(
