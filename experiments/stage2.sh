@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Stage-two experiments of the README, in priority order; each step reuses finished runs (reproduce.py
 # and inject.py refuse a folder holding another run), so a killed script continues where it stopped.
-#   nohup bash experiments/stage2.sh > runs/stage2.log 2>&1 &
+#   nohup bash experiments/stage2.sh [all|heldout|methods] > runs/stage2.log 2>&1 &
 # Needs the SVF expert (python train_svf.py). Tables: runs/<experiment>/eval/results.json.
 set -euo pipefail
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on shared cores one busy thread beats two that wait on each other
 cd "$(dirname "$0")/.."
 SVF=runs/svf-smollm2_135m-reasoning/svf.safetensors
 LIMIT=${LIMIT:-100}  # reasoning items per split (test: in-template, test_ood: held-out templates)
@@ -21,15 +22,19 @@ evaluate() {  # evaluate OUT FACTS RUN...
     $(for r in "$@"; do echo --adapter "$r"; done)
 }
 
+PART=${1:-all}
+
 # 1. The user's command on facts that played no part in choosing the defaults (100 facts, ten relations).
-H=runs/heldout; F=data/facts/facts_heldout.jsonl
-inject $H/palora-s0 --facts $F
-inject $H/palora_act-s0 --facts $F --method palora_act
-inject $H/lora-s0 --facts $F --method lora
-inject $H/palora_act+known-s0 --facts $F --method palora_act --mix-known data/known/known_mix.jsonl \
-  --act-known data/known/known_mix.jsonl
-evaluate $H/eval $F $H/palora-s0 $H/palora_act-s0 $H/lora-s0 $H/palora_act+known-s0
+if [ "$PART" = all ] || [ "$PART" = heldout ]; then
+  H=runs/heldout; F=data/facts/facts_heldout.jsonl
+  inject $H/palora-s0 --facts $F
+  inject $H/palora_act-s0 --facts $F --method palora_act
+  inject $H/lora-s0 --facts $F --method lora
+  evaluate $H/eval $F $H/palora-s0 $H/palora_act-s0 $H/lora-s0
+fi
 
 # 2. Every method, two seeds, on the first 40 facts of the tuning set (with the random control).
-python reproduce.py --n-facts 40 --seeds 0,1 --methods palora,random,topk,lora,palora_act \
-  --limit "$LIMIT" --svf "$SVF" --out runs/reproduce --plot
+if [ "$PART" = all ] || [ "$PART" = methods ]; then
+  python reproduce.py --n-facts 40 --seeds 0,1 --methods palora,random,topk,lora,palora_act \
+    --limit "$LIMIT" --svf "$SVF" --out runs/reproduce --plot
+fi
