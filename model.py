@@ -405,8 +405,9 @@ def sample(logits, temperature: float, top_p: float, generator=None):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0, generator=None):
     """prompts: lists of token ids, left-padded into one batch -> each row's new tokens, cut
-    before its first eos. The batch stops once every row has emitted an eos. Every step calls
-    model(...), so hooks of a wrapper (DDP, FSDP) run."""
+    before its first eos. Rows that have emitted an eos leave the batch (and the KV cache) once
+    they are an eighth of it, and the loop stops when none is left: evaluation answers end at
+    very different lengths. Every step calls model(...), so hooks of a wrapper (DDP, FSDP) run."""
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if max_new_tokens == 0:
@@ -426,18 +427,25 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0
     cache = core.new_cache(B, S)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # (b,): the row of `out` each running row fills
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (b,): emitted an eos already
     prompt_mask = None if mask is None else mask[:, :P]
     logits = model(tokens, prompt_mask, cache, 0, last=True)[:, -1]  # the whole prompt: (B, V)
     for t in range(max_new_tokens):
-        next_token = sample(logits, temperature, top_p, generator)  # (B,)
-        out[:, t] = next_token
+        next_token = sample(logits, temperature, top_p, generator)  # (b,)
+        out[rows, t] = next_token
         done |= torch.isin(next_token, eos)
-        if t + 1 == max_new_tokens or done.all():  # finished rows go on until all have
+        finished = int(done.sum())  # one sync a step: free on a CPU
+        if t + 1 == max_new_tokens or finished == len(rows):
             break
+        if finished * 8 >= len(rows):  # drop finished rows once they are 1/8 of the batch
+            keep = (~done).nonzero()[:, 0]  # (b',)
+            rows, done, next_token = rows[keep], done[keep], next_token[keep]
+            cache = [(k[keep], v[keep]) for k, v in cache]  # (b', Hkv, S_max, Dh) each
+            mask = None if mask is None else mask[keep]
         start = P + t
         step_mask = None if mask is None else mask[:, : start + 1]
-        logits = model(next_token[:, None], step_mask, cache, start)[:, -1]  # (B, V)
+        logits = model(next_token[:, None], step_mask, cache, start)[:, -1]  # (b, V)
     new = out[:, : t + 1].tolist()
     return [row[: next((i for i, x in enumerate(row) if x in eos_ids), len(row))] for row in new]
 

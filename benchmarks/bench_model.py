@@ -2,23 +2,20 @@
 run.
 
 Prints one table with the ratio ours/theirs for: forward tokens/s (batch 8x128, float32 and
-bfloat16), one training
-step with only a small vector trainable (a per-channel scale on each MLP output, batch 8x64), greedy
-generation
-tokens/s (64 new tokens after a 42-token prompt, batch 1 and 8), and peak RSS while loading (each
-load in a fresh
-subprocess, /proc VmHWM after loading minus before, divided by the weights' bytes).
+bfloat16), one training step with only a small vector trainable (a per-channel scale on each MLP
+output, batch 8x64), greedy generation tokens/s (64 new tokens after a 42-token prompt, batch 1
+and 8), and peak RSS while loading (each load in a fresh subprocess, /proc VmHWM after loading
+minus before, divided by the weights' bytes).
 Goals (issue 11): greedy batch 1 at >= 90% of the memory-bandwidth ceiling, batch 8 >= 1.5x
 transformers. The ceiling is measured in the same run: one matrix-vector product over as many
 float32 bytes as the weights (what a batch-1 decoding step must read), as tokens/s; each
 generation figure is also printed as a % of it. `--only generate` runs the generation rows alone.
 
 Timings are the best of --repeats runs, ours and theirs interleaved, so that load from other
-processes on a shared
-machine hits both alike; the load average is printed with the table.
+processes on a shared machine hits both alike; the median and the spread (min-max) of each are
+printed too, with the load average and the CPU flags.
 
-Run:  python benchmarks/bench_model.py                        (smollm2_135m, 2 threads, about 5
-minutes)
+Run:  python benchmarks/bench_model.py                 (smollm2_135m, 2 threads, about 5 minutes)
       python benchmarks/bench_model.py --ckpt path/to/folder --threads 4 --repeats 5
 """
 
@@ -27,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as M  # noqa: E402
+from checkpoints import resolve  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 42, 64
 
@@ -52,11 +51,14 @@ def best_time(fn, repeats):
 
 
 def compare(fn_ours, fn_theirs, repeats):
-    """Best seconds of each, measured alternately."""
+    """Best seconds of each, measured alternately; the median and spread of each are printed."""
     ours, theirs = [], []
     for _ in range(repeats):
         ours.append(best_time(fn_ours, 1))
         theirs.append(best_time(fn_theirs, 1))
+    for name, times in (("ours", ours), ("theirs", theirs)):
+        spread = f"{min(times):.3f}-{max(times):.3f}"
+        print(f"  {name}: median {statistics.median(times):.3f} s, spread {spread} s", flush=True)
     return min(ours), min(theirs)
 
 
@@ -91,23 +93,23 @@ def train_step_fn(model, logits_of, tokens):
 
 LOAD_SNIPPET = """
 import sys, torch
-import torch._dynamo  # imported lazily by some meta-device paths (~70 MB of modules): count it in
-the baseline
+# imported lazily by some meta-device paths (~70 MB of modules): count it in the baseline
+import torch._dynamo
 torch.set_num_threads({threads})
 which, folder, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 if which == "ours":
     sys.path.insert(0, {root!r}); import model as M
 else:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-def peak_kib():  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large)
-benchmark process
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) benchmark process
+def peak_kib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 before = peak_kib()
 if which == "ours":
     m, _ = M.load(folder, dtype=dtype)
 else:  # the model and its tokenizer, as model.load returns both
-    m, _ = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype),
-    AutoTokenizer.from_pretrained(folder)
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    _ = AutoTokenizer.from_pretrained(folder)
 after = peak_kib()
 with torch.no_grad():  # transformers maps the file and reads it on first use: count that too
     m(torch.zeros(1, 8, dtype=torch.long))
@@ -163,8 +165,8 @@ def main():
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.set_num_threads(args.threads)
-    ours, tokenizer = M.load(args.ckpt)
-    folder = ours.folder
+    folder = resolve(args.ckpt)
+    ours, tokenizer = M.load(folder)
     rows = []  # (measure, ours, theirs, unit, higher is better)
     g = torch.Generator().manual_seed(0)
     V = ours.args.vocab_size

@@ -162,6 +162,25 @@ def test_generation_stops_each_row_at_its_eos(folders):
         assert row == (full[: full.index(eos)] if eos in full else full)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_finished_rows_leave_the_batch_with_the_same_answers(folders, name):
+    """Rows stopping at different steps leave the batch (and the KV cache): every row's answer is
+    still the one it gets alone, unpadded, and the batch does shrink."""
+    ours, _ = M.load(folders[name])
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(3, 300, (n,), generator=g).tolist() for n in (3, 9, 5, 12, 7, 4, 10, 6)
+    ]
+    free = M.generate(ours, prompts, 16, eos_ids=set())
+    eos = {free[b][step] for b, step in ((0, 2), (3, 5), (5, 9))}  # rows stop at several steps
+    sizes = []
+    ours.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    got = M.generate(ours, prompts, 16, eos)
+    assert sizes[0] == len(prompts) and min(sizes) < len(prompts)
+    assert any(len(row) < 16 for row in got) and any(len(row) == 16 for row in got)
+    assert got == [M.generate(ours, [p], 16, eos)[0] for p in prompts]
+
+
 def test_sampling(folders):
     ours, _ = M.load(folders["llama"])
     prompts = [[5, 6, 7], [8, 9]]
