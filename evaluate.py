@@ -8,8 +8,10 @@ retention = strict / the expert's; reliability (facts recalled on their trained 
 generalization (on held-out paraphrases); locality (of the known facts the base answers, the share
 still answered on the first line; `_any`: the gold anywhere in the answer); collapse (share of the fact
 answers taken by the 5 most frequent); leak_out ||U_Sᵀ dW|| / ||dW||, leak_in ||dW V_S|| / ||dW||
-against the PALoRA probe's S, worst matrix; trainable, added and share of parameters. Paired
-bootstrap intervals for the headline differences follow the table.
+against the PALoRA probe's S, worst matrix (undefined for imsm and smf: no weight update); trainable,
+added and share of parameters; touched (smf: memory slots written); time (seconds per generated
+token, relative to the base row, on the same prompts). Paired bootstrap intervals for the headline
+differences follow the table.
 
     python evaluate.py --adapter runs/inject-palora-facts-s0 --adapter runs/inject-lora-facts-s0
     python evaluate.py --verify runs/inject-palora-facts-s0   # the guarantee from the files, float64
@@ -42,7 +44,7 @@ from training import resolve_device, resolve_dtype
 
 COLUMNS = ("strict", "flexible", "strict_ood", "retention", "retention_ood", "reliability",
            "generalization", "locality", "locality_any", "collapse", "gold_collapse", "leak_out",
-           "leak_in", "trainable", "added", "share")
+           "leak_in", "trainable", "added", "share", "touched", "time")
 COMPARE = (("palora", "lora"), ("palora", "topk"), ("palora", "random"), ("palora_act", "palora"))
 NAN = float("nan")
 
@@ -177,6 +179,19 @@ def leak_columns(run: Path, model_svds: dict, identity: str, dW: dict) -> dict:
             "spectrum": spectrum}
 
 
+def seconds_per_token(model, tokenizer, questions: list, n: int = 16) -> float:
+    """Greedy decoding time per new token (prefill included, eos ignored) on up to 8 questions in
+    one batch: every row does the same work. Best of 2 runs."""
+    ids = [tokenizer.encode(tasks.chat_prompt(tokenizer, q), add_special_tokens=False)
+           for q in questions[:8]]
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        model_lib.generate(model, ids, n, eos_ids=set())  # ends in .tolist(): the device synced
+        times.append(time.perf_counter() - t0)
+    return min(times) / n
+
+
 def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, runs: list) -> list:
     """Rows for the base, the expert (if any) and each run; the checkpoint is loaded once, each row
     works on a copy. Locality against the base's answers."""
@@ -191,7 +206,7 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
     for group, svf_path, run in entries:
         t0 = time.time()
         model = copy.deepcopy(base)
-        info = {"trainable": 0, "added": 0, "leak_out": NAN, "leak_in": NAN}
+        info = {"trainable": 0, "added": 0, "leak_out": NAN, "leak_in": NAN, "touched": NAN}
         if svf_path:
             z, _ = adapters.load_svf(svf_path, identity, model)
             palora.add_svf(model, {n: model_svds[n] for n in z}, z)
@@ -200,9 +215,12 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
         if run:
             model, loaded = adapters.load_run(model, run, identity)
             info["added"] = loaded["added"]
+            info["touched"] = loaded.get("touched", NAN)
             info["trainable"] = json.loads((run / "summary.json").read_text())["trainable"]
-            info.update(leak_columns(run, model_svds, identity, loaded["dW"]))
+            if loaded["dW"]:  # a weight update: its leakage against the probe
+                info.update(leak_columns(run, model_svds, identity, loaded["dW"]))
         metrics, items = score(model, tokenizer, data, cfg)
+        info["s_per_token"] = seconds_per_token(model, tokenizer, [r["question"] for r in data["facts"]])
         base_known = base_known or items
         rows.append({"name": run.name if run else group, "group": group, **metrics,
                      "locality": locality(base_known["known_ok"], items["known_ok"]),
@@ -214,6 +232,7 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
         del model
     expert = {k: next((r[k] for r in rows if r["group"] == "svf"), NAN) for k in ("strict", "strict_ood")}
     for r in rows:
+        r["time"] = r["s_per_token"] / rows[0]["s_per_token"]  # rows[0]: the base model
         r["retention"] = r["strict"] / expert["strict"] if expert["strict"] else NAN
         r["retention_ood"] = r["strict_ood"] / expert["strict_ood"] if expert["strict_ood"] else NAN
     return rows
@@ -241,8 +260,10 @@ def aggregate(rows: list) -> list:
 def cell(column: str, m: float, s: float) -> str:
     if math.isnan(m):
         return "-"
-    if column in ("trainable", "added"):
+    if column in ("trainable", "added", "touched"):
         return f"{m:,.0f}"
+    if column == "time":
+        return f"{m:.2f}x"
     form = ".2e" if column.startswith("leak") else ".3f"
     text = f"{100 * m:.3f}%" if column == "share" else f"{m:{form}}"
     return text + (f" ± {s:{form}}" if s > 0 and column != "share" else "")
@@ -314,7 +335,8 @@ def verify(run: Path, cfg: Config) -> dict:
     """The guarantee from the files alone, in float64. The method is the adapter file's; the probe
     file must hold exactly the set the run's recorded expert, rule and seed give; dW (projections
     folded in) must not reach that set: both sides for palora, topk and random, the output side for
-    palora_act; the other methods are reported."""
+    palora_act; the other LoRA methods are reported; imsm and smf are not projection methods (no
+    weight update to bound): reported as such, not failed."""
     run_cfg = adapters.run_config(run)
     folder = checkpoints.resolve(run_cfg["ckpt"])
     identity = checkpoints.identity(folder)
@@ -330,6 +352,9 @@ def verify(run: Path, cfg: Config) -> dict:
             raise palora.PaloraError(f"{run}/probe.safetensors: {n} holds {len(protected[n])} "
                                      f"indices, not the {len(want[n])} its record gives")
     _, loaded = adapters.load_run(model, run, identity)
+    if not loaded["dW"]:  # imsm, smf: no weight update whose leakage the probe could bound
+        print(f"{run}: {method}: not a projection method, no leakage to verify (probe file OK)")
+        return {"run": str(run), "method": method, "worst": NAN, "leakage": {}, "ok": True}
     leak = {}
     for n, d in loaded["dW"].items():
         U_S, V_S = palora.protected_bases(model_svds[n], protected[n])
@@ -413,10 +438,10 @@ def main(cfg: Config) -> dict:
     identity = checkpoints.identity(folder)
     runs = [Path(a) for a in cfg.adapter]
     for run in runs:  # every run checked before any scoring: its files, made for this checkpoint
-        for name in ("config.json", "summary.json", "adapter_model.safetensors", "probe.safetensors"):
+        for name in ("config.json", "summary.json", "probe.safetensors"):
             if not (run / name).is_file():
                 raise FileNotFoundError(f"{run / name}: missing (is {run} a finished inject.py run?)")
-        adapters.read_tensors(run / "adapter_model.safetensors", identity)
+        adapters.read_tensors(adapters.run_file(run), identity)
     configs = [adapters.run_config(run) for run in runs]
     svf = None if cfg.svf == "none" else cfg.svf or (configs[0]["svf"][0] if configs else None)
     facts = cfg.facts or (configs[0]["facts"] if configs else "data/facts/facts.jsonl")

@@ -4,6 +4,7 @@ table with paired intervals. The only script that runs the others.
 
     python reproduce.py                          # every method x seeds 0,1,2, then the table
     python reproduce.py --methods palora,lora --seeds 0
+    python reproduce.py --methods palora,imsm,smf       # the other answers: siamese, memory layers
     python reproduce.py --sweep                  # PALoRA's settings: lr, recall target, replay, probe
 
 Runs live in --out as <setting>-s<seed>/. A finished run whose config.json matches is reused, a
@@ -90,7 +91,7 @@ def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
             run = inject.Config(ckpt=cfg.ckpt, svf=[str(svf)], facts=str(facts), seed=seed,
                                 out=str(out), device=cfg.device, **overrides)
             runs.append(out)
-            if (out / "adapter_model.safetensors").exists():
+            if (out / "summary.json").exists():  # inject.py's last write: a finished run
                 same_run(out, {"method": run.method, "seed": seed, "facts": str(facts),
                                "svf": [str(svf)], **overrides})
                 continue
