@@ -1,11 +1,12 @@
-"""The whole comparison in one command: the SVF expert (reused if one exists for --ckpt), each method x
-seed injected on the same facts with the same rank, replay and stopping rule, then evaluate.py's
-table with paired intervals. The only script that runs the others.
+"""The whole comparison in one command: the SVF expert (reused if one exists for --ckpt), each
+method x seed injected on the same facts with the same rank, replay and stopping rule (imsm and smf
+too: adapters.METHODS), then evaluate.py's table with paired intervals. The only script that runs
+the others.
 
     python reproduce.py                          # every method x seeds 0,1,2, then the table
     python reproduce.py --methods palora,lora --seeds 0
     python reproduce.py --methods palora,imsm,smf       # the other answers: siamese, memory layers
-    python reproduce.py --sweep                  # PALoRA's settings: lr, recall target, replay, probe
+    python reproduce.py --sweep              # PALoRA's settings: lr, recall target, replay, probe
 
 Runs live in --out as <setting>-s<seed>/. A finished run whose config.json matches is reused, a
 half-done one resumed, and one made with other settings refused (inject.py's run-folder guard): a
@@ -32,12 +33,14 @@ REPO = Path(__file__).resolve().parent
 @dataclass
 class Config:
     ckpt: str = field(default=checkpoints.DEFAULT, metadata={"help": "checkpoint folder or name"})
-    svf: str = field(default="", metadata={"help": "SVF expert (default: the newest, or train one)"})
+    svf: str = field(default="", metadata={
+        "help": "SVF expert (default: the newest, or train one)"})
     facts: str = field(default=inject.Config.facts, metadata={"help": "facts JSONL to inject"})
     n_facts: int = field(default=100, metadata={"help": "the first N facts (0: all)", "ge": 0})
     methods: str = field(default=",".join(adapters.METHODS), metadata={"help": "comma-separated"})
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
-    sweep: bool = field(default=False, metadata={"help": "PALoRA's settings instead of the methods"})
+    sweep: bool = field(default=False, metadata={
+        "help": "PALoRA's settings instead of the methods"})
     limit: int = field(default=0, metadata={"help": "reasoning items scored per split (0: all)",
                                             "ge": 0})
     out: str = field(default="runs/reproduce", metadata={"help": "output folder"})
@@ -113,7 +116,8 @@ def main(cfg: Config) -> dict:
         tasks.atomic_write_text(facts, "".join(lines))
     svf = expert(cfg, identity)
     runs = inject_all(cfg, svf, facts)
-    return evaluate.main(evaluate.Config(ckpt=cfg.ckpt, svf=str(svf), adapter=[str(r) for r in runs],
+    adapter = [str(r) for r in runs]
+    return evaluate.main(evaluate.Config(ckpt=cfg.ckpt, svf=str(svf), adapter=adapter,
                                          facts=str(facts), limit=cfg.limit, device=cfg.device,
                                          out=str(folder / "eval"), plot=cfg.plot))
 
