@@ -352,6 +352,8 @@ def attach(model, method: str, r: int, alpha: float, seed: int, svds: dict, prot
         siamese = imsm.Siamese(model, kinds, r, alpha, gate_rank=r, seed=seed)
         return siamese, imsm.trainable(siamese)
     if method == "smf":
+        if memory is None or not memory.corpus:
+            raise PaloraError("smf needs a background corpus (adapters.Memory.corpus)")
         device = next(model.parameters()).device
         seqs = [torch.tensor([ids], device=device) for ids in memory.corpus]
         run = lambda: [model(x) for x in seqs]  # one row per example: no padding

@@ -32,9 +32,10 @@ def recorders(monkeypatch) -> list:
 
 def test_methods_imsm_and_smf(setup, tmp_path, monkeypatch):
     calls = recorders(monkeypatch)
-    argv = ["--ckpt", str(setup.ckpt), "--svf", str(setup.svf), "--facts", str(setup.facts),
-            "--methods", "imsm,smf", "--seeds", "0,1", "--out", str(tmp_path)]
-    cfg = cli.parse_config(reproduce.Config, argv)
+    paths = f"--ckpt {setup.ckpt} --svf {setup.svf} --facts {setup.facts} --out {tmp_path}"
+    cfg = cli.parse_config(
+        reproduce.Config, [*paths.split(), "--methods", "imsm,smf", "--seeds", "0,1"]
+    )
     evaluated = reproduce.main(cfg)
     assert calls == [("imsm", 0), ("smf", 0), ("imsm", 1), ("smf", 1)]
     runs = [str(tmp_path / f"{m}-s{s}") for s in (0, 1) for m in ("imsm", "smf")]
@@ -45,8 +46,9 @@ def test_methods_imsm_and_smf(setup, tmp_path, monkeypatch):
 
 def test_unknown_method_is_refused_before_anything_runs(setup, tmp_path, monkeypatch):
     calls = recorders(monkeypatch)
-    cfg = reproduce.Config(ckpt=str(setup.ckpt), svf=str(setup.svf), methods="imsm,dora",
-                           out=str(tmp_path / "out"))
+    cfg = reproduce.Config(
+        ckpt=str(setup.ckpt), svf=str(setup.svf), methods="imsm,dora", out=str(tmp_path / "out")
+    )
     with pytest.raises(cli.ConfigError, match="unknown method 'dora'"):
         reproduce.main(cfg)
     assert not calls and not (tmp_path / "out").exists()
