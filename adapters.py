@@ -5,33 +5,42 @@ explicitly: a file made for another checkpoint is refused, naming it.
 - the SVD cache: <cache>/<identity>/<weight name>.safetensors, U, s, Vh with checksums;
 - an SVF expert: z vectors by weight name (train_svf.py);
 - a probe: the int64 indices a run protects in each matrix (inject.py);
-- a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) that peft and vLLM load as is;
+- a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) that peft and vLLM load
+  as is;
+- imsm.safetensors (IMSM's LoRA and gate) and smf.safetensors (SMF's memory layers);
 - a merged Hugging Face folder, from a model the caller has merged.
-The dispatch: METHODS, attach (put a method on a model, get name -> trainable Parameter), save_run and
-load_run. One if/elif on the method; a new method is a module plus one branch in each.
+The dispatch: METHODS; attach (put a method on a model, get the module that trains and answers and
+its name -> trainable Parameter); optimizer and step (what inject.py's loop does per method);
+save_run and load_run. One if/elif on the method in each; a new method is a module plus one branch.
 """
 
 import hashlib
 import json
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
+import imsm
 import palora
+import smf
 from palora import PaloraError
 from tasks import atomic_save_file, atomic_write_json
+from training import answer_loss
 
 REPO = Path(__file__).resolve().parent
 SVD_CACHE = "cache/svd"  # default of every script's --svd-cache, relative to the repository
-METHODS = tuple(palora.METHODS)  # the values of --method, in table order
+METHODS = (*palora.METHODS, "imsm", "smf")  # the values of --method, in table order
+PEFT_FILE, IMSM_FILE, SMF_FILE = "adapter_model.safetensors", "imsm.safetensors", "smf.safetensors"
 
 
 def save_tensors(tensors: dict, path, metadata: dict):
-    """safetensors written atomically (a crash never leaves half a file); metadata values as strings."""
+    """safetensors written atomically (a crash never leaves half a file); metadata values as
+    strings."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # unshared
     atomic_save_file(tensors, path, {k: str(v) for k, v in metadata.items()})
 
@@ -63,10 +72,12 @@ def digest(*tensors: torch.Tensor) -> str:
 
 
 def cached_svd(W: torch.Tensor, path: Path, identity: str, name: str):
-    """palora.svd(W) from `path` if its metadata matches this weight, else computed and written there.
+    """palora.svd(W) from `path` if its metadata matches this weight, else computed and written
+    there.
 
-    Factors of another weight (identity, name, shape or W's checksum differ) are stale derived data,
-    recomputed with a warning; factors failing their own checksum are an error (a disk or writer fault).
+    Factors of another weight (identity, name, shape or W's checksum differ) are stale derived
+    data, recomputed with a warning; factors failing their own checksum are an error (a disk or
+    writer fault).
     """
     want = {"checkpoint": identity, "name": name, "shape": f"{W.shape[0]},{W.shape[1]}",
             "weight_sha256": digest(W)}
@@ -88,7 +99,8 @@ def cached_svd(W: torch.Tensor, path: Path, identity: str, name: str):
 
 
 def svds(model: nn.Module, targets, identity: str, cache=SVD_CACHE) -> dict:
-    """name -> (U, s, Vh) on the CPU, cached in cache/<identity>/<name>.safetensors ("": no cache)."""
+    """name -> (U, s, Vh) on the CPU, cached in cache/<identity>/<name>.safetensors ("": no
+    cache)."""
     if not cache:
         return palora.svds(model, targets)
     folder = REPO / cache / identity
@@ -121,8 +133,8 @@ def load_svf(path, identity: str, model: nn.Module | None = None) -> tuple[dict,
             linears[n] = min(m.out_features, m.in_features)
     for name, t in z.items():
         if t.shape != (linears.get(name),):
-            raise PaloraError(f"{path}: z for {name} has shape {tuple(t.shape)}, the model's weight "
-                              f"has R = {linears.get(name)}")
+            raise PaloraError(f"{path}: z for {name} has shape {tuple(t.shape)}, the model's "
+                              f"weight has R = {linears.get(name)}")
     return z, meta
 
 
@@ -131,8 +143,8 @@ def save_probe(path, protected: dict, identity: str, metadata: dict):
 
 
 def load_probe(path, identity: str, ranks: dict) -> tuple[dict, dict]:
-    """(name -> int64 indices, metadata), each matrix of `ranks` (name -> R) present, its indices 1-D
-    integers in [0, R) without repeats; anything else names the file and the matrix."""
+    """(name -> int64 indices, metadata), each matrix of `ranks` (name -> R) present, its indices
+    1-D integers in [0, R) without repeats; anything else names the file and the matrix."""
     protected, meta = read_tensors(path, identity)
     for name in sorted(set(protected) | set(ranks)):
         S = protected.get(name)
@@ -146,8 +158,9 @@ def load_probe(path, identity: str, ranks: dict) -> tuple[dict, dict]:
 
 
 def expected_probe(meta: dict, target_svds: dict, identity: str, method: str):
-    """(the probe's S, the set `method` protects) recomputed from what a probe file's metadata records:
-    the SVF expert files, the selection rule, the score and the seed (inject.make_base's steps)."""
+    """(the probe's S, the set `method` protects) recomputed from what a probe file's metadata
+    records: the SVF expert files, the selection rule, the score and the seed (inject.make_base's
+    steps)."""
     experts = [load_svf(p, identity)[0] for p in json.loads(meta["svf"])]
     names = list(target_svds)
     probes = [{n: z[n] for n in names if n in z} for z in experts]
@@ -232,27 +245,159 @@ def save_merged(model: nn.Module, checkpoint: Path, out: Path):
             raise PaloraError(f"{checkpoint}: tensor {k} {shape} has no counterpart in the model")
     out.mkdir(parents=True, exist_ok=True)
     for f in Path(checkpoint).iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".gguf")):
+        weights = (".safetensors", ".safetensors.index.json", ".gguf")
+        if f.is_file() and not f.name.endswith(weights):
             shutil.copyfile(f, out / f.name)
     save_tensors({k: state[k] for k in keys}, out / "model.safetensors", {"format": "pt"})
+
+
+# -----------------------------------------------------------------------------
+# IMSM and SMF runs: their trained tensors with the settings that rebuild the modules
+
+
+def copy_into(params: dict, tensors: dict, path):
+    """Load a file's tensors into name -> Parameter: the same names and shapes, else the file is
+    named."""
+    odd = sorted(params.keys() ^ tensors.keys())
+    if odd:
+        raise PaloraError(f"{path}: tensor {odd[0]} is in only one of the file and the model")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                shapes = f"{tuple(tensors[name].shape)}, the model's is {tuple(p.shape)}"
+                raise PaloraError(f"{path}: {name} has shape {shapes}")
+            p.copy_(tensors[name])
+
+
+def save_imsm(siamese: imsm.Siamese, path, identity: str, metadata: dict):
+    """LoRA A/B and gate A/B, float32, with the targets, r, alpha and gate rank."""
+    meta = {"format": "imsm", "checkpoint": identity, "targets": ",".join(siamese.targets),
+            "r": siamese.r, "alpha": siamese.alpha, "gate_rank": siamese.gate.A.shape[0],
+            **metadata}
+    save_tensors({n: p.float() for n, p in imsm.trainable(siamese).items()}, path, meta)
+
+
+def load_imsm(model, path, identity: str) -> imsm.Siamese:
+    """The Siamese of a saved run on `model` (changed in place)."""
+    tensors, meta = read_tensors(path, identity)
+    if meta.get("format") != "imsm":
+        raise PaloraError(f"{path}: not an IMSM run (format {meta.get('format')!r})")
+    targets = tuple(meta["targets"].split(","))
+    r, alpha, gate_rank = int(meta["r"]), float(meta["alpha"]), int(meta["gate_rank"])
+    siamese = imsm.Siamese(model, targets, r, alpha, gate_rank)
+    copy_into(imsm.trainable(siamese), tensors, path)
+    return siamese
+
+
+def memory_tensors(model) -> dict:
+    """"<memory name>.<W_q|K|V|W_o>" -> Parameter of every SMF memory layer."""
+    mems = smf.memories(model)
+    return {f"{n}.{p}": t for n, m in mems.items() for p, t in m.named_parameters()}
+
+
+def save_smf(model, path, identity: str, metadata: dict):
+    """Every memory tensor, with the blocks, slots, top-k and value width."""
+    mems = smf.memories(model)
+    first = next(iter(mems.values()))
+    meta = {"format": "smf", "checkpoint": identity,
+            "layers": ",".join(n.split(".")[2] for n in mems),  # model.layers.<i>.mlp.memory
+            "n_slots": first.V.shape[0], "k": first.k, "value_dim": first.V.shape[1], **metadata}
+    save_tensors(memory_tensors(model), path, meta)
+
+
+def load_smf(model, path, identity: str) -> dict:
+    """The memory layers of a saved run, added to `model`: name -> smf.MemoryLayer."""
+    tensors, meta = read_tensors(path, identity)
+    if meta.get("format") != "smf":
+        raise PaloraError(f"{path}: not an SMF run (format {meta.get('format')!r})")
+    layers = [int(i) for i in meta["layers"].split(",")]
+    sizes = int(meta["n_slots"]), int(meta["k"])
+    mems = smf.add_memory(model, layers, *sizes, value_dim=int(meta["value_dim"]))
+    copy_into(memory_tensors(model), tensors, path)
+    return mems
 
 
 # -----------------------------------------------------------------------------
 # the dispatch: what --method means
 
 
+@dataclass
+class Memory:
+    """SMF's settings (inject.py's --smf-* flags) and its background corpus: unpadded token id lists
+    (the skill's and known examples) that set the keys and that slots are ranked against."""
+
+    slots: int = smf.SLOTS
+    top_k: int = smf.TOP_K
+    top_t: int = smf.TOP_T
+    score: str = "tfidf"
+    corpus: list = field(default_factory=list)
+    background: dict = field(default_factory=dict)  # name -> smf.Access, filled by attach
+
+    def __post_init__(self):  # a bad size fails here, before any model is loaded
+        smf.check_sizes(self.slots, self.top_k)
+        if self.top_t < 1 or self.score not in ("tfidf", "kl"):
+            raise smf.SMFError(f"SMF top-T must be >= 1 and the score tfidf or kl, got "
+                               f"{self.top_t}, {self.score!r}")
+
+
 def attach(model, method: str, r: int, alpha: float, seed: int, svds: dict, protected=None,
-           input_bases=None) -> dict[str, nn.Parameter]:
-    """Put `method` on the targets that svds names; returns name -> trainable Parameter."""
+           input_bases=None, memory: Memory | None = None) -> tuple[nn.Module, dict]:
+    """Put `method` on the targets that svds names -> (the module that trains and answers: the
+    model itself, or imsm's Siamese around it; name -> trainable Parameter). SMF's memory goes
+    beside the MLPs of smf.default_layers, keys and background accesses from memory.corpus."""
     if method in palora.METHODS:
-        return palora.add_lora(model, method, r, alpha, svds, protected, input_bases, seed)
+        return model, palora.add_lora(model, method, r, alpha, svds, protected, input_bases, seed)
+    if method == "imsm":  # the gate's rank is r: 5 D r parameters
+        kinds = tuple(sorted({palora.matrix_kind(n) for n in svds}))
+        siamese = imsm.Siamese(model, kinds, r, alpha, gate_rank=r, seed=seed)
+        return siamese, imsm.trainable(siamese)
+    if method == "smf":
+        if memory is None or not memory.corpus:
+            raise PaloraError("smf needs a background corpus (adapters.Memory.corpus)")
+        device = next(model.parameters()).device
+        seqs = [torch.tensor([ids], device=device) for ids in memory.corpus]
+        run = lambda: [model(x) for x in seqs]  # one row per example: no padding
+        smf.add_memory(model, None, memory.slots, memory.top_k, keys_from=run, seed=seed)
+        with torch.no_grad():
+            memory.background = smf.accesses(model, run)
+        return model, smf.trainable(model)
     raise PaloraError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
 
 
-def save_run(model, method: str, out: Path, identity: str, base: str, metadata: dict):
+def optimizer(method: str, params: dict, lr: float, gate_lr: float) -> torch.optim.Optimizer:
+    """Adam on the LoRA factors; IMSM's gate at its own stated gate_lr; SMF: SparseAdam, which
+    moves exactly the value rows in the step's sparse gradient (AdamW's momentum would move the
+    rows chosen earlier: a known flaw of the public reimplementations)."""
+    if method == "imsm":
+        return torch.optim.Adam(imsm.param_groups(params, lr, gate_lr))
+    if method == "smf":
+        return torch.optim.SparseAdam(list(params.values()), lr=lr)
+    return torch.optim.Adam(list(params.values()), lr=lr)
+
+
+def step(method: str, module, opt, tokens, labels, mask, memory=None) -> torch.Tensor:
+    """One training step on a batch (forward, backward, optimizer step) -> its loss. IMSM: its own
+    loss (prompt means over the prompt only); SMF: the top-T slots per layer against the
+    background, then a step on those value rows alone."""
+    if method == "smf":
+        args = memory.background, opt, memory.top_t, memory.score
+        return torch.tensor(smf.train_step(module, tokens, labels, mask, *args)[0])
+    loss = (imsm.loss if method == "imsm" else answer_loss)(module, tokens, labels, mask)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def save_run(module, method: str, out: Path, identity: str, base: str, metadata: dict):
     """The trained part of a run, in its method's format (the LoRA family: a PEFT adapter)."""
+    meta = {"method": method, **metadata}
     if method in palora.METHODS:
-        return save_peft(model, out, base, identity, {"method": method, **metadata})
+        return save_peft(module, out, base, identity, meta)
+    if method == "imsm":
+        return save_imsm(module, Path(out) / IMSM_FILE, identity, {"base": base, **meta})
+    if method == "smf":
+        return save_smf(module, Path(out) / SMF_FILE, identity, {"base": base, **meta})
     raise PaloraError(f"unknown method {method!r}")
 
 
@@ -267,21 +412,40 @@ def run_config(run: Path) -> dict:
         raise PaloraError(f"{path}: unreadable ({e})") from None
 
 
+def run_file(run: Path) -> Path:
+    """The file holding a run's trained part, whatever its method."""
+    for name in (PEFT_FILE, IMSM_FILE, SMF_FILE):
+        if (Path(run) / name).is_file():
+            return Path(run) / name
+    raise FileNotFoundError(f"{run}: no {PEFT_FILE}, {IMSM_FILE} or {SMF_FILE} (is it a finished "
+                            f"inject.py run?)")
+
+
 def run_method(run: Path) -> str:
     """A run's method as its trained file says (trusted over config.json, which is easy to edit)."""
-    method = read_tensors(Path(run) / "adapter_model.safetensors")[1].get("method")
+    path = run_file(run)
+    method = read_tensors(path)[1].get("method")
     if method not in METHODS:
-        raise PaloraError(f"{run}/adapter_model.safetensors: no known method in its metadata")
+        raise PaloraError(f"{path}: no known method in its metadata")
     return method
 
 
 def load_run(model, run: Path, identity: str) -> tuple[nn.Module, dict]:
-    """(the model to evaluate, info): the run's trained part loaded onto `model` (the merged expert),
-    then merged where the method allows. info: method, added parameters, dW per weight (float64)."""
+    """(the model to evaluate, info): the run's trained part loaded onto `model` (the merged
+    expert), then merged where the method allows. info: method, added parameters, dW per weight
+    (float64; empty where the method is no weight update: leakage is undefined), slots touched
+    (SMF)."""
     method = run_method(run)
     if method in palora.METHODS:
         layers, _ = load_peft(model, run, identity)
         added = sum(m.A.numel() + m.B.numel() for m in layers.values())
         dW = {n: m.scale * (m.B.double() @ m.A.double()) for n, m in layers.items()}  # (out, in)
         return palora.merge_lora(model), {"method": method, "added": added, "dW": dW}
+    if method == "imsm":  # two streams and a gate: nothing to merge
+        siamese = load_imsm(model, Path(run) / IMSM_FILE, identity)
+        return siamese, {"method": method, "added": imsm.added_parameters(siamese), "dW": {}}
+    if method == "smf":
+        load_smf(model, Path(run) / SMF_FILE, identity)
+        info = {"added": smf.added_parameters(model), "touched": smf.touched(model)}
+        return model, {"method": method, "dW": {}, **info}
     raise PaloraError(f"unknown method {method!r}")

@@ -1,22 +1,24 @@
 """Evaluate PALoRA against every baseline in one table: what each model kept of the skill, what it
 learned, what it broke. It scores; reproduce.py trains and then calls it.
 
-Rows: the base checkpoint, the SVF expert, each inject.py run (seeds <name>-s<seed> of one setting give
-one row, mean ± sample std). Greedy, batched, KV cache. Columns: strict and flexible accuracy on the
-skill's held-out set and on its held-out-TEMPLATE set (`_ood`: question frames never trained on);
-retention = strict / the expert's; reliability (facts recalled on their trained questions);
+Rows: the base checkpoint, the SVF expert, each inject.py run (seeds <name>-s<seed> of one setting
+give one row, mean ± sample std). Greedy, batched, KV cache. Columns: strict and flexible accuracy
+on the skill's held-out set and on its held-out-TEMPLATE set (`_ood`: question frames never trained
+on); retention = strict / the expert's; reliability (facts recalled on their trained questions);
 generalization (on held-out paraphrases); locality (of the known facts the base answers, the share
-still answered on the first line; `_any`: the gold anywhere in the answer); collapse (share of the fact
-answers taken by the 5 most frequent); leak_out ||U_Sᵀ dW|| / ||dW||, leak_in ||dW V_S|| / ||dW||
-against the PALoRA probe's S, worst matrix; trainable, added and share of parameters. Paired
-bootstrap intervals for the headline differences follow the table.
+still answered on the first line; `_any`: the gold anywhere in the answer); collapse (share of the
+fact answers taken by the 5 most frequent); leak_out ||U_Sᵀ dW|| / ||dW||, leak_in ||dW V_S|| /
+||dW|| against the PALoRA probe's S, worst matrix (undefined for imsm and smf: no weight update);
+trainable, added and share of parameters; touched (smf: memory slots written); time (seconds per
+generated token, relative to the base row, on the same prompts). Paired bootstrap intervals for the
+headline differences follow the table.
 
     python evaluate.py --adapter runs/inject-palora-facts-s0 --adapter runs/inject-lora-facts-s0
-    python evaluate.py --verify runs/inject-palora-facts-s0   # the guarantee from the files, float64
+    python evaluate.py --verify runs/inject-palora-facts-s0   # the guarantee from the files
     python evaluate.py --probe-report runs/svf-smollm2_135m-reasoning/svf.safetensors
 
-Outputs in --out (default runs/eval): results.json (rows, per-item predictions, tasks.PROTOCOL, date,
-machine); with --plot, tradeoff.png and probe.png.
+Outputs in --out (default runs/eval): results.json (rows, per-item predictions, tasks.PROTOCOL,
+date, machine); with --plot, tradeoff.png and probe.png.
 """
 
 import copy
@@ -42,7 +44,7 @@ from training import resolve_device, resolve_dtype
 
 COLUMNS = ("strict", "flexible", "strict_ood", "retention", "retention_ood", "reliability",
            "generalization", "locality", "locality_any", "collapse", "gold_collapse", "leak_out",
-           "leak_in", "trainable", "added", "share")
+           "leak_in", "trainable", "added", "share", "touched", "time")
 COMPARE = (("palora", "lora"), ("palora", "topk"), ("palora", "random"), ("palora_act", "palora"))
 NAN = float("nan")
 
@@ -52,7 +54,8 @@ class Config:
     ckpt: str = field(default=checkpoints.DEFAULT, metadata={"help": "checkpoint folder or name"})
     svf: str = field(default="", metadata={"help": (
         "SVF expert for its own row (default: the first run's; 'none': no row)")})
-    adapter: list = field(default_factory=list, metadata={"help": "inject.py run folder, a row each"})
+    adapter: list = field(default_factory=list, metadata={
+        "help": "inject.py run folder, a row each"})
     reasoning: str = field(default="data/reasoning/test.jsonl", metadata={
         "help": "the skill's held-out set (its templates were trained on)"})
     reasoning_ood: str = field(default="data/reasoning/test_ood.jsonl", metadata={
@@ -84,14 +87,16 @@ class Config:
 
 
 def top_share(answers: list, k: int = 5) -> float:
-    """Share of the answers taken by the k most frequent normalised first lines: k/n when all differ."""
+    """Share of the answers taken by the k most frequent normalised first lines: k/n when all
+    differ."""
     firsts = [next((x for x in a.splitlines() if x.strip()), "") for a in answers]
     counts = Counter(tasks.normalize_answer(x) for x in firsts)
     return sum(c for _, c in counts.most_common(k)) / len(answers) if answers else NAN
 
 
 def anywhere(prediction: str, gold: str) -> bool:
-    """The gold, normalised, as whole words anywhere in the normalised answer (not only line one)."""
+    """The gold, normalised, as whole words anywhere in the normalised answer (not only line
+    one)."""
     want = tasks.normalize_answer(gold)
     return bool(want) and f" {want} " in f" {tasks.normalize_answer(prediction)} "
 
@@ -108,7 +113,8 @@ def mean(values) -> float:
 
 
 def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: int = 0):
-    """Mean of a - b and its 95% bootstrap interval; a, b (seeds, items) of 0/1, paired by seed and item.
+    """Mean of a - b and its 95% bootstrap interval; a, b (seeds, items) of 0/1, paired by seed and
+    item.
     Seeds and items are resampled with replacement, independently."""
     d = (a.double() - b.double())  # (seeds, items)
     g = torch.Generator().manual_seed(seed)
@@ -126,14 +132,16 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: in
 def check_length(records: list, path, tokenizer, limit: int, new_tokens: int):
     """A prompt that cannot fit the context with its answer is an error naming its line."""
     for r in records:
-        ids = tokenizer.encode(tasks.chat_prompt(tokenizer, r["question"]), add_special_tokens=False)
+        prompt = tasks.chat_prompt(tokenizer, r["question"])
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
         if len(ids) + new_tokens > limit:
             raise tasks.DataError(f"{path}:{r['_line']}: question of {len(ids)} tokens + "
                                   f"{new_tokens} new ones exceed the context ({limit})")
 
 
 def score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
-    """Greedy answers to every question set -> (metrics, per-item record: answers and 0/1 scores)."""
+    """Greedy answers to every question set -> (metrics, per-item record: answers and 0/1
+    scores)."""
     pairs = {"facts": [(r["question"], r["answer"]) for r in data["facts"]],
              "known": [(r["question"], r["answer"]) for r in data["known"]],
              "paraphrases": [(p, r["answer"]) for r in data["facts"]
@@ -173,8 +181,22 @@ def leak_columns(run: Path, model_svds: dict, identity: str, dW: dict) -> dict:
         leak[n] = palora.leakage(d, U_S.double(), V_S.double())
     spectrum = {n: {"R": len(model_svds[n][1]), "probe": S[n].tolist(), "topk": topk[n].tolist()}
                 for n in S}
-    return {"leak_out": max(v[0] for v in leak.values()), "leak_in": max(v[1] for v in leak.values()),
-            "spectrum": spectrum}
+    leak_out = max(v[0] for v in leak.values())
+    leak_in = max(v[1] for v in leak.values())
+    return {"leak_out": leak_out, "leak_in": leak_in, "spectrum": spectrum}
+
+
+def seconds_per_token(model, tokenizer, questions: list, n: int = 16) -> float:
+    """Greedy decoding time per new token (prefill included, eos ignored) on up to 8 questions in
+    one batch: every row does the same work. Best of 2 runs."""
+    ids = [tokenizer.encode(tasks.chat_prompt(tokenizer, q), add_special_tokens=False)
+           for q in questions[:8]]
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        model_lib.generate(model, ids, n, eos_ids=set())  # ends in .tolist(): the device synced
+        times.append(time.perf_counter() - t0)
+    return min(times) / n
 
 
 def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, runs: list) -> list:
@@ -191,7 +213,7 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
     for group, svf_path, run in entries:
         t0 = time.time()
         model = copy.deepcopy(base)
-        info = {"trainable": 0, "added": 0, "leak_out": NAN, "leak_in": NAN}
+        info = {"trainable": 0, "added": 0, "leak_out": NAN, "leak_in": NAN, "touched": NAN}
         if svf_path:
             z, _ = adapters.load_svf(svf_path, identity, model)
             palora.add_svf(model, {n: model_svds[n] for n in z}, z)
@@ -200,9 +222,13 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
         if run:
             model, loaded = adapters.load_run(model, run, identity)
             info["added"] = loaded["added"]
+            info["touched"] = loaded.get("touched", NAN)
             info["trainable"] = json.loads((run / "summary.json").read_text())["trainable"]
-            info.update(leak_columns(run, model_svds, identity, loaded["dW"]))
+            if loaded["dW"]:  # a weight update: its leakage against the probe
+                info.update(leak_columns(run, model_svds, identity, loaded["dW"]))
         metrics, items = score(model, tokenizer, data, cfg)
+        questions = [r["question"] for r in data["facts"]]
+        info["s_per_token"] = seconds_per_token(model, tokenizer, questions)
         base_known = base_known or items
         rows.append({"name": run.name if run else group, "group": group, **metrics,
                      "locality": locality(base_known["known_ok"], items["known_ok"]),
@@ -212,8 +238,10 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
         print(f"{rows[-1]['name']}: strict {metrics['strict']:.3f}, ood {metrics['strict_ood']:.3f}"
               f", reliability {metrics['reliability']:.3f} ({time.time() - t0:.0f} s)")
         del model
-    expert = {k: next((r[k] for r in rows if r["group"] == "svf"), NAN) for k in ("strict", "strict_ood")}
+    svf_row = next((r for r in rows if r["group"] == "svf"), {})
+    expert = {k: svf_row.get(k, NAN) for k in ("strict", "strict_ood")}
     for r in rows:
+        r["time"] = r["s_per_token"] / rows[0]["s_per_token"]  # rows[0]: the base model
         r["retention"] = r["strict"] / expert["strict"] if expert["strict"] else NAN
         r["retention_ood"] = r["strict_ood"] / expert["strict_ood"] if expert["strict_ood"] else NAN
     return rows
@@ -241,8 +269,10 @@ def aggregate(rows: list) -> list:
 def cell(column: str, m: float, s: float) -> str:
     if math.isnan(m):
         return "-"
-    if column in ("trainable", "added"):
+    if column in ("trainable", "added", "touched"):
         return f"{m:,.0f}"
+    if column == "time":
+        return f"{m:.2f}x"
     form = ".2e" if column.startswith("leak") else ".3f"
     text = f"{100 * m:.3f}%" if column == "share" else f"{m:{form}}"
     return text + (f" ± {s:{form}}" if s > 0 and column != "share" else "")
@@ -314,7 +344,8 @@ def verify(run: Path, cfg: Config) -> dict:
     """The guarantee from the files alone, in float64. The method is the adapter file's; the probe
     file must hold exactly the set the run's recorded expert, rule and seed give; dW (projections
     folded in) must not reach that set: both sides for palora, topk and random, the output side for
-    palora_act; the other methods are reported."""
+    palora_act; the other LoRA methods are reported; imsm and smf are not projection methods (no
+    weight update to bound): reported as such, not failed."""
     run_cfg = adapters.run_config(run)
     folder = checkpoints.resolve(run_cfg["ckpt"])
     identity = checkpoints.identity(folder)
@@ -330,6 +361,9 @@ def verify(run: Path, cfg: Config) -> dict:
             raise palora.PaloraError(f"{run}/probe.safetensors: {n} holds {len(protected[n])} "
                                      f"indices, not the {len(want[n])} its record gives")
     _, loaded = adapters.load_run(model, run, identity)
+    if not loaded["dW"]:  # imsm, smf: no weight update whose leakage the probe could bound
+        print(f"{run}: {method}: not a projection method, no leakage to verify (probe file OK)")
+        return {"run": str(run), "method": method, "worst": NAN, "leakage": {}, "ok": True}
     leak = {}
     for n, d in loaded["dW"].items():
         U_S, V_S = palora.protected_bases(model_svds[n], protected[n])
@@ -345,14 +379,15 @@ def verify(run: Path, cfg: Config) -> dict:
 
 
 def report_probe(svf: Path, cfg: Config) -> dict:
-    """Where one expert's probe (|m - 1|, half of each matrix) sits: per matrix kind, the shares in the
-    top, middle and bottom thirds of the spectrum, and the share top-k would also pick."""
+    """Where one expert's probe (|m - 1|, half of each matrix) sits: per matrix kind, the shares in
+    the top, middle and bottom thirds of the spectrum, and the share top-k would also pick."""
     folder = checkpoints.resolve(cfg.ckpt)
     identity = checkpoints.identity(folder)
     model, _ = model_lib.load(folder, device="cpu", dtype=torch.float32)
     z, _ = adapters.load_svf(svf, identity, model)
     kinds = tuple(sorted({palora.matrix_kind(n) for n in z}))
-    model_svds = {n: v for n, v in adapters.svds(model, kinds, identity, cfg.svd_cache).items() if n in z}
+    all_svds = adapters.svds(model, kinds, identity, cfg.svd_cache)
+    model_svds = {n: v for n, v in all_svds.items() if n in z}
     S = palora.probe(model_svds, [z])
     topk = palora.same_count("topk", S, palora.expert_svds(model_svds, z), 0)
     rows = []
@@ -363,12 +398,14 @@ def report_probe(svf: Path, cfg: Config) -> dict:
         rows.append({"name": n, "kind": palora.matrix_kind(n), "top": thirds[0].item(),
                      "middle": thirds[1].item(), "bottom": thirds[2].item(),
                      "mean_pos": pos.mean().item(), "topk_overlap": overlap})
-    print("| matrices | top third | middle third | bottom third | mean position | shared with top-k |")
+    print("| matrices | top third | middle third | bottom third | mean position "
+          "| shared with top-k |")
     print("|---|---|---|---|---|---|")
     for kind in [*dict.fromkeys(r["kind"] for r in rows), "all"]:
         sel = [r for r in rows if kind in ("all", r["kind"])]
         keys = ("top", "middle", "bottom", "mean_pos", "topk_overlap")
-        print(f"| {kind} ({len(sel)}) | " + " | ".join(f"{mean(r[k] for r in sel):.3f}" for k in keys) + " |")
+        cells = " | ".join(f"{mean(r[k] for r in sel):.3f}" for k in keys)
+        print(f"| {kind} ({len(sel)}) | {cells} |")
     m = torch.cat([palora.multiplier(model_svds[n][1], z[n]) for n in S])
     print(f"multipliers m over {len(m):,} components: {m.min():.3f} to {m.max():.3f}, median "
           f"|m - 1| {(m - 1).abs().median():.4f}")
@@ -413,10 +450,11 @@ def main(cfg: Config) -> dict:
     identity = checkpoints.identity(folder)
     runs = [Path(a) for a in cfg.adapter]
     for run in runs:  # every run checked before any scoring: its files, made for this checkpoint
-        for name in ("config.json", "summary.json", "adapter_model.safetensors", "probe.safetensors"):
+        for name in ("config.json", "summary.json", "probe.safetensors"):
             if not (run / name).is_file():
-                raise FileNotFoundError(f"{run / name}: missing (is {run} a finished inject.py run?)")
-        adapters.read_tensors(run / "adapter_model.safetensors", identity)
+                raise FileNotFoundError(f"{run / name}: missing (is {run} a finished inject.py "
+                                        f"run?)")
+        adapters.read_tensors(adapters.run_file(run), identity)
     configs = [adapters.run_config(run) for run in runs]
     svf = None if cfg.svf == "none" else cfg.svf or (configs[0]["svf"][0] if configs else None)
     facts = cfg.facts or (configs[0]["facts"] if configs else "data/facts/facts.jsonl")
@@ -434,7 +472,8 @@ def main(cfg: Config) -> dict:
     print(table)
     for p in pairs:
         print(f"{p['a']} - {p['b']}, strict on {p['split']} ({p['seeds']} seeds x {p['items']} "
-              f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] (95% paired bootstrap)")
+              f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] (95% paired "
+              f"bootstrap)")
     spectrum = next((r.pop("spectrum") for r in rows if "spectrum" in r), {})
     for r in rows:
         r.pop("spectrum", None)

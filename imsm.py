@@ -11,6 +11,8 @@ prefill (start = 0) and kept in the cache beside the two streams' KV caches. The
 the same modules with every LoRA scale set to 0 (`adapters_off`): no weight is copied.
 Reference code: github.com/ECNU-Text-Computing/IMSM (no KV cache, batch 1; its gate trains at
 AdamW's default lr because its parameter group has none: `param_groups` states both lrs).
+Siamese.forward takes model.Transformer's arguments, so model.generate decodes it (two KV caches in
+one Cache); this module touches no disk: adapters.py saves and loads a run (imsm.safetensors).
 
 Dimension letters (as model.py): B batch, T query positions, S cache slots, D hidden,
 V vocabulary, r gate rank.
@@ -18,7 +20,6 @@ V vocabulary, r gate rank.
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -27,8 +28,7 @@ import torch.nn.functional as F
 import palora
 from model import causal_mask, rope_cos_sin, rope_frequencies
 from palora import LoRALinear
-
-FILE = "imsm.safetensors"
+from tasks import IGNORE_INDEX
 
 
 class IMSMError(ValueError):
@@ -166,11 +166,14 @@ class Siamese(nn.Module):
         frozen = self.model.new_cache(batch_size, max_len)
         return Cache(frozen, self.model.new_cache(batch_size, max_len))
 
-    def forward(self, tokens, attention_mask=None, cache=None, start=0, prompt_mask=None):
-        """tokens (B, T) -> logits (B, T, V). prompt_mask (B, T): the tokens mean_p averages;
-        default: every real token of this call (right at prefill; in training pass the prompt part,
-        see `loss`). With a cache, a call at start = 0 stores the prompt means; later calls reuse
-        them."""
+    def forward(
+        self, tokens, attention_mask=None, cache=None, start=0, last=False, prompt_mask=None
+    ):
+        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last=True (model.Transformer's
+        arguments, so model.generate decodes a Siamese). prompt_mask (B, T): the tokens mean_p
+        averages; default: every real token of this call (right at prefill; in training pass the
+        prompt part, see `loss`). With a cache, a call at start = 0 stores the prompt means; later
+        calls reuse them."""
         w = self.model.lm_head.weight
         cos, sin, mask = attention_inputs(self.model.args, tokens, attention_mask, start, w.dtype)
         cache_f, cache_t = (None, None) if cache is None else (cache.frozen, cache.tuned)
@@ -186,24 +189,28 @@ class Siamese(nn.Module):
             means = (prompt_mean(h_f, prompt_mask), prompt_mean(h_t, prompt_mask))  # (B, D) each
             if cache is not None:
                 cache.means = means
+        if last:
+            h_f, h_t = h_f[:, -1:], h_t[:, -1:]  # (B, 1, D)
         return self.model.lm_head(self.gate(h_f, h_t, *means).to(w.dtype))  # (B, T, D) -> (B, T, V)
 
 
 # -----------------------------------------------------------------------------
-# training, generation, files
+# training
 
 
 def trainable(siamese: Siamese) -> dict[str, nn.Parameter]:
     """LoRA "<weight name>.A"/".B" and "gate.A", "gate.B". The gate needs its own stated lr
     (`param_groups`): the reference code's gate trains at AdamW's default 1e-3."""
-    return {**palora.lora_state(siamese.model), "gate.A": siamese.gate.A, "gate.B": siamese.gate.B}
+    gate = {"gate.A": siamese.gate.A, "gate.B": siamese.gate.B}
+    return {**palora.lora_params(siamese.model), **gate}
 
 
-def param_groups(siamese: Siamese, lr: float, gate_lr: float) -> list[dict]:
-    """Optimizer groups with both lrs stated: [LoRA A/B at lr, gate at gate_lr]."""
-    params = trainable(siamese)
+def param_groups(params: dict, lr: float, gate_lr: float) -> list[dict]:
+    """Optimizer groups of `trainable`'s dict with both lrs stated: [LoRA A/B at lr, gate at
+    gate_lr]."""
     lora = [p for n, p in params.items() if not n.startswith("gate.")]
-    return [{"params": lora, "lr": lr}, {"params": [siamese.gate.A, siamese.gate.B], "lr": gate_lr}]
+    gate = [p for n, p in params.items() if n.startswith("gate.")]
+    return [{"params": lora, "lr": lr}, {"params": gate, "lr": gate_lr}]
 
 
 def added_parameters(siamese: Siamese) -> int:
@@ -212,81 +219,10 @@ def added_parameters(siamese: Siamese) -> int:
 
 
 def loss(siamese: Siamese, tokens, labels, attention_mask):
-    """Mean next-token cross-entropy on the answer tokens (labels -100 elsewhere), mean_p over the
-    prompt only (real tokens labelled -100): training.answer_loss would average in the answer."""
-    prompt_mask = attention_mask.bool() & (labels == -100)  # (B, T)
+    """Mean next-token cross-entropy on the answer tokens (labels IGNORE_INDEX elsewhere), mean_p
+    over the prompt only (real tokens labelled IGNORE_INDEX): training.answer_loss would average in
+    the answer."""
+    prompt_mask = attention_mask.bool() & (labels == IGNORE_INDEX)  # (B, T)
     logits = siamese(tokens, attention_mask=attention_mask, prompt_mask=prompt_mask)  # (B, T, V)
-    logits, targets = (
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-    )  # t predicts t+1
-    return F.cross_entropy(logits, targets, ignore_index=-100)
-
-
-@torch.inference_mode()
-def generate(siamese: Siamese, prompts, max_new_tokens: int, eos_ids) -> list[list[int]]:
-    """Greedy; prompts left-padded into one batch; each stream decodes with its own KV cache.
-    -> each row's new tokens, cut before its first eos (as model.generate)."""
-    if not prompts or min(map(len, prompts)) == 0:
-        raise ValueError("generate needs at least one prompt, and no empty prompt")
-    if max_new_tokens == 0:
-        return [[] for _ in prompts]
-    device = siamese.model.lm_head.weight.device
-    B, P = len(prompts), max(map(len, prompts))
-    tokens = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
-    pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
-    mask = (torch.arange(P + max_new_tokens, device=device) >= pad[:, None]).long()  # (B, S)
-    cache = siamese.new_cache(B, P + max_new_tokens)
-    eos = torch.tensor(sorted(eos_ids), device=device)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = siamese(tokens, attention_mask=mask, cache=cache, start=0)[:, -1]  # prefill: (B, V)
-    for t in range(max_new_tokens):
-        out[:, t] = next_token = logits.argmax(-1)  # (B,)
-        done |= torch.isin(next_token, eos)
-        if t + 1 == max_new_tokens or done.all():
-            break
-        logits = siamese(next_token[:, None], attention_mask=mask, cache=cache, start=P + t)[:, -1]
-    rows = out[:, : t + 1].tolist()
-    return [row[: next((i for i, x in enumerate(row) if x in eos_ids), len(row))] for row in rows]
-
-
-def save(siamese: Siamese, folder, metadata: dict | None = None):
-    """folder/imsm.safetensors: LoRA A/B and gate A/B, float32, with targets, r, alpha, gate rank
-    and the checkpoint identity (model.identity or metadata["checkpoint"]: required, so that a run
-    is refused on another checkpoint)."""
-    meta = {
-        "format": "imsm",
-        "checkpoint": getattr(siamese.model, "identity", None) or "",
-        "targets": ",".join(siamese.targets),
-        "r": str(siamese.r),
-        "alpha": str(siamese.alpha),
-        "gate_rank": str(siamese.gate.A.shape[0]),
-        **{k: str(v) for k, v in (metadata or {}).items()},
-    }
-    if not meta["checkpoint"]:
-        raise IMSMError(f"{folder}: the metadata needs the checkpoint identity under 'checkpoint'")
-    tensors = {n: p.float() for n, p in trainable(siamese).items()}
-    palora.save_tensors(tensors, Path(folder) / FILE, meta)
-
-
-def load(model, folder) -> Siamese:
-    """The Siamese of a saved run on `model` (changed in place); a file made for another checkpoint
-    than model.identity, or whose tensors do not match, is refused with the file named."""
-    path = Path(folder) / FILE
-    tensors, meta = palora.read_tensors(path, getattr(model, "identity", None))
-    if meta.get("format") != "imsm":
-        raise IMSMError(f"{path}: not an IMSM run (format {meta.get('format')!r})")
-    targets = tuple(meta["targets"].split(","))
-    siamese = Siamese(model, targets, int(meta["r"]), float(meta["alpha"]), int(meta["gate_rank"]))
-    params = trainable(siamese)
-    odd = sorted(params.keys() ^ tensors.keys())
-    if odd:
-        raise IMSMError(f"{path}: tensor {odd[0]} is in only one of the file and the model")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tensors[name].shape != p.shape:
-                shapes = f"{tuple(tensors[name].shape)}, the model's is {tuple(p.shape)}"
-                raise IMSMError(f"{path}: {name} has shape {shapes}")
-            p.copy_(tensors[name])
-    return siamese
+    logits = logits[:, :-1].flatten(0, 1).float()  # t predicts t+1: (B (T-1), V)
+    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)

@@ -1,19 +1,25 @@
-"""Stage two of PALoRA (arXiv 2605.24549): inject facts with LoRA on a merged SVF expert, the update
-kept off the components its probe marks as the skill's: dW = (I - U_S U_Sᵀ) B A (I - V_S V_Sᵀ) · alpha/r.
-S = the components whose multiplier m = z·c the expert moved furthest from 1 (indices in the base
-weight's spectrum). Several --svf experts: the first is the base, all are probes (their S united).
+"""Stage two of PALoRA (arXiv 2605.24549): inject facts with LoRA on a merged SVF expert, the
+update kept off the components its probe marks as the skill's:
+dW = (I - U_S U_Sᵀ) B A (I - V_S V_Sᵀ) · alpha/r. S = the components whose multiplier m = z·c
+the expert moved furthest from 1 (indices in the base weight's spectrum). Several --svf experts:
+the first is the base, all are probes (their S united).
 Training stops when greedy answers recall --recall-target of the trained facts (checked after every
-epoch), or after --epochs. The baselines and what each protects: adapters.METHODS, palora.METHODS.
+epoch), or after --epochs. The baselines and what each protects: adapters.METHODS, palora.METHODS;
+imsm (a frozen and a LoRA stream mixed by a gate) and smf (memory layers, sparse slot updates) are
+the other answers to the same problem, trained on the same facts, replay and stopping rule.
 
     python inject.py --facts facts.jsonl               # PALoRA, the newest SVF expert of --ckpt
     python inject.py --facts facts.jsonl --method lora --seed 1      # a baseline, another seed
     python inject.py --svf runs/svf-a/svf.safetensors --svf runs/svf-b/svf.safetensors  # two skills
     python inject.py --probe-global-fraction 0.5 --mix-known data/known/known_mix.jsonl --resume
+    python inject.py --method smf --smf-slots 4096 --smf-top-t 64 --lr 0.1   # or --method imsm
 
 Outputs in --out (default runs/inject-<method>-<facts>-s<seed>/): adapter_config.json and
 adapter_model.safetensors (peft layout; its base_model_name_or_path is the merged expert, written
-once beside the expert as merged-<svf sha>/), probe.safetensors (weight name -> int64 indices the run
-protects, in the base spectrum), config.json, metrics.jsonl, summary.json, state.safetensors (resume).
+once beside the expert as merged-<svf sha>/), probe.safetensors (weight name -> int64 indices the
+run protects, in the base spectrum), config.json, metrics.jsonl, summary.json, state.safetensors
+(resume).
+imsm and smf write imsm.safetensors or smf.safetensors instead of the PEFT adapter (adapters.py).
 """
 
 import dataclasses
@@ -34,8 +40,18 @@ import cli
 import model as model_lib
 import palora
 import tasks
-from training import (answer_loss, batch_indices, check_finite, load_state, open_run, option,
-                      parse_targets, resolve_device, resolve_dtype, restart_metrics, save_state)
+from training import (
+    batch_indices,
+    check_finite,
+    load_state,
+    open_run,
+    option,
+    parse_targets,
+    resolve_device,
+    resolve_dtype,
+    restart_metrics,
+    save_state,
+)
 
 REPO = Path(__file__).resolve().parent
 RUNS = REPO / "runs"
@@ -52,21 +68,32 @@ class Config:
     method: str = field(default="palora", metadata={"choices": list(adapters.METHODS), "help": (
         "palora: probe-protected; random: as many components per matrix, chosen at random (the "
         "control); topk (OPLoRA), lora, pissa, milora: baselines; palora_act: input side from the "
-        "skill's activations (our extension)")})
+        "skill's activations (our extension); imsm: frozen + LoRA streams mixed by a gate "
+        "(2412.17383); smf: sparse memory finetuning (2510.15103)")})
     rank: int = option(8, "LoRA rank r", ge=1)
     alpha: float = option(16.0, "LoRA alpha: dW is scaled by alpha/r", gt=0)
     targets: str = option("", "comma-separated linear names to adapt (default: the expert's)")
     probe_score: str = field(default="delta", metadata={
         "help": "delta: |m - 1|; energy: s * |m - 1|", "choices": ["delta", "energy"]})
     probe_fraction: float = option(0.5, "share of each matrix's components protected", gt=0, lt=1)
-    probe_threshold: float = option(0.0, "protect every component scoring above this (0: off)", ge=0)
+    probe_threshold: float = option(
+        0.0, "protect every component scoring above this (0: off)", ge=0)
     probe_global_fraction: float = option(
         0.0, "protect this share of all components pooled (0: off)", ge=0, lt=1)
     recall_target: float = option(
         0.9, "stop once greedy answers recall this share of the trained facts (0: run --epochs)",
         ge=0, le=1)
     epochs: int = option(20, "most passes over the facts (plus mixed-in examples)", ge=1)
-    lr: float = option(5e-3, "Adam learning rate for A and B", gt=0)
+    lr: float = option(5e-3, "Adam learning rate for A and B (smf: SparseAdam's, for V)", gt=0)
+    gate_lr: float = option(5e-3, (
+        "imsm: the gate's Adam lr, stated (the reference code's gate silently gets 1e-3)"), gt=0)
+    smf_slots: int = option(4096, "smf: memory slots per layer, a square n² (product keys)", ge=4)
+    smf_topk: int = option(16, "smf: slots each token reads, <= n", ge=1)
+    smf_top_t: int = option(64, "smf: value rows updated per layer and step (top-T by score)", ge=1)
+    smf_score: str = field(default="tfidf", metadata={
+        "help": "smf: slot ranking against the background", "choices": ["tfidf", "kl"]})
+    smf_background: int = option(
+        128, "smf: skill (and --mix-known) examples in the background corpus", ge=1)
     batch_size: int = option(8, "examples per step", ge=1)
     seed: int = option(0, "seed for A's initialisation, data order, mixing and random protection")
     out: str = option("", "output folder (default runs/inject-<method>-<facts>-s<seed>)")
@@ -78,11 +105,14 @@ class Config:
         "choices": ["auto", "float32", "bfloat16"]})
     mix_known: str = option("", "JSONL of facts the model knows, mixed into training (2502.14502)")
     mix_skill: str = option("expert", (
-        "JSONL of the skill's examples mixed in (replay); 'expert': the SVF expert's training data, "
-        "from its metadata; 'none': no replay"))
+        "JSONL of the skill's examples mixed in (replay); 'expert': the SVF expert's training "
+        "data, from its metadata; 'none': no replay"))
     mix_ratio: float = option(0.5, "mixed-in examples per fact, from each --mix-* file", ge=0)
-    skill_data: str = option("", "palora_act: skill examples for the input basis (default: replay's)")
-    act_known: str = option("", "palora_act: also protect the input directions of these known facts")
+    skill_data: str = option("", (
+        "palora_act: skill examples for the input basis; smf: its background corpus (default: the "
+        "expert's training data)"))
+    act_known: str = option(
+        "", "palora_act: also protect the input directions of these known facts")
     act_examples: int = option(64, "palora_act: examples run to estimate each covariance", ge=1)
     fact_tokens: int = option(16, "answer length when checking recall", ge=1)
     save_every: int = option(25, "steps between resumable checkpoints", ge=1)
@@ -130,8 +160,8 @@ def mixed(records: list, n: int, seed: int) -> list:
 
 
 def encode(tokenizer, data: dict, cfg: Config) -> list:
-    """(ids, labels), loss on the answer tokens only. A fact longer than --max-len is an error (it would
-    silently not be injected); a mixed-in example is skipped and counted."""
+    """(ids, labels), loss on the answer tokens only. A fact longer than --max-len is an error (it
+    would silently not be injected); a mixed-in example is skipped and counted."""
     n_mix = round(cfg.mix_ratio * len(data["facts"]))
     groups = [("facts", data["facts"])]
     groups += [(k, mixed(data[k], n_mix, cfg.seed)) for k in ("known", "skill") if k in data]
@@ -156,9 +186,10 @@ def encode(tokenizer, data: dict, cfg: Config) -> list:
 
 
 def make_base(model, identity: str, cfg: Config, experts: list, targets: tuple):
-    """Merge the first expert into the model; probe all of them against the BASE weight's SVD (the
-    merged W' = U diag(s ⊙ m) Vh keeps its singular vectors, so S names the same directions in both).
-    Returns (the merged expert's SVDs of the targets, the probe's S, the set the method protects)."""
+    """Merge the first expert into the model; probe all of them against the BASE weight's SVD
+    (the merged W' = U diag(s ⊙ m) Vh keeps its singular vectors, so S names the same directions in
+    both). Returns (the merged expert's SVDs of the targets, the probe's S, the set the method
+    protects)."""
     kinds = sorted(set(targets) | {palora.matrix_kind(n) for z in experts for n in z})
     base = adapters.svds(model, kinds, identity, cfg.svd_cache)
     palora.add_svf(model, {n: base[n] for n in experts[0]}, experts[0])
@@ -200,8 +231,16 @@ def merged_folder(model, ckpt_folder: Path, svf: Path) -> Path:
     return folder.resolve()
 
 
+def corpus(tokenizer, records: list, cfg: Config) -> list:
+    """smf: token ids of up to --smf-background examples (seeded order, no repeats), unpadded."""
+    records = mixed(records, min(cfg.smf_background, len(records)), cfg.seed)
+    ids = [tasks.encode_example(tokenizer, r["question"], r["answer"], cfg.max_len)[0]
+           for r in records]
+    return [x for x in ids if x]
+
+
 # -----------------------------------------------------------------------------
-# training: Adam on the method's parameters until the facts are recalled
+# training: the method's optimizer on its parameters until the facts are recalled
 
 
 def recall(model, tokenizer, facts: list, cfg: Config) -> float:
@@ -211,15 +250,19 @@ def recall(model, tokenizer, facts: list, cfg: Config) -> float:
     return sum(tasks.fact_correct(a, r["answer"]) for a, r in zip(answers, facts)) / len(facts)
 
 
-def train(model, tokenizer, params: dict, examples: list, facts: list, cfg: Config, out: Path):
-    """Adam on params. The data order is a function of (seed, step) and the state is saved every
-    --save-every steps and at every recall check, so --resume ends with the same adapter as an
-    uninterrupted run. Returns (steps run, last loss, last recall or None)."""
-    optimizer = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+def train(model, tokenizer, params: dict, examples: list, facts: list, cfg: Config, out: Path,
+          memory=None):
+    """adapters.optimizer on params, adapters.step per batch (model: what attach returned). The
+    data order is a function of (seed, step) and the state is saved every --save-every steps and
+    at every recall check, so --resume ends with the same adapter as an uninterrupted run.
+    Returns (steps run, last loss, last recall or None)."""
+    optimizer = adapters.optimizer(cfg.method, params, cfg.lr, cfg.gate_lr)
     device = next(model.parameters()).device  # no autocast: LoRALinear runs in the input's dtype
     per_epoch = max(1, len(examples) // cfg.batch_size)  # batch_indices' epoch length
     steps = cfg.epochs * per_epoch
-    start, extra = load_state(out / "state.safetensors", params, optimizer) if cfg.resume else (0, {})
+    start, extra = 0, {}
+    if cfg.resume:
+        start, extra = load_state(out / "state.safetensors", params, optimizer)
     restart_metrics(out / "metrics.jsonl", start)
     loss, last = extra.get("loss", math.nan), extra.get("recall")
     if extra.get("stopped"):
@@ -230,10 +273,7 @@ def train(model, tokenizer, params: dict, examples: list, facts: list, cfg: Conf
         idx = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
         batch = tasks.collate([examples[i] for i in idx], tokenizer.pad_id)
         tokens, labels, mask = (t.to(device) for t in batch)
-        batch_loss = answer_loss(model, tokens, labels, mask)
-        optimizer.zero_grad(set_to_none=True)
-        batch_loss.backward()
-        optimizer.step()
+        batch_loss = adapters.step(cfg.method, model, optimizer, tokens, labels, mask, memory)
         check_finite(batch_loss, step, params)  # before anything of this step is saved
         loss = batch_loss.item()
         tokens_seen += int((labels != tasks.IGNORE_INDEX).sum())
@@ -259,6 +299,7 @@ def train(model, tokenizer, params: dict, examples: list, facts: list, cfg: Conf
 
 def main(cfg: Config) -> dict:
     rule = palora.probe_rule(cfg.probe_fraction, cfg.probe_threshold, cfg.probe_global_fraction)
+    memory = adapters.Memory(cfg.smf_slots, cfg.smf_topk, cfg.smf_top_t, cfg.smf_score)  # checked
     check_files(cfg)  # then every data file is read and checked, with path:LINE errors
     data = {"facts": tasks.read_jsonl(cfg.facts)}
     tasks.check_facts(data["facts"], cfg.facts)
@@ -274,11 +315,13 @@ def main(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
 
     model, tokenizer = model_lib.load(folder, device=device, dtype=resolve_dtype(cfg.dtype, device))
-    loaded = [adapters.load_svf(p, identity, model) for p in svf_paths]  # another checkpoint's: refused
+    # another checkpoint's expert is refused
+    loaded = [adapters.load_svf(p, identity, model) for p in svf_paths]
     targets = parse_targets(cfg.targets or loaded[0][1]["targets"])
     palora.find_targets(model, targets)  # an unknown target name fails here
     expert_data = loaded[0][1].get("data")
-    needs_data = cfg.mix_skill == "expert" or (cfg.method == "palora_act" and not cfg.skill_data)
+    skilled = cfg.method in ("palora_act", "smf")  # an input basis, a background corpus
+    needs_data = cfg.mix_skill == "expert" or (skilled and not cfg.skill_data)
     if expert_data is None and needs_data:
         raise cli.ConfigError(f"{svf_paths[0]}: its metadata names no training data; pass "
                               f"--mix-skill FILE (or none) and --skill-data FILE")
@@ -288,9 +331,10 @@ def main(cfg: Config) -> dict:
     resolved = dataclasses.replace(
         cfg, svf=[str(p) for p in svf_paths], targets=",".join(targets), out=str(out),
         mix_skill=str(REPO / expert_data) if cfg.mix_skill == "expert" else cfg.mix_skill,
-        skill_data=cfg.skill_data or (str(REPO / expert_data) if cfg.method == "palora_act" else ""))
-    if resolved.skill_data:
-        skill_examples(resolved.skill_data)
+        skill_data=cfg.skill_data or (str(REPO / expert_data) if skilled else ""))
+    skill = skill_examples(resolved.skill_data) if resolved.skill_data else []
+    if cfg.method == "smf":
+        memory.corpus = corpus(tokenizer, skill + data.get("known", []), resolved)
     open_run(out, resolved, cfg.resume, cfg.overwrite)  # refuses another run's folder
 
     n_model = sum(p.numel() for p in model.parameters())
@@ -302,16 +346,17 @@ def main(cfg: Config) -> dict:
             "score": cfg.probe_score, "selection": json.dumps(rule), "seed": cfg.seed}
     adapters.save_probe(out / "probe.safetensors", protected, identity, meta)
     model.requires_grad_(False)
-    params = adapters.attach(model, cfg.method, cfg.rank, cfg.alpha, cfg.seed, expert, protected,
-                             bases)
+    trained, params = adapters.attach(model, cfg.method, cfg.rank, cfg.alpha, cfg.seed, expert,
+                                      protected, bases, memory)
     for p in params.values():
         p.requires_grad_(True)
     n_trainable = sum(p.numel() for p in params.values())
     print(f"{cfg.method}: {n_trainable:,} trainable parameters, {len(examples)} examples, "
           f"{sum(counts.values()):,} components protected by the probe")
     t0 = time.time()
-    steps, loss, last = train(model, tokenizer, params, examples, data["facts"], resolved, out)
-    adapters.save_run(model, cfg.method, out, identity, str(base), {"svf": meta["svf"]})
+    steps, loss, last = train(trained, tokenizer, params, examples, data["facts"], resolved, out,
+                              memory)
+    adapters.save_run(trained, cfg.method, out, identity, str(base), {"svf": meta["svf"]})
     summary = {"method": cfg.method, "steps": steps, "examples": len(examples),
                "final_loss": loss, "recall": last, "trainable": n_trainable,
                "model_parameters": n_model, "share": n_trainable / n_model, "base": str(base),

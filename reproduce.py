@@ -1,11 +1,12 @@
 """The whole comparison in one command: the SVF expert (reused if one exists for --ckpt), each
-method x seed injected on the same facts with the same rank, replay and stopping rule, then
-evaluate.py's table with paired intervals. The only script that runs the others.
+method x seed injected on the same facts with the same rank, replay and stopping rule (imsm and smf
+too: adapters.METHODS), then evaluate.py's table with paired intervals. The only script that runs
+the others.
 
     python reproduce.py                          # every method x seeds 0,1,2, then the table
     python reproduce.py --methods palora,lora --seeds 0
-    python reproduce.py --sweep                  # PALoRA's settings: lr, recall target, replay,
-    probe
+    python reproduce.py --methods palora,imsm,smf       # the other answers: siamese, memory layers
+    python reproduce.py --sweep              # PALoRA's settings: lr, recall target, replay, probe
 
 Runs live in --out as <setting>-s<seed>/. A finished run whose config.json matches is reused, a
 half-done one resumed, and one made with other settings refused (inject.py's run-folder guard): a
@@ -119,7 +120,7 @@ def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
                 **overrides,
             )
             runs.append(out)
-            if (out / "adapter_model.safetensors").exists():
+            if (out / "summary.json").exists():  # inject.py's last write: a finished run
                 same_run(
                     out,
                     {

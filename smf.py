@@ -19,13 +19,14 @@ Defaults for a 135M model (SmolLM2, D = 576, 30 blocks): 4096 slots = 64 x 64 ke
 used 16,384 on a 0.5B model), top-k 16, blocks L/3, L/2, 2L/3 (10, 15, 20), T = 64 slots per layer
 and step. Added per layer: V 4096·576 + W_q 576² + K 2·64·288 = 2.73M; 8.2M (6% of 135M) in all.
 
+This module touches no disk: adapters.py saves and loads a run (smf.safetensors).
+
 Dimension letters: B batch, T tokens, D hidden, N slots = n², n keys per half, k top-k,
 Dv value width.
 """
 
 import math
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -33,10 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as model_lib
-import palora
 from training import answer_loss
 
-FILE = "smf.safetensors"
 SLOTS, TOP_K, TOP_T = 4096, 16, 64
 
 
@@ -298,7 +297,7 @@ def train_step(model, tokens, labels, attention_mask, background, opt, top_t=TOP
 
 
 # -----------------------------------------------------------------------------
-# sizes and files
+# sizes
 
 
 def added_parameters(model) -> int:
@@ -306,49 +305,12 @@ def added_parameters(model) -> int:
     return sum(p.numel() for m in memories(model).values() for p in m.parameters())
 
 
+def touched(model) -> int:
+    """Slots whose value row is no longer 0: what the facts wrote into the memory."""
+    return sum(int((m.V != 0).any(-1).sum()) for m in memories(model).values())
+
+
 def memory_bytes(model) -> int:
     return sum(
         p.numel() * p.element_size() for m in memories(model).values() for p in m.parameters()
     )
-
-
-def save(model, folder, metadata: dict | None = None):
-    """folder/smf.safetensors: every memory tensor, with blocks, slots, top-k, value width and the
-    checkpoint identity (model.identity or metadata["checkpoint"], required)."""
-    mems = memories(model)
-    first = next(iter(mems.values()))
-    meta = {
-        "format": "smf",
-        "checkpoint": getattr(model, "identity", None) or "",
-        "layers": ",".join(str(int(n.split(".")[2])) for n in mems),
-        "n_slots": str(first.V.shape[0]),
-        "k": str(first.k),
-        "value_dim": str(first.V.shape[1]),
-        **{k: str(v) for k, v in (metadata or {}).items()},
-    }
-    if not meta["checkpoint"]:
-        raise SMFError(f"{folder}: the metadata needs the checkpoint identity under 'checkpoint'")
-    tensors = {f"{n}.{p}": t for n, m in mems.items() for p, t in m.named_parameters()}
-    palora.save_tensors(tensors, Path(folder) / FILE, meta)
-
-
-def load(model, folder) -> dict[str, MemoryLayer]:
-    """The memory layers of a saved run, added to `model`; a file made for another checkpoint, or
-    whose tensors do not match, is refused with the file named."""
-    path = Path(folder) / FILE
-    tensors, meta = palora.read_tensors(path, getattr(model, "identity", None))
-    if meta.get("format") != "smf":
-        raise SMFError(f"{path}: not an SMF run (format {meta.get('format')!r})")
-    layers = [int(i) for i in meta["layers"].split(",")]
-    value_dim = int(meta["value_dim"])
-    mems = add_memory(model, layers, int(meta["n_slots"]), int(meta["k"]), value_dim=value_dim)
-    want = {f"{n}.{p}": t for n, m in mems.items() for p, t in m.named_parameters()}
-    odd = sorted(want.keys() ^ tensors.keys())
-    if odd:
-        raise SMFError(f"{path}: tensor {odd[0]} is in only one of the file and the model")
-    with torch.no_grad():
-        for name, p in want.items():
-            if tensors[name].shape != p.shape:
-                raise SMFError(f"{path}: {name} has shape {tuple(tensors[name].shape)}")
-            p.copy_(tensors[name])
-    return mems

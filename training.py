@@ -274,6 +274,8 @@ def load_state(path, params: dict, optimizer) -> tuple[int, dict]:
                 kind, _, tensor_name = key.partition("/")
                 if tensor_name == name and kind not in ("param", "rng"):
                     state[kind] = value.to(p.device) if kind != "step" else value
+            if not state.get("step", torch.zeros(())).is_floating_point():
+                state["step"] = int(state["step"])  # SparseAdam's int: beta ** tensor rounds apart
             if state:
                 optimizer.state[p] = state
     torch.set_rng_state(tensors["rng/torch"])

@@ -117,7 +117,8 @@ def setup(cfg: Config, mode: str):
         protected = None
         if mode == "palora":
             protected = palora.probe(svds, [expert], ("fraction", cfg.protect))
-        params = adapters.attach(model, mode, cfg.rank, 2.0 * cfg.rank, cfg.seed, svds, protected)
+        _, params = adapters.attach(model, mode, cfg.rank, 2.0 * cfg.rank, cfg.seed, svds,
+                                    protected)
         params = list(params.values())
     for p in params:
         p.requires_grad_(True)

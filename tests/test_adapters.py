@@ -1,7 +1,8 @@
 """Tests for adapters.py: every file a method writes or reads, against the libraries that read them
 too (peft loads our adapter, transformers our merged folder), each refusal (another checkpoint, a
-corrupted or foreign file), and the --method dispatch (attach, save_run, load_run, run_method,
-expected_probe against inject.make_base). A tiny random Llama (tests/tiny.py); CPU, seconds.
+corrupted or foreign file), and the --method dispatch (attach, optimizer, step, save_run, load_run,
+run_method, expected_probe against inject.make_base), imsm and smf runs included. A tiny random
+Llama (tests/tiny.py); CPU, seconds.
 """
 
 import json
@@ -16,6 +17,7 @@ import checkpoints
 import inject
 import model as model_lib
 import palora
+import smf
 import tiny
 from palora import PaloraError
 
@@ -71,7 +73,7 @@ def lora_run(ckpt, out, method="palora", seed=0, metadata=None):
     svds = palora.svds(model)
     S = palora.probe(svds, [random_expert(svds, seed)], ("fraction", 0.25))
     protected = palora.same_count(method, S, svds, seed)
-    params = adapters.attach(model, method, 4, 8.0, seed, svds, protected)
+    _, params = adapters.attach(model, method, 4, 8.0, seed, svds, protected)
     perturb(params, seed + 1)
     meta = {"svf": "[]"} if metadata is None else metadata
     adapters.save_run(model, method, out, identity, str(folder), meta)
@@ -297,7 +299,7 @@ def test_attach_unknown_method(ckpt):
         adapters.attach(model, "dora", 2, 4.0, 0, palora.svds(model))
     with pytest.raises(PaloraError, match="unknown method 'dora'"):
         adapters.save_run(model, "dora", "unused", ckpt[1], "base", {})
-    assert adapters.METHODS == tuple(palora.METHODS)
+    assert adapters.METHODS == (*palora.METHODS, "imsm", "smf")
 
 
 def test_run_method_trusts_the_adapter_file(tmp_path, ckpt):
@@ -336,6 +338,82 @@ def test_load_run(tmp_path, ckpt):
     ids = tokens()
     with torch.no_grad():
         assert torch.allclose(merged(ids), ours(ids), atol=1e-5)
+
+
+def memory() -> adapters.Memory:
+    """SMF at a tiny model's scale: 64 slots (8 keys per half), top-k 4, a background corpus of 6
+    random sequences of 12 tokens (72 token states for 8 k-means keys)."""
+    g = seeded(3)
+    corpus = [torch.randint(3, tiny.VOCAB_SIZE, (12,), generator=g).tolist() for _ in range(6)]
+    return adapters.Memory(slots=64, top_k=4, top_t=8, corpus=corpus)
+
+
+def other_run(ckpt, out, method):
+    """imsm or smf attached through the dispatch, trained tensors perturbed (smf: the first 5 value
+    rows of each layer), saved by save_run -> (the module, its params)."""
+    folder, identity = ckpt
+    model, _ = model_lib.load(folder)
+    module, params = adapters.attach(model, method, 4, 8.0, 0, palora.svds(model), memory=memory())
+    if method == "smf":
+        params = {n: p[:5] for n, p in params.items()}  # views: the rows perturb moves
+    perturb(params, 1)
+    adapters.save_run(module, method, out, identity, str(folder), {"svf": "[]"})
+    return module, params
+
+
+@pytest.mark.parametrize("method", ["imsm", "smf"])
+def test_imsm_and_smf_runs_reload_with_the_same_logits(tmp_path, ckpt, method):
+    """save_run -> load_run gives the same logits; added = IMSM's LoRA + 5 D r gate, SMF's memory
+    tensors (V, W_q, K); slots touched = the rows moved; no dW (leakage undefined); on another
+    checkpoint the run's file is named."""
+    folder, identity = ckpt
+    module, _ = other_run(ckpt, tmp_path, method)
+    assert adapters.run_file(tmp_path) == tmp_path / f"{method}.safetensors"
+    assert adapters.run_method(tmp_path) == method
+    model, _ = model_lib.load(folder)
+    D, L = model.args.hidden_size, len(model.model.layers)
+    lora = sum(4 * (m.in_features + m.out_features) for m in palora.find_targets(model).values())
+    loaded, info = adapters.load_run(model, tmp_path, identity)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens()), module(tokens()))
+    assert info["method"] == method and info["dW"] == {}
+    if method == "imsm":
+        assert info["added"] == lora + 5 * D * 4
+    else:
+        layers = len(smf.default_layers(L))
+        assert info["added"] == layers * (64 * D + D * D + 2 * 8 * D // 2)  # V, W_q, K
+        assert info["touched"] == 5 * layers
+    other = tiny.make_tiny_llama(tmp_path / "other", seed=1)
+    match = rf"{tmp_path / method}.safetensors: made for checkpoint"
+    with pytest.raises(PaloraError, match=match):
+        adapters.load_run(model_lib.load(other)[0], tmp_path, checkpoints.identity(other))
+
+
+def test_optimizer_and_step_per_method(ckpt):
+    """IMSM: the gate at its own stated lr; SMF: SparseAdam, one step moves at most top-T value
+    rows per layer and nothing else; the LoRA family: Adam at lr."""
+    model, _ = model_lib.load(ckpt[0])
+    siamese, params = adapters.attach(model, "imsm", 4, 8.0, 0, palora.svds(model))
+    groups = adapters.optimizer("imsm", params, 1e-3, 7e-2).param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 7e-2]
+    assert {id(p) for p in groups[1]["params"]} == {id(siamese.gate.A), id(siamese.gate.B)}
+    model, _ = model_lib.load(ckpt[0])
+    _, params = adapters.attach(model, "lora", 4, 8.0, 0, palora.svds(model))
+    assert type(adapters.optimizer("lora", params, 1e-3, 7e-2)) is torch.optim.Adam
+    model, _ = model_lib.load(ckpt[0])
+    mem = memory()
+    _, params = adapters.attach(model, "smf", 4, 8.0, 0, {}, memory=mem)
+    opt = adapters.optimizer("smf", params, 0.1, 7e-2)
+    assert isinstance(opt, torch.optim.SparseAdam)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    ids = tokens()
+    labels = torch.cat([torch.full((2, 4), -100), ids[:, 4:]], 1)
+    loss = adapters.step("smf", model, opt, ids, labels, torch.ones_like(ids), mem)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    for n, t in model.state_dict().items():
+        rows = int((t != before[n]).flatten(1).any(-1).sum()) if t.dim() > 1 else 0
+        assert rows <= (mem.top_t if n in params else 0), n
+    assert sum(int((p != 0).any(-1).sum()) for p in params.values()) > 0
 
 
 @pytest.mark.parametrize("method, rule, score", [

@@ -28,10 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def runs(setup, tmp_path_factory):
     """A run of each method the tests judge, on the tiny setup, with the skill replayed."""
     root = tmp_path_factory.mktemp("runs")
-    methods = ("palora", "lora", "random", "palora_act")
+    methods = ("palora", "lora", "random", "palora_act", "imsm", "smf")
+    memory = dict(smf_slots=256, smf_topk=4, smf_top_t=16, smf_background=12)  # tiny D = 64
     for method in methods:
         inject.main(config(setup, root / f"{method}-s0", method=method,
-                                  mix_skill=str(setup.skill)))
+                           mix_skill=str(setup.skill), **(memory if method == "smf" else {})))
     return {m: root / f"{m}-s0" for m in methods}
 
 
@@ -163,12 +164,14 @@ def test_files_of_another_checkpoint_are_named(setup, runs, tmp_path, name):
         evaluate.main(eval_config(setup, tmp_path / "out", verify=str(run)))
 
 
-def test_adapter_for_another_checkpoint_fails_before_scoring(setup, runs, tmp_path):
+@pytest.mark.parametrize("method, name", [("palora", "adapter_model"), ("imsm", "imsm"),
+                                          ("smf", "smf")])
+def test_adapter_for_another_checkpoint_fails_before_scoring(setup, runs, tmp_path, method, name):
     other = tiny.make_tiny_llama(tmp_path / "other", seed=1)
-    match = rf"{runs['palora'] / 'adapter_model.safetensors'}: made for"
+    match = rf"{runs[method] / name}.safetensors: made for"
     with pytest.raises(palora.PaloraError, match=match):
         evaluate.main(eval_config(setup, tmp_path / "out", ckpt=str(other),
-                                  adapter=[str(runs["palora"])]))
+                                  adapter=[str(runs[method])]))
     assert not (tmp_path / "out" / "results.json").exists()
 
 
@@ -194,6 +197,31 @@ def test_table_json_intervals_and_plots(setup, runs, tmp_path):
     pairs = {(p["a"], p["b"], p["split"]) for p in result["intervals"]}
     assert ("palora", "lora", "reasoning_ood") in pairs and ("palora", "random", "reasoning") in pairs
     assert (tmp_path / "tradeoff.png").stat().st_size > 0 and (tmp_path / "probe.png").stat().st_size > 0
+
+
+def test_imsm_and_smf_rows(setup, runs, tmp_path, capsys):
+    """Rows of the same table: leakage undefined (NaN, shown "-"), added = IMSM's LoRA + 5 D r
+    gate and SMF's memory tensors, slots touched for SMF, decoding time per token against the
+    base row's (the base's is 1); --verify reports them as no projection method, not failing."""
+    names = [str(runs[m]) for m in ("lora", "imsm", "smf")]
+    result = evaluate.main(eval_config(setup, tmp_path, adapter=names))
+    rows = {r["group"]: r for r in result["rows"]}
+    assert list(rows) == ["base", "svf", "lora", "imsm", "smf"]
+    for m in ("imsm", "smf"):
+        assert math.isnan(rows[m]["leak_out"]) and math.isnan(rows[m]["leak_in"])
+        assert rows[m]["time"] > 0 and rows[m]["s_per_token"] > 0
+    D, lora = 64, rows["lora"]["added"]
+    assert rows["imsm"]["added"] == lora + 5 * D * 4  # same targets and rank as the lora row
+    assert rows["smf"]["added"] == 2 * (256 * D + D * D + 2 * 16 * D // 2)  # blocks 0, 1: V, W_q, K
+    summary = json.loads((runs["smf"] / "summary.json").read_text())
+    assert rows["smf"]["trainable"] == summary["trainable"] == 2 * 256 * D  # the value rows
+    assert 0 < rows["smf"]["touched"] <= 2 * 16 * summary["steps"]  # top-T per layer and step
+    assert math.isnan(rows["imsm"]["touched"]) and rows["base"]["time"] == 1.0
+    assert "| imsm | 1 |" in result["table"] and "| smf | 1 |" in result["table"]
+    for m in ("imsm", "smf"):
+        verified = evaluate.main(eval_config(setup, tmp_path, verify=str(runs[m])))
+        assert verified["ok"] and verified["method"] == m and not verified["leakage"]
+        assert "not a projection method" in capsys.readouterr().out
 
 
 def test_unwritable_out_fails_before_scoring(setup, runs, tmp_path):

@@ -2,8 +2,8 @@
 
 Expected values are derived: the gate's output lies between the two streams (a convex combination,
 up to float64 rounding); with B = 0 in the LoRA both streams are the model, so the Siamese gives
-the model's logits; cached decoding equals the uncached two-stream forward; a saved run reloads
-exactly.
+the model's logits; cached decoding (model.generate on the Siamese: two KV caches) equals the
+uncached two-stream forward; a saved run (adapters.save_imsm / load_imsm) reloads exactly.
 """
 
 import pytest
@@ -11,6 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import adapters
+import checkpoints
 import imsm
 import model as model_lib
 import palora
@@ -122,7 +124,7 @@ def greedy_uncached(siamese, prompt, n):
 def test_generate_with_two_caches_equals_uncached(folder):
     siamese = perturbed(folder)
     prompts = [[5, 17, 40, 9, 33, 71, 2, 8], [12, 99, 4]]  # the second is left-padded by 5
-    got = imsm.generate(siamese, prompts, max_new_tokens=6, eos_ids={-1})
+    got = model_lib.generate(siamese, prompts, max_new_tokens=6, eos_ids={-1})
     with torch.no_grad():
         want = [greedy_uncached(siamese, p, 6) for p in prompts]
     assert got == want
@@ -130,9 +132,10 @@ def test_generate_with_two_caches_equals_uncached(folder):
 
 def test_save_load_same_logits(folder, tmp_path):
     siamese = perturbed(folder)
-    imsm.save(siamese, tmp_path, {"method": "imsm"})
+    path, identity = tmp_path / "imsm.safetensors", checkpoints.identity(folder)
+    adapters.save_imsm(siamese, path, identity, {"method": "imsm"})
     fresh, _ = model_lib.load(folder)
-    loaded = imsm.load(fresh, tmp_path)
+    loaded = adapters.load_imsm(fresh, path, identity)
     tokens = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), siamese(tokens))
@@ -140,10 +143,12 @@ def test_save_load_same_logits(folder, tmp_path):
 
 
 def test_load_on_another_checkpoint_is_refused(folder, tmp_path):
-    imsm.save(perturbed(folder), tmp_path / "run")
-    other, _ = model_lib.load(make_tiny_llama(tmp_path / "other", seed=1))
+    path = tmp_path / "run" / "imsm.safetensors"
+    adapters.save_imsm(perturbed(folder), path, checkpoints.identity(folder), {})
+    other = make_tiny_llama(tmp_path / "other", seed=1)
+    model, _ = model_lib.load(other)
     with pytest.raises(palora.PaloraError, match="imsm.safetensors: made for checkpoint"):
-        imsm.load(other, tmp_path / "run")
+        adapters.load_imsm(model, path, checkpoints.identity(other))
 
 
 def test_training_learns_facts(folder):
@@ -161,16 +166,16 @@ def test_training_learns_facts(folder):
     tokens = torch.tensor([p + a for p, a in zip(prompts, answers)])  # (3, 8), no padding
     labels = torch.tensor([[-100] * 5 + a for a in answers])
     mask = torch.ones_like(tokens)
-    optimizer = torch.optim.Adam(imsm.param_groups(siamese, lr=1e-2, gate_lr=1e-2))
+    optimizer = torch.optim.Adam(imsm.param_groups(imsm.trainable(siamese), lr=1e-2, gate_lr=1e-2))
     before = imsm.loss(siamese, tokens, labels, mask).item()
-    assert imsm.generate(siamese, prompts, 3, eos_ids={-1}) != answers
+    assert model_lib.generate(siamese, prompts, 3, eos_ids={-1}) != answers
     for _ in range(30):
         optimizer.zero_grad()
         imsm.loss(siamese, tokens, labels, mask).backward()
         optimizer.step()
     after = imsm.loss(siamese, tokens, labels, mask).item()
     assert after < before / 10
-    assert imsm.generate(siamese, prompts, 3, eos_ids={-1}) == answers
+    assert model_lib.generate(siamese, prompts, 3, eos_ids={-1}) == answers
 
 
 def test_bad_sizes(folder):

@@ -17,6 +17,7 @@ import cli
 import inject
 import model as model_lib
 import palora
+import smf
 import tasks
 import tiny
 from runs import FACTS, SKILL, config, identity, make_expert
@@ -43,15 +44,26 @@ def answers(setup, run=None):
 # training
 
 
+SMALL_MEMORY = dict(smf_slots=256, smf_topk=4, smf_top_t=16, smf_background=12)  # tiny D = 64
+
+
 @pytest.mark.parametrize("method", list(adapters.METHODS))
 def test_each_method_learns_and_changes_answers(setup, tmp_path, method):
-    summary = inject.main(config(setup, tmp_path, method=method))
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    """imsm and smf too: answers through model.generate (the Siamese's two KV caches; the memory
+    layers), each run's own file beside the probe."""
+    memory = SMALL_MEMORY if method == "smf" else {}
+    summary = inject.main(config(setup, tmp_path, method=method, **memory))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
     assert len(losses) == summary["steps"] == 8 * len(FACTS) // 4
     assert sum(losses[-2:]) < sum(losses[:2])  # the last epoch's loss below the first's
     assert answers(setup, tmp_path) != answers(setup)
-    for name in ("adapter_config.json", "adapter_model.safetensors", "probe.safetensors", "config.json", "summary.json"):
+    files = {"imsm": "imsm.safetensors", "smf": "smf.safetensors"}
+    peft = ("adapter_config.json", "adapter_model.safetensors")
+    for name in (*([files[method]] if method in files else peft), "probe.safetensors",
+                 "config.json", "summary.json"):
         assert (tmp_path / name).is_file()
+    assert adapters.run_file(tmp_path).name == files.get(method, "adapter_model.safetensors")
     assert json.loads((tmp_path / "config.json").read_text())["svf"] == [str(setup.svf)]  # resolved and saved
 
 
@@ -87,19 +99,23 @@ def test_palora_keeps_every_protected_triplet(setup, tmp_path):
     assert moved > 1e-3  # the adapter did change the weights, off the protected subspace
 
 
-def test_resume_gives_the_same_adapter(setup, tmp_path, monkeypatch):
-    inject.main(config(setup, tmp_path / "whole", epochs=4))
+@pytest.mark.parametrize("method", ["palora", "imsm", "smf"])
+def test_resume_gives_the_same_adapter(setup, tmp_path, monkeypatch, method):
+    """Also IMSM's two Adam groups and SMF's SparseAdam moments (and its slots' background)."""
+    memory = SMALL_MEMORY if method == "smf" else {}
+    inject.main(config(setup, tmp_path / "whole", epochs=4, method=method, **memory))
 
     def crash(loss, step, params):  # interrupted: killed at step 5, after the checkpoint at step 3
         if step == 5:
             raise KeyboardInterrupt
     monkeypatch.setattr(inject, "check_finite", crash)
     with pytest.raises(KeyboardInterrupt):
-        inject.main(config(setup, tmp_path / "cut", epochs=4))
+        inject.main(config(setup, tmp_path / "cut", epochs=4, method=method, **memory))
     monkeypatch.undo()
-    assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
-    inject.main(config(setup, tmp_path / "cut", epochs=4, resume=True))
-    whole, cut = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("whole", "cut"))
+    with pytest.raises(FileNotFoundError):
+        adapters.run_file(tmp_path / "cut")
+    inject.main(config(setup, tmp_path / "cut", epochs=4, resume=True, method=method, **memory))
+    whole, cut = (load_file(adapters.run_file(tmp_path / d)) for d in ("whole", "cut"))
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
@@ -173,6 +189,11 @@ def test_bad_settings_fail_before_training(setup, tmp_path, overrides, message):
     (["--probe-fraction", "1"], "--probe-fraction: must be < 1"), (["--recall-target", "2"], "<= 1"),
     (["--probe-threshold", "-1"], ">= 0"), (["--batch-size", "0"], ">= 1"), (["--epochs", "0"], ">= 1"),
     (["--act-examples", "0"], ">= 1"), (["--lr"], "expected one argument"), (["--l", "1"], "unrecognized"),
+    (["--gate-lr", "nan"], "--gate-lr: must be a finite"),
+    (["--smf-slots", "1"], "--smf-slots: must be >= 4"),
+    (["--smf-topk", "0"], "--smf-topk: must be >= 1"),
+    (["--smf-top-t", "0"], "--smf-top-t: must be >= 1"),
+    (["--smf-background", "0"], ">= 1"), (["--smf-score", "bm25"], "invalid choice"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -252,6 +273,21 @@ def test_non_empty_out_is_refused(setup, tmp_path):
     with pytest.raises(cli.ConfigError, match="--resume|--overwrite"):
         inject.main(config(setup, tmp_path))
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(smf_slots=15), "square n²"),
+    (dict(smf_slots=64, smf_topk=9), r"top-k must be in \[1, 8\]"),
+    (dict(smf_score="bm25"), "tfidf or kl"),
+])
+def test_bad_memory_sizes_fail_before_the_model_loads(setup, tmp_path, monkeypatch, overrides,
+                                                      message):
+    """A slot count that is no square, a top-k above the keys per half: SMFError (one line, exit 2)
+    before any model is loaded or any folder made."""
+    monkeypatch.setattr(inject.model_lib, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(smf.SMFError, match=message) as e:
+        inject.main(config(setup, tmp_path / "out", method="smf", **overrides))
+    assert e.value.expected and not (tmp_path / "out").exists()
 
 
 def test_pissa_rank_above_the_matrix_rank_is_refused(setup, tmp_path):

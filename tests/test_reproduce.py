@@ -1,7 +1,9 @@
 """Tests for reproduce.py on the tiny setup: every method runs and gets a row; finished runs are
 reused exactly (not retrained); a finished run made with other settings is refused, named."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +67,33 @@ def test_every_sweep_variant_is_a_valid_inject_config():
         cfg = inject.Config(**overrides)
         cli.check_numbers(cfg)
         assert all(getattr(cfg, k) != getattr(inject.Config(), k) for k in overrides), name
+
+
+def recorders(monkeypatch) -> list:
+    """inject.main writes what a finished run leaves for reproduce.py (config.json, summary.json);
+    evaluate.main returns its config."""
+    calls = []
+
+    def inject_main(cfg):
+        calls.append((cfg.method, cfg.seed))
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        (Path(cfg.out) / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(reproduce.inject, "main", inject_main)
+    monkeypatch.setattr(reproduce.evaluate, "main", lambda cfg: cfg)
+    return calls
+
+
+def test_methods_imsm_and_smf(setup, tmp_path, monkeypatch):
+    calls = recorders(monkeypatch)
+    paths = f"--ckpt {setup.ckpt} --svf {setup.svf} --facts {setup.facts} --out {tmp_path}"
+    cfg = cli.parse_config(
+        reproduce.Config, [*paths.split(), "--methods", "imsm,smf", "--seeds", "0,1"]
+    )
+    evaluated = reproduce.main(cfg)
+    assert calls == [("imsm", 0), ("smf", 0), ("imsm", 1), ("smf", 1)]
+    runs = [str(tmp_path / f"{m}-s{s}") for s in (0, 1) for m in ("imsm", "smf")]
+    assert evaluated.adapter == runs and evaluated.svf == str(setup.svf)
+    reproduce.main(cfg)  # finished with the same settings: reused, nothing trains again
+    assert len(calls) == 4
