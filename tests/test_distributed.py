@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import runs
 import torch
 from safetensors.torch import load_file
 
 import inject
-import runs
 import train_svf
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
@@ -209,3 +209,52 @@ def test_fsdp2_gives_ddp_adapter(tiny_ckpt, tmp_path):
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
     diff, moved = map(float, line.split()[1:])
     assert moved > 0 and diff <= 1e-6, (diff, moved)
+
+
+# -----------------------------------------------------------------------------
+# bfloat16: frozen tensors bf16, trainables and projections float32 (CPU stands in for CUDA here)
+
+
+def test_bf16_frozen_factors_float32_trainables_and_leakage(tiny_ckpt):
+    """A bf16 model (what resolve_dtype gives on CUDA): SVF keeps U, Vh in bf16, s and z float32;
+    PALoRA keeps W in bf16, A, B, U_S, V_S float32, and after Adam steps under bf16 autocast the
+    update's share on the protected directions is at float32 rounding (< 1e-5), where a bf16
+    projection would leak ~1e-2 (LoRALinear.projected turns autocast off)."""
+    import model as model_lib
+    import palora
+
+    model, _ = model_lib.load(tiny_ckpt, dtype=torch.bfloat16)
+    svds = palora.svds(model)  # float32 factors, as the cache holds them
+    palora.add_svf(model, svds)
+    layer = model.get_submodule(next(iter(svds)))
+    assert (layer.U.dtype, layer.Vh.dtype) == (torch.bfloat16,) * 2
+    assert (layer.s.dtype, layer.z.dtype) == (torch.float32,) * 2
+    palora.merge_svf(model)
+    S = {n: torch.arange(0, len(s), 2) for n, (_, s, _) in svds.items()}
+    params = palora.add_lora(model, "palora", 4, 8.0, svds, S, seed=0)
+    model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(list(params.values()), lr=1e-2)
+    tokens = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens).float().pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name in svds:
+        lora = model.get_submodule(name)
+        assert lora.weight.dtype == torch.bfloat16
+        dtypes = {t.dtype for t in (lora.A, lora.B, lora.A.grad, lora.U_S, lora.V_S)}
+        assert dtypes == {torch.float32}
+        dW = palora.delta_weight(lora)
+        assert dW.dtype == torch.float32 and dW.norm() > 0
+        out, inp = palora.leakage(dW, lora.U_S, lora.V_S)
+        assert max(out, inp) < 1e-5, (name, out, inp)
+        # the same projection in bf16 leaks at bf16 rounding: the check above can tell them apart
+        A, B = lora.A.bfloat16(), lora.B.bfloat16()
+        dW16 = palora.project_out(B, lora.U_S.bfloat16()) @ palora.project_in(
+            A, lora.V_S.bfloat16()
+        )
+        assert max(palora.leakage(dW16.float(), lora.U_S, lora.V_S)) > 1e-4
