@@ -5,8 +5,12 @@ bytes autograd saves), the float32 SVD of one 4096 x 14336 matrix, and checks th
 (plan(), computed for the whole model) against the measured block; then prints the plan for 1, 2
 and 8 GPUs under DDP and FSDP2, in bfloat16.
 
-    python benchmarks/dry_run_8b.py              # batch 1 x 512 tokens, one block (~5 min, 2 cores)
-    python benchmarks/dry_run_8b.py --seq 64     # a quick run
+    python benchmarks/dry_run_8b.py                   # step at 1 x 64 tokens, plan at 1 x 512
+    python benchmarks/dry_run_8b.py --seq 512 --no-svd  # the step at the plan's length (slow)
+
+On a CPU without AVX512-BF16 (the 2-core AMD EPYC this was written on), torch 2.13's bfloat16
+matmul of a backward pass takes ~30 s per 14336 x 4096 matrix at 32 tokens (the forward ~0.6 s):
+the step times are that kernel's, not a GPU's; the memory figures are the point of this run.
 
 Memory is read from /proc/self/status (VmRSS, and VmHWM after resetting it through clear_refs).
 """
@@ -22,14 +26,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as model_lib  # noqa: E402
 import palora  # noqa: E402
 
-# published config.json values (meta-llama/Llama-3.1-8B-Instruct, mistralai/Mistral-7B-Instruct-v0.3)
+# published config.json values (meta-llama/Llama-3.1-8B-Instruct,
+# mistralai/Mistral-7B-Instruct-v0.3)
 CONFIGS = {
-    "llama31_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       head_dim=128),
-    "mistral_7b": dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       head_dim=128),
+    "llama31_8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+    ),
+    "mistral_7b": dict(
+        vocab_size=32768,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+    ),
 }
 GB = 1e9
 BF16, F32 = 2, 4
@@ -116,11 +133,16 @@ def one_step(block, args, params: list, seq: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seq", type=int, default=512, help="tokens (batch 1)")
+    parser.add_argument("--seq", type=int, default=64, help="tokens of the measured step (batch 1)")
+    parser.add_argument("--plan-seq", type=int, default=512, help="tokens (batch 1) of the plan")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     parser.add_argument("--fraction", type=float, default=0.5, help="protected share per matrix")
-    parser.add_argument("--svd", action=argparse.BooleanOptionalAction, default=True,
-                        help="time the float32 SVD (--no-svd: random factors, same shapes)")
+    parser.add_argument(
+        "--svd",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the float32 SVD (--no-svd: random factors, same shapes)",
+    )
     args_ = parser.parse_args()
     torch.manual_seed(0)
     c = CONFIGS["llama31_8b"]
@@ -166,22 +188,30 @@ def main():
         planned_static -= p["trainable+grad+adam"] * 3 / 4  # grads and moments come at the step
         planned_act = p["activations"] - args_.seq * 10 * c["vocab_size"]
         print(f"\n{stage}: one block step {step['s']:.1f} s")
-        print(f"  static (weights, factors, bases, trainables): measured {static / GB:.3f} GB, "
-              f"plan {planned_static / GB:.3f} GB ({100 * (static / planned_static - 1):+.1f}%)")
-        print(f"  activations autograd keeps: measured {step['saved'] / GB:.3f} GB, "
-              f"plan {planned_act / GB:.3f} GB ({100 * (step['saved'] / planned_act - 1):+.1f}%)")
-        print(f"  peak RSS over static during the step: {step['peak_over_static'] / GB:.3f} GB "
-              f"(activations, gradients in flight, temporaries)")
+        print(
+            f"  static (weights, factors, bases, trainables): measured {static / GB:.3f} GB, "
+            f"plan {planned_static / GB:.3f} GB ({100 * (static / planned_static - 1):+.1f}%)"
+        )
+        print(
+            f"  activations autograd keeps: measured {step['saved'] / GB:.3f} GB, "
+            f"plan {planned_act / GB:.3f} GB ({100 * (step['saved'] / planned_act - 1):+.1f}%)"
+        )
+        print(
+            f"  peak RSS over static during the step: {step['peak_over_static'] / GB:.3f} GB "
+            f"(activations, gradients in flight, temporaries)"
+        )
         del block, params, svds
-    table(args_.seq, args_.rank, args_.fraction)
+    table(args_.plan_seq, args_.rank, args_.fraction)
 
 
 def table(seq: int, rank: int, fraction: float):
     """GB per GPU, whole model, bfloat16, micro-batch 1 x seq per GPU. DDP replicates everything.
     FSDP2 shards parameters (W, embeddings, z, A, B and their Adam state) over G, not buffers:
     SVF's U, Vh and PALoRA's U_S, V_S stay whole on every rank (palora.py keeps them as buffers)."""
-    print(f"\nmemory plan, GB per GPU, bfloat16, 1 x {seq} tokens per GPU, r {rank}, "
-          f"protected fraction {fraction}")
+    print(
+        f"\nmemory plan, GB per GPU, bfloat16, 1 x {seq} tokens per GPU, r {rank}, "
+        f"protected fraction {fraction}"
+    )
     print(f"{'model':11s} {'stage':7s} {'G':>2s} {'DDP':>7s} {'FSDP2':>7s}   parts (1 GPU)")
     for name, c in CONFIGS.items():
         for stage in ("svf", "palora"):
