@@ -40,18 +40,10 @@ import cli
 import model as model_lib
 import palora
 import tasks
-from training import (
-    batch_indices,
-    check_finite,
-    load_state,
-    open_run,
-    option,
-    parse_targets,
-    resolve_device,
-    resolve_dtype,
-    restart_metrics,
-    save_state,
-)
+from training import (all_sum, batch_indices, check_finite, gather, is_main, load_state,
+                      main_first, open_run, option, parse_targets, rank, resolve_device,
+                      resolve_dtype, restart_metrics, save_state, setup_distributed, shard,
+                      shard_total, teardown, unwrap, world, wrap)
 
 REPO = Path(__file__).resolve().parent
 RUNS = REPO / "runs"
@@ -244,10 +236,13 @@ def corpus(tokenizer, records: list, cfg: Config) -> list:
 
 
 def recall(model, tokenizer, facts: list, cfg: Config) -> float:
-    """Share of the trained questions whose greedy answer holds the gold (tasks.fact_correct)."""
-    questions = [r["question"] for r in facts]
-    answers = tasks.answer(model, tokenizer, questions, cfg.fact_tokens, 64)
-    return sum(tasks.fact_correct(a, r["answer"]) for a, r in zip(answers, facts)) / len(facts)
+    """Share of the trained questions whose greedy answer holds the gold (tasks.fact_correct).
+    Under torchrun each rank answers every W-th question (the model unwrapped), hits gathered."""
+    mine = facts[rank()::world()]
+    answers = tasks.answer(unwrap(model), tokenizer, [r["question"] for r in mine],
+                           cfg.fact_tokens, 64, quiet=not is_main()) if mine else []
+    hits = gather([tasks.fact_correct(a, r["answer"]) for a, r in zip(answers, mine)])
+    return sum(hits) / len(facts)
 
 
 def train(model, tokenizer, params: dict, examples: list, facts: list, cfg: Config, out: Path,
@@ -268,25 +263,30 @@ def train(model, tokenizer, params: dict, examples: list, facts: list, cfg: Conf
     if extra.get("stopped"):
         return start, loss, last
     t0, tokens_seen = time.time(), 0
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"inject {cfg.method}")
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"inject {cfg.method}",
+               disable=not is_main())
     for step in bar:
-        idx = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
+        idx = shard(batch_indices(len(examples), cfg.batch_size, step, cfg.seed))  # rank's slice
         batch = tasks.collate([examples[i] for i in idx], tokenizer.pad_id)
         tokens, labels, mask = (t.to(device) for t in batch)
-        batch_loss = adapters.step(cfg.method, model, optimizer, tokens, labels, mask, memory)
+        total = shard_total(labels)  # under torchrun: the global batch's answer tokens
+        batch_loss = adapters.step(cfg.method, model, optimizer, tokens, labels, mask, memory, total)
         check_finite(batch_loss, step, params)  # before anything of this step is saved
-        loss = batch_loss.item()
-        tokens_seen += int((labels != tasks.IGNORE_INDEX).sum())
+        loss = all_sum(batch_loss.item()) / world()  # the global batch's mean
+        tokens_seen += int(all_sum(int((labels != tasks.IGNORE_INDEX).sum())))
         tok_s = tokens_seen / (time.time() - t0)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}")
         row = {"step": step + 1, "loss": loss, "tokens_per_s": tok_s}
         checked = cfg.recall_target and (step + 1) % per_epoch == 0
         if checked:
             row["recall"] = last = recall(model, tokenizer, facts, cfg)
-            bar.write(f"epoch {(step + 1) // per_epoch}: recall {last:.3f}")
-        tasks.append_jsonl(out / "metrics.jsonl", row)
+            if is_main():
+                bar.write(f"epoch {(step + 1) // per_epoch}: recall {last:.3f}")
+        if is_main():  # rank 0 alone writes; every rank holds the same A, B and moments
+            tasks.append_jsonl(out / "metrics.jsonl", row)
         stopped = bool(checked and last >= cfg.recall_target)
-        if (step + 1) % cfg.save_every == 0 or checked or step + 1 == steps:
+        saving = (step + 1) % cfg.save_every == 0 or checked or step + 1 == steps
+        if saving and is_main():
             state = {"loss": loss, "recall": last, "stopped": stopped}
             save_state(out / "state.safetensors", params, optimizer, step + 1, state, cfg)
         if stopped:
@@ -311,7 +311,7 @@ def main(cfg: Config) -> dict:
     folder = checkpoints.resolve(cfg.ckpt)
     identity = checkpoints.identity(folder)
     svf_paths = [Path(p) for p in cfg.svf] or [latest_svf(identity, cfg.ckpt)]
-    device = resolve_device(cfg.device)
+    device = setup_distributed(resolve_device(cfg.device))  # torchrun: one process per rank
     torch.manual_seed(cfg.seed)
 
     model, tokenizer = model_lib.load(folder, device=device, dtype=resolve_dtype(cfg.dtype, device))
@@ -335,35 +335,44 @@ def main(cfg: Config) -> dict:
     skill = skill_examples(resolved.skill_data) if resolved.skill_data else []
     if cfg.method == "smf":
         memory.corpus = corpus(tokenizer, skill + data.get("known", []), resolved)
-    open_run(out, resolved, cfg.resume, cfg.overwrite)  # refuses another run's folder
+    if is_main():
+        open_run(out, resolved, cfg.resume, cfg.overwrite)  # refuses another run's folder
 
     n_model = sum(p.numel() for p in model.parameters())
-    expert, S, protected = make_base(model, identity, resolved, [z for z, _ in loaded], targets)
-    base = merged_folder(model, folder, svf_paths[0])
+    with main_first():  # rank 0 computes and writes the SVD cache and the merged folder first
+        expert, S, protected = make_base(model, identity, resolved, [z for z, _ in loaded], targets)
+        base = merged_folder(model, folder, svf_paths[0])
     counts = {n: len(s) for n, s in S.items()}
     bases = input_bases(model, tokenizer, resolved, counts) if cfg.method == "palora_act" else None
     meta = {"method": cfg.method, "svf": json.dumps([str(p) for p in svf_paths]),
             "score": cfg.probe_score, "selection": json.dumps(rule), "seed": cfg.seed}
-    adapters.save_probe(out / "probe.safetensors", protected, identity, meta)
+    if is_main():
+        adapters.save_probe(out / "probe.safetensors", protected, identity, meta)
     model.requires_grad_(False)
     trained, params = adapters.attach(model, cfg.method, cfg.rank, cfg.alpha, cfg.seed, expert,
                                       protected, bases, memory)
     for p in params.values():
         p.requires_grad_(True)
     n_trainable = sum(p.numel() for p in params.values())
-    print(f"{cfg.method}: {n_trainable:,} trainable parameters, {len(examples)} examples, "
-          f"{sum(counts.values()):,} components protected by the probe")
+    if is_main():
+        print(f"{cfg.method}: {n_trainable:,} trainable parameters, {len(examples)} examples, "
+              f"{sum(counts.values()):,} components protected by the probe")
     t0 = time.time()
+    trained = wrap(trained)  # DDP under torchrun (the LoRA family), else the module itself
     steps, loss, last = train(trained, tokenizer, params, examples, data["facts"], resolved, out,
                               memory)
-    adapters.save_run(trained, cfg.method, out, identity, str(base), {"svf": meta["svf"]})
+    if is_main():
+        adapters.save_run(unwrap(trained), cfg.method, out, identity, str(base),
+                          {"svf": meta["svf"]})
     summary = {"method": cfg.method, "steps": steps, "examples": len(examples),
                "final_loss": loss, "recall": last, "trainable": n_trainable,
                "model_parameters": n_model, "share": n_trainable / n_model, "base": str(base),
                "wall_s": time.time() - t0}
-    tasks.atomic_write_json(out / "summary.json", summary)
+    if is_main():
+        tasks.atomic_write_json(out / "summary.json", summary)
     return summary
 
 
 if __name__ == "__main__":
     cli.run(main, cli.parse_config(Config, description=__doc__.split("\n\n")[0]))
+    teardown()

@@ -12,6 +12,12 @@ Run:
     python train_svf.py --resume                       # continue the run in --out
     python train_svf.py --overwrite                    # start the run in --out again
     python train_svf.py --objective rl                 # REINFORCE + KL penalty, as Transformer²
+    torchrun --standalone --nproc_per_node 8 train_svf.py --ckpt llama31_8b   # DDP, 8 GPUs
+
+Under torchrun (DDP): --batch-size is the GLOBAL batch, split over the processes, so z does not
+depend on their number (sft; rl samples each rank's questions from its own stream, and its
+baseline is the mean of that rank's samples); held-out scoring is sharded over the ranks and
+gathered; rank 0 alone writes; the state resumes under any process count.
 
 Outputs in --out (default runs/svf-<ckpt>-<data>/): config.json, metrics.jsonl (one row per step;
 the held-out scores are a learning curve, not a model selection: there is no validation split, so
@@ -37,19 +43,31 @@ import model as model_lib
 import palora
 import tasks
 from training import (
+    all_sum,
     answer_loss,
     autocast,
     batch_indices,
     check_finite,
+    gather,
+    is_main,
     load_state,
+    main_first,
     open_run,
     option,
     parse_targets,
+    rank,
     resolve_device,
     resolve_dtype,
     restart_metrics,
     save_state,
+    setup_distributed,
+    shard,
+    shard_total,
     step_generator,
+    teardown,
+    unwrap,
+    world,
+    wrap,
 )
 
 REPO = Path(__file__).resolve().parent
@@ -145,12 +163,22 @@ def encode_examples(train: list[dict], tokenizer, cfg: Config):
 
 
 def held_out_accuracy(model, tokenizer, held_out, cfg: Config, desc: str) -> dict:
-    """Strict (`#### N`) and flexible (last number) accuracy, as lm-eval-harness scores GSM8K."""
-    questions = [r["question"] for r in held_out]
-    predictions = tasks.answer(
-        model, tokenizer, questions, cfg.max_new_tokens, cfg.eval_batch_size, desc=desc
-    )
-    scores = [tasks.score_reasoning(p, r["answer"]) for p, r in zip(predictions, held_out)]
+    """Strict (`#### N`) and flexible (last number) accuracy, as lm-eval-harness scores GSM8K.
+    Under torchrun each rank answers every W-th question (the model unwrapped), scores gathered."""
+    mine = held_out[rank() :: world()]
+    questions = [r["question"] for r in mine]
+    predictions = []
+    if questions:
+        predictions = tasks.answer(
+            unwrap(model),
+            tokenizer,
+            questions,
+            cfg.max_new_tokens,
+            cfg.eval_batch_size,
+            desc=desc,
+            quiet=not is_main(),
+        )
+    scores = gather([tasks.score_reasoning(p, r["answer"]) for p, r in zip(predictions, mine)])
     n = len(scores)
     strict = sum(s["strict"] for s in scores) / n
     flexible = sum(s["flexible"] for s in scores) / n
@@ -164,7 +192,8 @@ def held_out_accuracy(model, tokenizer, held_out, cfg: Config, desc: str) -> dic
 def sft_loss(model, batch: list[tuple], pad_id: int, device):
     """batch: (ids, labels) pairs -> (answer-token cross-entropy, number of answer tokens)."""
     tokens, labels, mask = (t.to(device) for t in tasks.collate(batch, pad_id))
-    return answer_loss(model, tokens, labels, mask), int((labels != tasks.IGNORE_INDEX).sum())
+    loss = answer_loss(model, tokens, labels, mask, shard_total(labels))  # global batch's mean
+    return loss, int((labels != tasks.IGNORE_INDEX).sum())
 
 
 @contextmanager
@@ -250,19 +279,26 @@ def train(model, tokenizer, z: dict, data: tuple, cfg: Config, out: Path) -> tup
     if start == 0:
         base = held_out_accuracy(model, tokenizer, held_out, cfg, "held-out, base model")
         rows = [{"step": 0, "held_out": base}]
-        tasks.append_jsonl(metrics, rows[0])
-        print(f"base model held-out: strict {base['strict']:.3f} flexible {base['flexible']:.3f}")
+        if is_main():
+            tasks.append_jsonl(metrics, rows[0])
+            print(
+                f"base model held-out: strict {base['strict']:.3f} flexible {base['flexible']:.3f}"
+            )
     last = rows[-1]
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="svf", file=sys.stderr)
+    steps = range(start, cfg.steps)
+    bar = tqdm(
+        steps, initial=start, total=cfg.steps, desc="svf", file=sys.stderr, disable=not is_main()
+    )
     for step in bar:
         t = time.time()
-        idx = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
+        # the global batch, then this rank's slice of it (all of it without torchrun)
+        idx = shard(batch_indices(len(examples), cfg.batch_size, step, cfg.seed))
         with autocast(device, dtype):
             if cfg.objective == "sft":
                 batch = [examples[i] for i in idx]
                 loss, n_tokens = sft_loss(model, batch, tokenizer.pad_id, device)
             else:
-                generator = step_generator(cfg.seed, step, device)
+                generator = step_generator(cfg.seed, step, device, rank())
                 loss, n_tokens = rl_loss(
                     model, tokenizer, [records[i] for i in idx], z, cfg, generator
                 )
@@ -271,19 +307,23 @@ def train(model, tokenizer, z: dict, data: tuple, cfg: Config, out: Path) -> tup
         optimizer.step()
         check_finite(loss, step, z)  # before any row or state of this step is written
         stats["train_s"] += time.time() - t
-        stats["tokens"] += n_tokens
+        stats["tokens"] += int(all_sum(n_tokens))
         tok_s = stats["tokens"] / stats["train_s"]
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:.0f}")
-        last = {"step": step + 1, "loss": loss.item(), "tokens_per_s": tok_s}
+        loss_value = all_sum(loss.item()) / world()  # the global batch's loss (sft: its mean)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}")
+        last = {"step": step + 1, "loss": loss_value, "tokens_per_s": tok_s}
         done = step + 1 == cfg.steps
         if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
             acc = held_out_accuracy(model, tokenizer, held_out, cfg, f"held-out, step {step + 1}")
             last["held_out"] = acc
-            bar.write(
-                f"step {step + 1}: held-out strict {acc['strict']:.3f} "
-                f"flexible {acc['flexible']:.3f}",
-                file=sys.stderr,
-            )
+            if is_main():
+                bar.write(
+                    f"step {step + 1}: held-out strict {acc['strict']:.3f} "
+                    f"flexible {acc['flexible']:.3f}",
+                    file=sys.stderr,
+                )
+        if not is_main():  # rank 0 alone writes; every rank holds the same z and moments
+            continue
         tasks.append_jsonl(metrics, last)
         if done or (step + 1) % cfg.save_every == 0:
             save_state(state, z, optimizer, step + 1, stats, config=cfg)
@@ -299,8 +339,9 @@ def main(cfg: Config):
     train_records, held_out = read_data(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg = dataclasses.replace(cfg, out=str(out))  # the resolved copy is what config.json records
-    open_run(out, cfg, cfg.resume, cfg.overwrite)
-    device = resolve_device(cfg.device)
+    device = setup_distributed(resolve_device(cfg.device))  # torchrun: one process per rank
+    if is_main():
+        open_run(out, cfg, cfg.resume, cfg.overwrite)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
 
@@ -311,7 +352,8 @@ def main(cfg: Config):
     records, examples = encode_examples(train_records, tokenizer, cfg)
     n_model = sum(p.numel() for p in model.parameters())  # before SVF replaces the target weights
     # replace each target W by its SVD factors and a trainable z (W is freed: memory ~1.3x W)
-    svds = adapters.svds(model, targets, identity, cfg.svd_cache)
+    with main_first():  # rank 0 computes and caches the SVDs; the others read them
+        svds = adapters.svds(model, targets, identity, cfg.svd_cache)
     z = palora.add_svf(model, svds)  # name -> Parameter (S,), float32, initialised at 1
     for p in model.parameters():
         p.requires_grad_(False)
@@ -319,10 +361,12 @@ def main(cfg: Config):
         p.requires_grad_(True)
     n_trainable = sum(p.numel() for p in z.values())
     share = n_trainable / n_model
-    print(f"trainable z: {n_trainable:,} parameters in {len(z)} matrices, {100 * share:.4f}%")
+    if is_main():
+        print(f"trainable z: {n_trainable:,} parameters in {len(z)} matrices, {100 * share:.4f}%")
 
     t0 = time.time()
-    last, stats = train(model, tokenizer, z, (records, examples, held_out), cfg, out)
+    trained = wrap(model)  # DDP under torchrun, else the model itself
+    last, stats = train(trained, tokenizer, z, (records, examples, held_out), cfg, out)
     final = last.get("held_out") or held_out_accuracy(model, tokenizer, held_out, cfg, "held-out")
     meta = {
         "ckpt": str(cfg.ckpt),
@@ -331,7 +375,6 @@ def main(cfg: Config):
         "steps": str(cfg.steps),
         "held_out": json.dumps(final),
     }
-    adapters.save_svf(out / "svf.safetensors", z, identity, meta)
     summary = {
         "held_out": final,
         "final_loss": last.get("loss"),
@@ -345,10 +388,13 @@ def main(cfg: Config):
         "device": str(device),
         "dtype": str(dtype),
     }
-    tasks.atomic_write_json(out / "summary.json", summary)
-    print(json.dumps(summary, indent=1))
+    if is_main():
+        adapters.save_svf(out / "svf.safetensors", z, identity, meta)
+        tasks.atomic_write_json(out / "summary.json", summary)
+        print(json.dumps(summary, indent=1))
     return summary
 
 
 if __name__ == "__main__":
     cli.run(main, cli.parse_config(Config, description=__doc__.split("\n")[0]))
+    teardown()

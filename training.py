@@ -11,10 +11,13 @@ import dataclasses
 import fcntl
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -198,18 +201,24 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
     return order[i * batch_size : (i + 1) * batch_size].tolist()
 
 
-def step_generator(seed: int, step: int, device) -> torch.Generator:
+def step_generator(seed: int, step: int, device, rank: int = 0) -> torch.Generator:
     """The random stream of step `step` on `device`, a pure function of (seed, step) like
-    batch_indices: sampling resumes exactly on CUDA as on the CPU, with no RNG state saved."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step + 2**40)
+    batch_indices: sampling resumes exactly on CUDA as on the CPU, with no RNG state saved.
+    rank: under torchrun each rank samples its own questions from its own stream."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step + 2**40 + rank * 2**32)
 
 
-def answer_loss(model, tokens, labels, attention_mask):
+def answer_loss(model, tokens, labels, attention_mask, total=None):
     """Mean next-token cross-entropy over the answer tokens only (labels = IGNORE_INDEX on the
-    prompt and padding). tokens, labels, attention_mask: (B, T). Logits at t predict token t+1."""
+    prompt and padding). tokens, labels, attention_mask: (B, T). Logits at t predict token t+1.
+    total: divide the summed loss by this instead of the batch's answer-token count (under
+    torchrun, shard_total's: the global batch's mean, whatever the process count)."""
     logits = model(tokens, attention_mask=attention_mask)  # (B, T, V)
     logits = logits[:, :-1].flatten(0, 1).float()  # (B (T-1), V)
-    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    target = labels[:, 1:].flatten()  # (B (T-1),)
+    if total is None:
+        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum") / total
 
 
 def check_finite(loss: torch.Tensor, step: int, params: dict | None = None):
@@ -221,6 +230,133 @@ def check_finite(loss: torch.Tensor, step: int, params: dict | None = None):
         what = what or f"{bad[0]} is not finite ({len(bad)} parameters)"
     if what:
         raise FloatingPointError(f"step {step + 1}: {what}; stopping, the last good state is kept")
+
+
+# -----------------------------------------------------------------------------
+# torchrun: data parallel over processes, as nanoGPT's train.py (environment, main process)
+#
+#     torchrun --standalone --nproc_per_node 2 train_svf.py ...   (any script, unchanged)
+#
+# The GLOBAL batch (--batch-size) is the same whatever the process count W: batch_indices picks it,
+# each rank takes its slice (shard) and divides its summed loss by N / W, N the global batch's
+# answer tokens (shard_total); DDP averages gradients over W ranks, so every rank steps with the
+# gradient one process would have. No seed offset: every rank draws the same initialisation, and
+# sampling takes a per-rank stream (step_generator's rank). Rank 0 alone writes files; every rank
+# holds the whole trainable state (DDP), so the state rank 0 saves resumes under any W.
+
+
+def setup_distributed(device: torch.device) -> torch.device:
+    """Join torchrun's process group (gloo on the CPU, nccl on CUDA, each rank on its
+    cuda:LOCAL_RANK) and return this rank's device. Without torchrun (no WORLD_SIZE): `device`."""
+    if "WORLD_SIZE" not in os.environ:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that writes files."""
+    return rank() == 0
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block, then the others do: rank 0 computes and writes a cache (the SVD
+    factors) that the others read, so each SVD is computed once. (A rank that fails ends the
+    run: torchrun stops the others, so none waits forever at the barrier.)"""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def shard(items: list) -> list:
+    """This rank's contiguous slice of a global batch: rank r of W takes [r n/W, (r + 1) n/W)."""
+    n, W, r = len(items), world(), rank()
+    if n < W:
+        raise ConfigError(f"a batch of {n} does not split over {W} processes (--batch-size >= {W})")
+    return items[r * n // W : (r + 1) * n // W]
+
+
+def all_sum(x: float) -> float:
+    """Σ of x over the ranks (float64; on the GPU under nccl, which reduces no CPU tensor)."""
+    if world() == 1:
+        return x
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def shard_total(labels: torch.Tensor) -> float | None:
+    """answer_loss's divisor for this rank's labels (B, T): N / W, N = the global batch's answer
+    tokens. DDP and FSDP average gradients over the W ranks, so the step is that of the global
+    batch's mean over its N tokens. None without torchrun: the batch's own mean."""
+    if world() == 1:
+        return None
+    n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return all_sum(n) / world()
+
+
+def gather(items: list) -> list:
+    """Every rank's list, concatenated in rank order (the sharded evaluation's scores)."""
+    if world() == 1:
+        return items
+    parts = [None] * world()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def wrap(model, how: str = "ddp"):
+    """The model to train with, after surgery (SVF or LoRA layers in place, trainable parameters
+    chosen). Without torchrun: `model`. "ddp": DistributedDataParallel; buffers (the frozen
+    factors U, Vh, U_S, V_S) are synced once at wrapping, never at each forward. "fsdp": FSDP2,
+    fully_shard per block then the root (in place: returns `model`); it shards parameters (frozen
+    W, z, A, B), not buffers, so the factors and bases stay whole on every rank; it replaces the
+    parameters by sharded ones: build the optimizer on those read after wrapping."""
+    if world() == 1:
+        return model
+    if how == "ddp":
+        device = next(model.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    if how != "fsdp":
+        raise ConfigError(f"unknown wrapping {how!r}: ddp or fsdp")
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model):
+    """The Transformer inside a DDP wrapper (evaluation and export need no gradient sync)."""
+    return getattr(model, "module", model)
+
+
+def teardown():
+    """Leave torchrun's process group (at the end of a script's run)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -297,5 +433,7 @@ def restart_metrics(path: Path, start: int) -> list[dict]:
             raise DataError(f"{path}:{n}: {problem}") from None
         rows.append(row)
     kept = [r for r in rows if r["step"] <= start]
+    if not is_main():  # under torchrun rank 0 rewrites the file; the others only read it
+        return kept
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     return kept
