@@ -79,14 +79,19 @@ def cached_svd(W: torch.Tensor, path: Path, identity: str, name: str):
     data, recomputed with a warning; factors failing their own checksum are an error (a disk or
     writer fault).
     """
-    want = {"checkpoint": identity, "name": name, "shape": f"{W.shape[0]},{W.shape[1]}",
-            "weight_sha256": digest(W)}
+    want = {
+        "checkpoint": identity,
+        "name": name,
+        "shape": f"{W.shape[0]},{W.shape[1]}",
+        "weight_sha256": digest(W),
+    }
     if path.exists():
         tensors, meta = read_tensors(path)
         stale = [k for k, v in want.items() if meta.get(k) != v]
         if stale:
-            warnings.warn(f"{path}: stale SVD cache ({', '.join(stale)} differ); recomputing",
-                          stacklevel=2)
+            warnings.warn(
+                f"{path}: stale SVD cache ({', '.join(stale)} differ); recomputing", stacklevel=2
+            )
         elif set(tensors) != {"U", "s", "Vh"}:
             raise PaloraError(f"{path}: corrupted SVD cache (not U, s, Vh); delete the file")
         elif digest(tensors["U"], tensors["s"], tensors["Vh"]) != meta.get("factors_sha256"):
@@ -133,8 +138,10 @@ def load_svf(path, identity: str, model: nn.Module | None = None) -> tuple[dict,
             linears[n] = min(m.out_features, m.in_features)
     for name, t in z.items():
         if t.shape != (linears.get(name),):
-            raise PaloraError(f"{path}: z for {name} has shape {tuple(t.shape)}, the model's "
-                              f"weight has R = {linears.get(name)}")
+            raise PaloraError(
+                f"{path}: z for {name} has shape {tuple(t.shape)}, the model's "
+                f"weight has R = {linears.get(name)}"
+            )
     return z, meta
 
 
@@ -152,8 +159,9 @@ def load_probe(path, identity: str, ranks: dict) -> tuple[dict, dict]:
             raise PaloraError(f"{path}: {name} is {'missing' if S is None else 'not a target'}")
         ok = S.dtype == torch.int64 and S.dim() == 1 and len(S.unique()) == len(S)
         if not ok or (len(S) and not 0 <= S.min() <= S.max() < ranks[name]):
-            raise PaloraError(f"{path}: {name} does not hold distinct int64 indices in [0, "
-                              f"{ranks[name]})")
+            raise PaloraError(
+                f"{path}: {name} does not hold distinct int64 indices in [0, {ranks[name]})"
+            )
     return protected, meta
 
 
@@ -172,11 +180,22 @@ def expected_probe(meta: dict, target_svds: dict, identity: str, method: str):
 # -----------------------------------------------------------------------------
 # PEFT adapters and merged checkpoints
 
-PEFT_FIXED = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "lora_dropout": 0.0,
-              "fan_in_fan_out": False, "bias": "none", "init_lora_weights": True,
-              "use_rslora": False, "use_dora": False, "inference_mode": True,
-              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-              "rank_pattern": {}, "alpha_pattern": {}}
+PEFT_FIXED = {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "lora_dropout": 0.0,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "init_lora_weights": True,
+    "use_rslora": False,
+    "use_dora": False,
+    "inference_mode": True,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+}
 
 
 def save_peft(model: nn.Module, out, base: str, identity: str, metadata: dict):
@@ -184,16 +203,26 @@ def save_peft(model: nn.Module, out, base: str, identity: str, metadata: dict):
     base_model.model.model.layers.0.mlp.down_proj.lora_A.weight); the projections folded in."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, palora.LoRALinear)}
     factors = {n: palora.export_factors(m) for n, m in layers.items()}
-    (r, alpha), = {(A.shape[0], a) for A, B, a in factors.values()}  # peft has one rank, one alpha
+    ((r, alpha),) = {
+        (A.shape[0], a) for A, B, a in factors.values()
+    }  # peft has one rank, one alpha
     tensors = {}
     for n, (A, B, _) in factors.items():
         tensors[f"base_model.model.{n}.lora_A.weight"] = A.float()
         tensors[f"base_model.model.{n}.lora_B.weight"] = B.float()
     kinds = sorted({palora.matrix_kind(n) for n in layers})  # short names if they match exactly
-    matched = {n for n, m in model.named_modules()
-               if isinstance(m, (nn.Linear, palora.LoRALinear)) and palora.matrix_kind(n) in kinds}
-    config = {**PEFT_FIXED, "base_model_name_or_path": base, "r": r, "lora_alpha": alpha,
-              "target_modules": kinds if matched == set(layers) else sorted(layers)}
+    matched = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, palora.LoRALinear)) and palora.matrix_kind(n) in kinds
+    }
+    config = {
+        **PEFT_FIXED,
+        "base_model_name_or_path": base,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": kinds if matched == set(layers) else sorted(layers),
+    }
     meta = {"format": "pt", "checkpoint": identity, **metadata}
     save_tensors(tensors, Path(out) / "adapter_model.safetensors", meta)
     atomic_write_json(Path(out) / "adapter_config.json", config)
@@ -208,8 +237,16 @@ def load_peft(model: nn.Module, folder, identity: str) -> tuple[dict, dict]:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
         raise PaloraError(f"{config_path}: unreadable ({e})") from None
-    for key in ("peft_type", "fan_in_fan_out", "bias", "use_dora", "use_rslora", "rank_pattern",
-                "alpha_pattern", "modules_to_save"):
+    for key in (
+        "peft_type",
+        "fan_in_fan_out",
+        "bias",
+        "use_dora",
+        "use_rslora",
+        "rank_pattern",
+        "alpha_pattern",
+        "modules_to_save",
+    ):
         if (config.get(key) or PEFT_FIXED[key]) != PEFT_FIXED[key]:
             raise PaloraError(f"{config_path}: {key} = {config[key]!r} is not supported")
     tensors, meta = read_tensors(folder / "adapter_model.safetensors", identity)
@@ -271,9 +308,15 @@ def copy_into(params: dict, tensors: dict, path):
 
 def save_imsm(siamese: imsm.Siamese, path, identity: str, metadata: dict):
     """LoRA A/B and gate A/B, float32, with the targets, r, alpha and gate rank."""
-    meta = {"format": "imsm", "checkpoint": identity, "targets": ",".join(siamese.targets),
-            "r": siamese.r, "alpha": siamese.alpha, "gate_rank": siamese.gate.A.shape[0],
-            **metadata}
+    meta = {
+        "format": "imsm",
+        "checkpoint": identity,
+        "targets": ",".join(siamese.targets),
+        "r": siamese.r,
+        "alpha": siamese.alpha,
+        "gate_rank": siamese.gate.A.shape[0],
+        **metadata,
+    }
     save_tensors({n: p.float() for n, p in imsm.trainable(siamese).items()}, path, meta)
 
 
@@ -290,7 +333,7 @@ def load_imsm(model, path, identity: str) -> imsm.Siamese:
 
 
 def memory_tensors(model) -> dict:
-    """"<memory name>.<W_q|K|V|W_o>" -> Parameter of every SMF memory layer."""
+    """ "<memory name>.<W_q|K|V|W_o>" -> Parameter of every SMF memory layer."""
     mems = smf.memories(model)
     return {f"{n}.{p}": t for n, m in mems.items() for p, t in m.named_parameters()}
 
@@ -299,9 +342,15 @@ def save_smf(model, path, identity: str, metadata: dict):
     """Every memory tensor, with the blocks, slots, top-k and value width."""
     mems = smf.memories(model)
     first = next(iter(mems.values()))
-    meta = {"format": "smf", "checkpoint": identity,
-            "layers": ",".join(n.split(".")[2] for n in mems),  # model.layers.<i>.mlp.memory
-            "n_slots": first.V.shape[0], "k": first.k, "value_dim": first.V.shape[1], **metadata}
+    meta = {
+        "format": "smf",
+        "checkpoint": identity,
+        "layers": ",".join(n.split(".")[2] for n in mems),  # model.layers.<i>.mlp.memory
+        "n_slots": first.V.shape[0],
+        "k": first.k,
+        "value_dim": first.V.shape[1],
+        **metadata,
+    }
     save_tensors(memory_tensors(model), path, meta)
 
 
@@ -336,12 +385,23 @@ class Memory:
     def __post_init__(self):  # a bad size fails here, before any model is loaded
         smf.check_sizes(self.slots, self.top_k)
         if self.top_t < 1 or self.score not in ("tfidf", "kl"):
-            raise smf.SMFError(f"SMF top-T must be >= 1 and the score tfidf or kl, got "
-                               f"{self.top_t}, {self.score!r}")
+            raise smf.SMFError(
+                f"SMF top-T must be >= 1 and the score tfidf or kl, got "
+                f"{self.top_t}, {self.score!r}"
+            )
 
 
-def attach(model, method: str, r: int, alpha: float, seed: int, svds: dict, protected=None,
-           input_bases=None, memory: Memory | None = None) -> tuple[nn.Module, dict]:
+def attach(
+    model,
+    method: str,
+    r: int,
+    alpha: float,
+    seed: int,
+    svds: dict,
+    protected=None,
+    input_bases=None,
+    memory: Memory | None = None,
+) -> tuple[nn.Module, dict]:
     """Put `method` on the targets that svds names -> (the module that trains and answers: the
     model itself, or imsm's Siamese around it; name -> trainable Parameter). SMF's memory goes
     beside the MLPs of smf.default_layers, keys and background accesses from memory.corpus."""
@@ -417,8 +477,9 @@ def run_file(run: Path) -> Path:
     for name in (PEFT_FILE, IMSM_FILE, SMF_FILE):
         if (Path(run) / name).is_file():
             return Path(run) / name
-    raise FileNotFoundError(f"{run}: no {PEFT_FILE}, {IMSM_FILE} or {SMF_FILE} (is it a finished "
-                            f"inject.py run?)")
+    raise FileNotFoundError(
+        f"{run}: no {PEFT_FILE}, {IMSM_FILE} or {SMF_FILE} (is it a finished inject.py run?)"
+    )
 
 
 def run_method(run: Path) -> str:

@@ -42,9 +42,26 @@ import palora
 import tasks
 from training import resolve_device, resolve_dtype
 
-COLUMNS = ("strict", "flexible", "strict_ood", "retention", "retention_ood", "reliability",
-           "generalization", "locality", "locality_any", "collapse", "gold_collapse", "leak_out",
-           "leak_in", "trainable", "added", "share", "touched", "time")
+COLUMNS = (
+    "strict",
+    "flexible",
+    "strict_ood",
+    "retention",
+    "retention_ood",
+    "reliability",
+    "generalization",
+    "locality",
+    "locality_any",
+    "collapse",
+    "gold_collapse",
+    "leak_out",
+    "leak_in",
+    "trainable",
+    "added",
+    "share",
+    "touched",
+    "time",
+)
 COMPARE = (("palora", "lora"), ("palora", "topk"), ("palora", "random"), ("palora_act", "palora"))
 NAN = float("nan")
 
@@ -52,33 +69,62 @@ NAN = float("nan")
 @dataclass
 class Config:
     ckpt: str = field(default=checkpoints.DEFAULT, metadata={"help": "checkpoint folder or name"})
-    svf: str = field(default="", metadata={"help": (
-        "SVF expert for its own row (default: the first run's; 'none': no row)")})
-    adapter: list = field(default_factory=list, metadata={
-        "help": "inject.py run folder, a row each"})
-    reasoning: str = field(default="data/reasoning/test.jsonl", metadata={
-        "help": "the skill's held-out set (its templates were trained on)"})
-    reasoning_ood: str = field(default="data/reasoning/test_ood.jsonl", metadata={
-        "help": "the skill's held-out-template set ('': not scored)"})
+    svf: str = field(
+        default="",
+        metadata={
+            "help": ("SVF expert for its own row (default: the first run's; 'none': no row)")
+        },
+    )
+    adapter: list = field(
+        default_factory=list, metadata={"help": "inject.py run folder, a row each"}
+    )
+    reasoning: str = field(
+        default="data/reasoning/test.jsonl",
+        metadata={"help": "the skill's held-out set (its templates were trained on)"},
+    )
+    reasoning_ood: str = field(
+        default="data/reasoning/test_ood.jsonl",
+        metadata={"help": "the skill's held-out-template set ('': not scored)"},
+    )
     facts: str = field(default="", metadata={"help": "injected facts (default: the first run's)"})
-    known: str = field(default="data/known/known_eval.jsonl", metadata={
-        "help": "facts the base knows, for locality ('': not scored)"})
-    limit: int = field(default=0, metadata={"help": "score the first N items of each reasoning set "
-                                            "(0: all)", "ge": 0})
+    known: str = field(
+        default="data/known/known_eval.jsonl",
+        metadata={"help": "facts the base knows, for locality ('': not scored)"},
+    )
+    limit: int = field(
+        default=0,
+        metadata={"help": "score the first N items of each reasoning set (0: all)", "ge": 0},
+    )
     max_new_tokens: int = field(default=96, metadata={"help": "reasoning answer length", "ge": 1})
     fact_tokens: int = field(default=16, metadata={"help": "fact answer length", "ge": 1})
     batch_size: int = field(default=64, metadata={"help": "questions answered at once", "ge": 1})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    dtype: str = field(default="auto", metadata={
-        "help": "weights' dtype", "choices": ["auto", "float32", "bfloat16"]})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "weights' dtype", "choices": ["auto", "float32", "bfloat16"]},
+    )
     out: str = field(default="runs/eval", metadata={"help": "output folder"})
     plot: bool = field(default=False, metadata={"help": "write tradeoff.png and probe.png"})
-    verify: str = field(default="", metadata={"help": (
-        "RUN: its adapter against its probe from the files alone, float64; exit 1 if it leaks")})
-    probe_report: str = field(default="", metadata={"help": (
-        "SVF_FILE: where its probe (|m - 1|, half of each matrix) sits in the spectrum")})
-    tolerance: float = field(default=1e-4, metadata={
-        "help": "--verify: worst leakage allowed (float32 factors' rounding)", "gt": 0})
+    verify: str = field(
+        default="",
+        metadata={
+            "help": (
+                "RUN: its adapter against its probe from the files alone, float64; exit 1 on a leak"
+            )
+        },
+    )
+    probe_report: str = field(
+        default="",
+        metadata={
+            "help": (
+                "SVF_FILE: where its probe (|m - 1|, half of each matrix) sits in the spectrum"
+            )
+        },
+    )
+    tolerance: float = field(
+        default=1e-4,
+        metadata={"help": "--verify: worst leakage allowed (float32 factors' rounding)", "gt": 0},
+    )
     svd_cache: str = field(default=adapters.SVD_CACHE, metadata={"help": "cached SVD factors"})
 
 
@@ -116,7 +162,7 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: in
     """Mean of a - b and its 95% bootstrap interval; a, b (seeds, items) of 0/1, paired by seed and
     item.
     Seeds and items are resampled with replacement, independently."""
-    d = (a.double() - b.double())  # (seeds, items)
+    d = a.double() - b.double()  # (seeds, items)
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(d.shape[0], (n, d.shape[0]), generator=g)  # (n, seeds)
     cols = torch.randint(d.shape[1], (n, d.shape[1]), generator=g)  # (n, items)
@@ -135,17 +181,20 @@ def check_length(records: list, path, tokenizer, limit: int, new_tokens: int):
         prompt = tasks.chat_prompt(tokenizer, r["question"])
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         if len(ids) + new_tokens > limit:
-            raise tasks.DataError(f"{path}:{r['_line']}: question of {len(ids)} tokens + "
-                                  f"{new_tokens} new ones exceed the context ({limit})")
+            raise tasks.DataError(
+                f"{path}:{r['_line']}: question of {len(ids)} tokens + "
+                f"{new_tokens} new ones exceed the context ({limit})"
+            )
 
 
 def score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
     """Greedy answers to every question set -> (metrics, per-item record: answers and 0/1
     scores)."""
-    pairs = {"facts": [(r["question"], r["answer"]) for r in data["facts"]],
-             "known": [(r["question"], r["answer"]) for r in data["known"]],
-             "paraphrases": [(p, r["answer"]) for r in data["facts"]
-                             for p in r.get("paraphrases", [])]}
+    pairs = {
+        "facts": [(r["question"], r["answer"]) for r in data["facts"]],
+        "known": [(r["question"], r["answer"]) for r in data["known"]],
+        "paraphrases": [(p, r["answer"]) for r in data["facts"] for p in r.get("paraphrases", [])],
+    }
     items = {}
     for kind, qa in pairs.items():
         pred = tasks.answer(model, tokenizer, [q for q, _ in qa], cfg.fact_tokens, cfg.batch_size)
@@ -159,13 +208,15 @@ def score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
         items[kind] = pred
         items[f"{kind}_strict"] = [s["strict"] for s in scores]
         items[f"{kind}_flexible"] = [s["flexible"] for s in scores]
-    metrics = {"strict": mean(items["reasoning_strict"]),
-               "flexible": mean(items["reasoning_flexible"]),
-               "strict_ood": mean(items["reasoning_ood_strict"]),
-               "reliability": mean(items["facts_ok"]),
-               "generalization": mean(items["paraphrases_ok"]),
-               "collapse": top_share(items["facts"]),
-               "gold_collapse": top_share([g for _, g in pairs["facts"]])}
+    metrics = {
+        "strict": mean(items["reasoning_strict"]),
+        "flexible": mean(items["reasoning_flexible"]),
+        "strict_ood": mean(items["reasoning_ood_strict"]),
+        "reliability": mean(items["facts_ok"]),
+        "generalization": mean(items["paraphrases_ok"]),
+        "collapse": top_share(items["facts"]),
+        "gold_collapse": top_share([g for _, g in pairs["facts"]]),
+    }
     return metrics, items
 
 
@@ -179,8 +230,9 @@ def leak_columns(run: Path, model_svds: dict, identity: str, dW: dict) -> dict:
     for n, d in dW.items():
         U_S, V_S = palora.protected_bases(model_svds[n], S[n])
         leak[n] = palora.leakage(d, U_S.double(), V_S.double())
-    spectrum = {n: {"R": len(model_svds[n][1]), "probe": S[n].tolist(), "topk": topk[n].tolist()}
-                for n in S}
+    spectrum = {
+        n: {"R": len(model_svds[n][1]), "probe": S[n].tolist(), "topk": topk[n].tolist()} for n in S
+    }
     leak_out = max(v[0] for v in leak.values())
     leak_in = max(v[1] for v in leak.values())
     return {"leak_out": leak_out, "leak_in": leak_in, "spectrum": spectrum}
@@ -189,8 +241,10 @@ def leak_columns(run: Path, model_svds: dict, identity: str, dW: dict) -> dict:
 def seconds_per_token(model, tokenizer, questions: list, n: int = 16) -> float:
     """Greedy decoding time per new token (prefill included, eos ignored) on up to 8 questions in
     one batch: every row does the same work. Best of 2 runs."""
-    ids = [tokenizer.encode(tasks.chat_prompt(tokenizer, q), add_special_tokens=False)
-           for q in questions[:8]]
+    ids = [
+        tokenizer.encode(tasks.chat_prompt(tokenizer, q), add_special_tokens=False)
+        for q in questions[:8]
+    ]
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
@@ -230,13 +284,23 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
         questions = [r["question"] for r in data["facts"]]
         info["s_per_token"] = seconds_per_token(model, tokenizer, questions)
         base_known = base_known or items
-        rows.append({"name": run.name if run else group, "group": group, **metrics,
-                     "locality": locality(base_known["known_ok"], items["known_ok"]),
-                     "locality_any": locality(base_known["known_ok"], items["known_any"]),
-                     **info, "share": info["trainable"] / n_model, "items": items,
-                     "seconds": time.time() - t0})
-        print(f"{rows[-1]['name']}: strict {metrics['strict']:.3f}, ood {metrics['strict_ood']:.3f}"
-              f", reliability {metrics['reliability']:.3f} ({time.time() - t0:.0f} s)")
+        rows.append(
+            {
+                "name": run.name if run else group,
+                "group": group,
+                **metrics,
+                "locality": locality(base_known["known_ok"], items["known_ok"]),
+                "locality_any": locality(base_known["known_ok"], items["known_any"]),
+                **info,
+                "share": info["trainable"] / n_model,
+                "items": items,
+                "seconds": time.time() - t0,
+            }
+        )
+        print(
+            f"{rows[-1]['name']}: strict {metrics['strict']:.3f}, ood {metrics['strict_ood']:.3f}"
+            f", reliability {metrics['reliability']:.3f} ({time.time() - t0:.0f} s)"
+        )
         del model
     svf_row = next((r for r in rows if r["group"] == "svf"), {})
     expert = {k: svf_row.get(k, NAN) for k in ("strict", "strict_ood")}
@@ -301,8 +365,18 @@ def intervals(rows: list) -> list[dict]:
             A = torch.tensor([pa[s]["items"][key] for s in seeds])
             B = torch.tensor([pb[s]["items"][key] for s in seeds])
             diff, low, high = paired_bootstrap(A, B)
-            out.append({"a": a, "b": b, "split": split, "seeds": len(seeds),
-                        "items": A.shape[1], "diff": diff, "low": low, "high": high})
+            out.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "split": split,
+                    "seeds": len(seeds),
+                    "items": A.shape[1],
+                    "diff": diff,
+                    "low": low,
+                    "high": high,
+                }
+            )
     return out
 
 
@@ -320,8 +394,10 @@ def plot(groups: list, spectrum: dict, folder: Path):
     for g in groups:
         (x, dx), (y, dy) = g["retention_ood"], g["reliability"]
         ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="o", capsize=3, label=g["group"])
-    ax.set(xlabel="retention, held-out templates (strict / SVF expert's)",
-           ylabel="reliability (trained facts recalled)")
+    ax.set(
+        xlabel="retention, held-out templates (strict / SVF expert's)",
+        ylabel="reliability (trained facts recalled)",
+    )
     ax.legend(fontsize=7)
     fig.savefig(folder / "tradeoff.png", dpi=150, bbox_inches="tight")
     fig, ax = plt.subplots(figsize=(12, 4))  # one column per target matrix, layer by layer
@@ -330,8 +406,11 @@ def plot(groups: list, spectrum: dict, folder: Path):
             ys = [i / sp["R"] for i in sp[key]]
             ax.scatter([x + dx] * len(ys), ys, s=0.5, c=color, label=key if x == 0 else None)
     kinds = "/".join(dict.fromkeys(palora.matrix_kind(n) for n in spectrum))
-    ax.set(xlabel=f"target matrix ({kinds}, layer by layer)", ylim=(1, 0),
-           ylabel="position in the spectrum (0 = largest)")
+    ax.set(
+        xlabel=f"target matrix ({kinds}, layer by layer)",
+        ylim=(1, 0),
+        ylabel="position in the spectrum (0 = largest)",
+    )
     ax.legend(markerscale=10)
     fig.savefig(folder / "probe.png", dpi=150, bbox_inches="tight")
 
@@ -358,8 +437,10 @@ def verify(run: Path, cfg: Config) -> dict:
     _, want = adapters.expected_probe(meta, model_svds, identity, method)
     for n in names:
         if set(protected[n].tolist()) != set(want[n].tolist()):
-            raise palora.PaloraError(f"{run}/probe.safetensors: {n} holds {len(protected[n])} "
-                                     f"indices, not the {len(want[n])} its record gives")
+            raise palora.PaloraError(
+                f"{run}/probe.safetensors: {n} holds {len(protected[n])} "
+                f"indices, not the {len(want[n])} its record gives"
+            )
     _, loaded = adapters.load_run(model, run, identity)
     if not loaded["dW"]:  # imsm, smf: no weight update whose leakage the probe could bound
         print(f"{run}: {method}: not a projection method, no leakage to verify (probe file OK)")
@@ -372,9 +453,11 @@ def verify(run: Path, cfg: Config) -> dict:
     name = max(leak, key=lambda n: max(leak[n][i] for i in sides) if sides else max(leak[n]))
     worst = max(leak[name][i] for i in sides) if sides else max(leak[name])
     ok = worst <= cfg.tolerance or not sides
-    print(f"{run}: {method}, {len(leak)} matrices; worst leakage {worst:.3e} at {name} (U side "
-          f"{leak[name][0]:.3e}, V side {leak[name][1]:.3e}): {'OK' if ok else 'FAILED'}"
-          + ("" if sides else " (unprotected method: reported, not checked)"))
+    print(
+        f"{run}: {method}, {len(leak)} matrices; worst leakage {worst:.3e} at {name} (U side "
+        f"{leak[name][0]:.3e}, V side {leak[name][1]:.3e}): {'OK' if ok else 'FAILED'}"
+        + ("" if sides else " (unprotected method: reported, not checked)")
+    )
     return {"run": str(run), "method": method, "worst": worst, "leakage": leak, "ok": ok}
 
 
@@ -395,11 +478,20 @@ def report_probe(svf: Path, cfg: Config) -> dict:
         pos = s.double() / max(len(model_svds[n][1]) - 1, 1)  # 0 = largest, 1 = smallest
         thirds = torch.bincount((pos * 3).clamp(max=2).long(), minlength=3).double() / len(s)
         overlap = len(set(s.tolist()) & set(topk[n].tolist())) / len(s)
-        rows.append({"name": n, "kind": palora.matrix_kind(n), "top": thirds[0].item(),
-                     "middle": thirds[1].item(), "bottom": thirds[2].item(),
-                     "mean_pos": pos.mean().item(), "topk_overlap": overlap})
-    print("| matrices | top third | middle third | bottom third | mean position "
-          "| shared with top-k |")
+        rows.append(
+            {
+                "name": n,
+                "kind": palora.matrix_kind(n),
+                "top": thirds[0].item(),
+                "middle": thirds[1].item(),
+                "bottom": thirds[2].item(),
+                "mean_pos": pos.mean().item(),
+                "topk_overlap": overlap,
+            }
+        )
+    print(
+        "| matrices | top third | middle third | bottom third | mean position | shared with top-k |"
+    )
     print("|---|---|---|---|---|---|")
     for kind in [*dict.fromkeys(r["kind"] for r in rows), "all"]:
         sel = [r for r in rows if kind in ("all", r["kind"])]
@@ -407,8 +499,10 @@ def report_probe(svf: Path, cfg: Config) -> dict:
         cells = " | ".join(f"{mean(r[k] for r in sel):.3f}" for k in keys)
         print(f"| {kind} ({len(sel)}) | {cells} |")
     m = torch.cat([palora.multiplier(model_svds[n][1], z[n]) for n in S])
-    print(f"multipliers m over {len(m):,} components: {m.min():.3f} to {m.max():.3f}, median "
-          f"|m - 1| {(m - 1).abs().median():.4f}")
+    print(
+        f"multipliers m over {len(m):,} components: {m.min():.3f} to {m.max():.3f}, median "
+        f"|m - 1| {(m - 1).abs().median():.4f}"
+    )
     return {"rows": rows, "ok": True}
 
 
@@ -452,8 +546,9 @@ def main(cfg: Config) -> dict:
     for run in runs:  # every run checked before any scoring: its files, made for this checkpoint
         for name in ("config.json", "summary.json", "probe.safetensors"):
             if not (run / name).is_file():
-                raise FileNotFoundError(f"{run / name}: missing (is {run} a finished inject.py "
-                                        f"run?)")
+                raise FileNotFoundError(
+                    f"{run / name}: missing (is {run} a finished inject.py run?)"
+                )
         adapters.read_tensors(adapters.run_file(run), identity)
     configs = [adapters.run_config(run) for run in runs]
     svf = None if cfg.svf == "none" else cfg.svf or (configs[0]["svf"][0] if configs else None)
@@ -471,17 +566,28 @@ def main(cfg: Config) -> dict:
     pairs = intervals(rows)
     print(table)
     for p in pairs:
-        print(f"{p['a']} - {p['b']}, strict on {p['split']} ({p['seeds']} seeds x {p['items']} "
-              f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] (95% paired "
-              f"bootstrap)")
+        print(
+            f"{p['a']} - {p['b']}, strict on {p['split']} ({p['seeds']} seeds x {p['items']} "
+            f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] (95% paired "
+            f"bootstrap)"
+        )
     spectrum = next((r.pop("spectrum") for r in rows if "spectrum" in r), {})
     for r in rows:
         r.pop("spectrum", None)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    tasks.atomic_write_json(out / "results.json", {
-        "protocol": tasks.PROTOCOL, "config": {**asdict(cfg), "facts": facts},
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "table": table,
-        "intervals": pairs, "groups": groups, "rows": rows})
+    tasks.atomic_write_json(
+        out / "results.json",
+        {
+            "protocol": tasks.PROTOCOL,
+            "config": {**asdict(cfg), "facts": facts},
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": machine,
+            "table": table,
+            "intervals": pairs,
+            "groups": groups,
+            "rows": rows,
+        },
+    )
     if cfg.plot:
         plot(groups, spectrum, out)
     return {"rows": rows, "groups": groups, "table": table, "intervals": pairs, "ok": True}

@@ -40,10 +40,30 @@ import cli
 import model as model_lib
 import palora
 import tasks
-from training import (all_sum, batch_indices, check_finite, gather, is_main, load_state,
-                      main_first, open_run, option, parse_targets, rank, resolve_device,
-                      resolve_dtype, restart_metrics, save_state, setup_distributed, shard,
-                      shard_total, teardown, unwrap, world, wrap)
+from training import (
+    all_sum,
+    batch_indices,
+    check_finite,
+    gather,
+    is_main,
+    load_state,
+    main_first,
+    open_run,
+    option,
+    parse_targets,
+    rank,
+    resolve_device,
+    resolve_dtype,
+    restart_metrics,
+    save_state,
+    setup_distributed,
+    shard,
+    shard_total,
+    teardown,
+    unwrap,
+    world,
+    wrap,
+)
 
 REPO = Path(__file__).resolve().parent
 RUNS = REPO / "runs"
@@ -51,60 +71,103 @@ RUNS = REPO / "runs"
 
 @dataclass
 class Config:
-    facts: str = option("data/facts/facts.jsonl",
-                      "facts JSONL: question, answer, optional paraphrases (held out)")
+    facts: str = option(
+        "data/facts/facts.jsonl", "facts JSONL: question, answer, optional paraphrases (held out)"
+    )
     ckpt: str = option(checkpoints.DEFAULT, "checkpoint folder or name")
-    svf: list = field(default_factory=list, metadata={"help": (
-        "SVF expert file (default: the newest runs/svf-*/svf.safetensors of --ckpt); given several "
-        "times, the FIRST is the base the adapter trains on and ALL are probes (S's united)")})
-    method: str = field(default="palora", metadata={"choices": list(adapters.METHODS), "help": (
-        "palora: probe-protected; random: as many components per matrix, chosen at random (the "
-        "control); topk (OPLoRA), lora, pissa, milora: baselines; palora_act: input side from the "
-        "skill's activations (our extension); imsm: frozen + LoRA streams mixed by a gate "
-        "(2412.17383); smf: sparse memory finetuning (2510.15103)")})
+    svf: list = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "SVF expert file (default: the newest runs/svf-*/svf.safetensors of --ckpt); given "
+                "several "
+                "times, the FIRST is the base the adapter trains on and ALL are probes (S's united)"
+            )
+        },
+    )
+    method: str = field(
+        default="palora",
+        metadata={
+            "choices": list(adapters.METHODS),
+            "help": (
+                "palora: probe-protected; random: as many components per matrix, chosen at "
+                "random (the control); topk (OPLoRA), lora, pissa, milora: baselines; "
+                "palora_act: input side from the skill's activations (our extension); imsm: "
+                "frozen + LoRA streams mixed by a gate (2412.17383); smf: sparse memory "
+                "finetuning (2510.15103)"
+            ),
+        },
+    )
     rank: int = option(8, "LoRA rank r", ge=1)
     alpha: float = option(16.0, "LoRA alpha: dW is scaled by alpha/r", gt=0)
     targets: str = option("", "comma-separated linear names to adapt (default: the expert's)")
-    probe_score: str = field(default="delta", metadata={
-        "help": "delta: |m - 1|; energy: s * |m - 1|", "choices": ["delta", "energy"]})
+    probe_score: str = field(
+        default="delta",
+        metadata={"help": "delta: |m - 1|; energy: s * |m - 1|", "choices": ["delta", "energy"]},
+    )
     probe_fraction: float = option(0.5, "share of each matrix's components protected", gt=0, lt=1)
     probe_threshold: float = option(
-        0.0, "protect every component scoring above this (0: off)", ge=0)
+        0.0, "protect every component scoring above this (0: off)", ge=0
+    )
     probe_global_fraction: float = option(
-        0.0, "protect this share of all components pooled (0: off)", ge=0, lt=1)
+        0.0, "protect this share of all components pooled (0: off)", ge=0, lt=1
+    )
     recall_target: float = option(
-        0.9, "stop once greedy answers recall this share of the trained facts (0: run --epochs)",
-        ge=0, le=1)
+        0.9,
+        "stop once greedy answers recall this share of the trained facts (0: run --epochs)",
+        ge=0,
+        le=1,
+    )
     epochs: int = option(20, "most passes over the facts (plus mixed-in examples)", ge=1)
     lr: float = option(5e-3, "Adam learning rate for A and B (smf: SparseAdam's, for V)", gt=0)
-    gate_lr: float = option(5e-3, (
-        "imsm: the gate's Adam lr, stated (the reference code's gate silently gets 1e-3)"), gt=0)
+    gate_lr: float = option(
+        5e-3,
+        ("imsm: the gate's Adam lr, stated (the reference code's gate silently gets 1e-3)"),
+        gt=0,
+    )
     smf_slots: int = option(4096, "smf: memory slots per layer, a square n² (product keys)", ge=4)
     smf_topk: int = option(16, "smf: slots each token reads, <= n", ge=1)
     smf_top_t: int = option(64, "smf: value rows updated per layer and step (top-T by score)", ge=1)
-    smf_score: str = field(default="tfidf", metadata={
-        "help": "smf: slot ranking against the background", "choices": ["tfidf", "kl"]})
+    smf_score: str = field(
+        default="tfidf",
+        metadata={"help": "smf: slot ranking against the background", "choices": ["tfidf", "kl"]},
+    )
     smf_background: int = option(
-        128, "smf: skill (and --mix-known) examples in the background corpus", ge=1)
+        128, "smf: skill (and --mix-known) examples in the background corpus", ge=1
+    )
     batch_size: int = option(8, "examples per step", ge=1)
     seed: int = option(0, "seed for A's initialisation, data order, mixing and random protection")
     out: str = option("", "output folder (default runs/inject-<method>-<facts>-s<seed>)")
     overwrite: bool = option(False, "empty a non-empty --out first")
     resume: bool = option(False, "continue from --out/state.safetensors")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = field(default="auto", metadata={
-        "help": "frozen weights' dtype: auto (bf16 on CUDA, fp32 on CPU)",
-        "choices": ["auto", "float32", "bfloat16"]})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "frozen weights' dtype: auto (bf16 on CUDA, fp32 on CPU)",
+            "choices": ["auto", "float32", "bfloat16"],
+        },
+    )
     mix_known: str = option("", "JSONL of facts the model knows, mixed into training (2502.14502)")
-    mix_skill: str = option("expert", (
-        "JSONL of the skill's examples mixed in (replay); 'expert': the SVF expert's training "
-        "data, from its metadata; 'none': no replay"))
+    mix_skill: str = option(
+        "expert",
+        (
+            "JSONL of the skill's examples mixed in (replay); 'expert': the SVF expert's training "
+            "data, from its metadata; 'none': no replay"
+        ),
+    )
     mix_ratio: float = option(0.5, "mixed-in examples per fact, from each --mix-* file", ge=0)
-    skill_data: str = option("", (
-        "palora_act: skill examples for the input basis; smf: its background corpus (default: the "
-        "expert's training data)"))
+    skill_data: str = option(
+        "",
+        (
+            "palora_act: skill examples for the input basis; smf: its background corpus "
+            "(default: the "
+            "expert's training data)"
+        ),
+    )
     act_known: str = option(
-        "", "palora_act: also protect the input directions of these known facts")
+        "", "palora_act: also protect the input directions of these known facts"
+    )
     act_examples: int = option(64, "palora_act: examples run to estimate each covariance", ge=1)
     fact_tokens: int = option(16, "answer length when checking recall", ge=1)
     save_every: int = option(25, "steps between resumable checkpoints", ge=1)
@@ -126,9 +189,11 @@ def latest_svf(identity: str, ckpt: str) -> Path:
     for path in reversed(paths):
         if adapters.read_tensors(path)[1].get("checkpoint") == identity:
             return path
-    raise FileNotFoundError(f"no SVF expert for checkpoint {ckpt} ({identity}) in "
-                            f"{RUNS}/svf-*/svf.safetensors: run `python train_svf.py --ckpt "
-                            f"{ckpt}` first, or pass --svf FILE")
+    raise FileNotFoundError(
+        f"no SVF expert for checkpoint {ckpt} ({identity}) in "
+        f"{RUNS}/svf-*/svf.safetensors: run `python train_svf.py --ckpt "
+        f"{ckpt}` first, or pass --svf FILE"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -162,8 +227,10 @@ def encode(tokenizer, data: dict, cfg: Config) -> list:
         for r in records:
             ids, labels = tasks.encode_example(tokenizer, r["question"], r["answer"], cfg.max_len)
             if ids is None and kind == "facts":
-                raise tasks.DataError(f"{cfg.facts}:{r['_line']}: question + answer longer than "
-                                      f"--max-len {cfg.max_len}")
+                raise tasks.DataError(
+                    f"{cfg.facts}:{r['_line']}: question + answer longer than "
+                    f"--max-len {cfg.max_len}"
+                )
             if ids is None:
                 skipped += 1
             else:
@@ -202,8 +269,10 @@ def input_bases(model, tokenizer, cfg: Config, counts: dict) -> dict:
 
     def covariances(path):
         records = mixed(tasks.read_jsonl(path), cfg.act_examples, cfg.seed)
-        ids = [tasks.encode_example(tokenizer, r["question"], r["answer"], cfg.max_len)[0]
-               for r in records]
+        ids = [
+            tasks.encode_example(tokenizer, r["question"], r["answer"], cfg.max_len)[0]
+            for r in records
+        ]
         run = lambda: [model(torch.tensor([x], device=device)) for x in ids if x]  # no padding
         return palora.activation_covariances(model, list(counts), run)
 
@@ -226,8 +295,9 @@ def merged_folder(model, ckpt_folder: Path, svf: Path) -> Path:
 def corpus(tokenizer, records: list, cfg: Config) -> list:
     """smf: token ids of up to --smf-background examples (seeded order, no repeats), unpadded."""
     records = mixed(records, min(cfg.smf_background, len(records)), cfg.seed)
-    ids = [tasks.encode_example(tokenizer, r["question"], r["answer"], cfg.max_len)[0]
-           for r in records]
+    ids = [
+        tasks.encode_example(tokenizer, r["question"], r["answer"], cfg.max_len)[0] for r in records
+    ]
     return [x for x in ids if x]
 
 
@@ -238,15 +308,26 @@ def corpus(tokenizer, records: list, cfg: Config) -> list:
 def recall(model, tokenizer, facts: list, cfg: Config) -> float:
     """Share of the trained questions whose greedy answer holds the gold (tasks.fact_correct).
     Under torchrun each rank answers every W-th question (the model unwrapped), hits gathered."""
-    mine = facts[rank()::world()]
-    answers = tasks.answer(unwrap(model), tokenizer, [r["question"] for r in mine],
-                           cfg.fact_tokens, 64, quiet=not is_main()) if mine else []
+    mine = facts[rank() :: world()]
+    answers = (
+        tasks.answer(
+            unwrap(model),
+            tokenizer,
+            [r["question"] for r in mine],
+            cfg.fact_tokens,
+            64,
+            quiet=not is_main(),
+        )
+        if mine
+        else []
+    )
     hits = gather([tasks.fact_correct(a, r["answer"]) for a, r in zip(answers, mine)])
     return sum(hits) / len(facts)
 
 
-def train(model, tokenizer, params: dict, examples: list, facts: list, cfg: Config, out: Path,
-          memory=None):
+def train(
+    model, tokenizer, params: dict, examples: list, facts: list, cfg: Config, out: Path, memory=None
+):
     """adapters.optimizer on params, adapters.step per batch (model: what attach returned). The
     data order is a function of (seed, step) and the state is saved every --save-every steps and
     at every recall check, so --resume ends with the same adapter as an uninterrupted run.
@@ -263,14 +344,21 @@ def train(model, tokenizer, params: dict, examples: list, facts: list, cfg: Conf
     if extra.get("stopped"):
         return start, loss, last
     t0, tokens_seen = time.time(), 0
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"inject {cfg.method}",
-               disable=not is_main())
+    bar = tqdm(
+        range(start, steps),
+        initial=start,
+        total=steps,
+        desc=f"inject {cfg.method}",
+        disable=not is_main(),
+    )
     for step in bar:
         idx = shard(batch_indices(len(examples), cfg.batch_size, step, cfg.seed))  # rank's slice
         batch = tasks.collate([examples[i] for i in idx], tokenizer.pad_id)
         tokens, labels, mask = (t.to(device) for t in batch)
         total = shard_total(labels)  # under torchrun: the global batch's answer tokens
-        batch_loss = adapters.step(cfg.method, model, optimizer, tokens, labels, mask, memory, total)
+        batch_loss = adapters.step(
+            cfg.method, model, optimizer, tokens, labels, mask, memory, total
+        )
         check_finite(batch_loss, step, params)  # before anything of this step is saved
         loss = all_sum(batch_loss.item()) / world()  # the global batch's mean
         tokens_seen += int(all_sum(int((labels != tasks.IGNORE_INDEX).sum())))
@@ -323,15 +411,21 @@ def main(cfg: Config) -> dict:
     skilled = cfg.method in ("palora_act", "smf")  # an input basis, a background corpus
     needs_data = cfg.mix_skill == "expert" or (skilled and not cfg.skill_data)
     if expert_data is None and needs_data:
-        raise cli.ConfigError(f"{svf_paths[0]}: its metadata names no training data; pass "
-                              f"--mix-skill FILE (or none) and --skill-data FILE")
+        raise cli.ConfigError(
+            f"{svf_paths[0]}: its metadata names no training data; pass "
+            f"--mix-skill FILE (or none) and --skill-data FILE"
+        )
     if cfg.mix_skill == "expert":  # replay the skill the expert was trained on
         data["skill"] = skill_examples(REPO / expert_data)
     examples = encode(tokenizer, data, cfg)
     resolved = dataclasses.replace(
-        cfg, svf=[str(p) for p in svf_paths], targets=",".join(targets), out=str(out),
+        cfg,
+        svf=[str(p) for p in svf_paths],
+        targets=",".join(targets),
+        out=str(out),
         mix_skill=str(REPO / expert_data) if cfg.mix_skill == "expert" else cfg.mix_skill,
-        skill_data=cfg.skill_data or (str(REPO / expert_data) if skilled else ""))
+        skill_data=cfg.skill_data or (str(REPO / expert_data) if skilled else ""),
+    )
     skill = skill_examples(resolved.skill_data) if resolved.skill_data else []
     if cfg.method == "smf":
         memory.corpus = corpus(tokenizer, skill + data.get("known", []), resolved)
@@ -344,30 +438,48 @@ def main(cfg: Config) -> dict:
         base = merged_folder(model, folder, svf_paths[0])
     counts = {n: len(s) for n, s in S.items()}
     bases = input_bases(model, tokenizer, resolved, counts) if cfg.method == "palora_act" else None
-    meta = {"method": cfg.method, "svf": json.dumps([str(p) for p in svf_paths]),
-            "score": cfg.probe_score, "selection": json.dumps(rule), "seed": cfg.seed}
+    meta = {
+        "method": cfg.method,
+        "svf": json.dumps([str(p) for p in svf_paths]),
+        "score": cfg.probe_score,
+        "selection": json.dumps(rule),
+        "seed": cfg.seed,
+    }
     if is_main():
         adapters.save_probe(out / "probe.safetensors", protected, identity, meta)
     model.requires_grad_(False)
-    trained, params = adapters.attach(model, cfg.method, cfg.rank, cfg.alpha, cfg.seed, expert,
-                                      protected, bases, memory)
+    trained, params = adapters.attach(
+        model, cfg.method, cfg.rank, cfg.alpha, cfg.seed, expert, protected, bases, memory
+    )
     for p in params.values():
         p.requires_grad_(True)
     n_trainable = sum(p.numel() for p in params.values())
     if is_main():
-        print(f"{cfg.method}: {n_trainable:,} trainable parameters, {len(examples)} examples, "
-              f"{sum(counts.values()):,} components protected by the probe")
+        print(
+            f"{cfg.method}: {n_trainable:,} trainable parameters, {len(examples)} examples, "
+            f"{sum(counts.values()):,} components protected by the probe"
+        )
     t0 = time.time()
     trained = wrap(trained)  # DDP under torchrun (the LoRA family), else the module itself
-    steps, loss, last = train(trained, tokenizer, params, examples, data["facts"], resolved, out,
-                              memory)
+    steps, loss, last = train(
+        trained, tokenizer, params, examples, data["facts"], resolved, out, memory
+    )
     if is_main():
-        adapters.save_run(unwrap(trained), cfg.method, out, identity, str(base),
-                          {"svf": meta["svf"]})
-    summary = {"method": cfg.method, "steps": steps, "examples": len(examples),
-               "final_loss": loss, "recall": last, "trainable": n_trainable,
-               "model_parameters": n_model, "share": n_trainable / n_model, "base": str(base),
-               "wall_s": time.time() - t0}
+        adapters.save_run(
+            unwrap(trained), cfg.method, out, identity, str(base), {"svf": meta["svf"]}
+        )
+    summary = {
+        "method": cfg.method,
+        "steps": steps,
+        "examples": len(examples),
+        "final_loss": loss,
+        "recall": last,
+        "trainable": n_trainable,
+        "model_parameters": n_model,
+        "share": n_trainable / n_model,
+        "base": str(base),
+        "wall_s": time.time() - t0,
+    }
     if is_main():
         tasks.atomic_write_json(out / "summary.json", summary)
     return summary

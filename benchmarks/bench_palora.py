@@ -18,6 +18,7 @@ Run:
     python benchmarks/bench_palora.py                          # smollm2_135m, CPU, a few minutes
     python benchmarks/bench_palora.py --ckpt path/to/hf_folder --batch 2 --seq 32 --steps 3
 """
+
 import dataclasses
 import gc
 import json
@@ -49,19 +50,26 @@ class Config:
     ckpt: str = field(default="smollm2_135m", metadata={"help": "checkpoint folder or name"})
     batch: int = field(default=8, metadata={"help": "sequences per step"})
     seq: int = field(default=128, metadata={"help": "tokens per sequence"})
-    steps: int = field(default=5, metadata={
-        "help": "timed steps per mode (after one warm-up step)"})
+    steps: int = field(
+        default=5, metadata={"help": "timed steps per mode (after one warm-up step)"}
+    )
     rank: int = field(default=16, metadata={"help": "LoRA rank r (alpha = 2r)"})
-    protect: float = field(default=0.5, metadata={
-        "help": "PALoRA: fraction of each spectrum protected"})
+    protect: float = field(
+        default=0.5, metadata={"help": "PALoRA: fraction of each spectrum protected"}
+    )
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     seed: int = field(default=0, metadata={"help": "seed for tokens, z and A"})
-    svd: bool = field(default=True, metadata={
-        "help": "time the one-off SVD into an empty cache (minutes on a CPU)"})
-    svd_cache: str = field(default=adapters.SVD_CACHE, metadata={
-        "help": "folder of cached SVD factors, filled before any timing"})
-    mode: str = field(default="", metadata={
-        "help": "internal: run one mode and print its JSON row"})
+    svd: bool = field(
+        default=True,
+        metadata={"help": "time the one-off SVD into an empty cache (minutes on a CPU)"},
+    )
+    svd_cache: str = field(
+        default=adapters.SVD_CACHE,
+        metadata={"help": "folder of cached SVD factors, filled before any timing"},
+    )
+    mode: str = field(
+        default="", metadata={"help": "internal: run one mode and print its JSON row"}
+    )
 
 
 class RebuildSVF(nn.Module):
@@ -112,13 +120,15 @@ def setup(cfg: Config, mode: str):
                 palora.replace(model, name, RebuildSVF(layer))
     else:
         g = torch.Generator().manual_seed(cfg.seed)  # a stand-in expert: z = exp(N(0, 0.1))
-        expert = {n: torch.exp(0.1 * torch.randn(len(s), generator=g))
-                  for n, (_, s, _) in svds.items()}
+        expert = {
+            n: torch.exp(0.1 * torch.randn(len(s), generator=g)) for n, (_, s, _) in svds.items()
+        }
         protected = None
         if mode == "palora":
             protected = palora.probe(svds, [expert], ("fraction", cfg.protect))
-        _, params = adapters.attach(model, mode, cfg.rank, 2.0 * cfg.rank, cfg.seed, svds,
-                                    protected)
+        _, params = adapters.attach(
+            model, mode, cfg.rank, 2.0 * cfg.rank, cfg.seed, svds, protected
+        )
         params = list(params.values())
     for p in params:
         p.requires_grad_(True)
@@ -145,8 +155,13 @@ def run_mode(cfg: Config) -> dict:
     reset_peak()
     setup_mib = rss_mib("VmRSS")
     times = [step(model, optimizer, tokens) for _ in range(2)]
-    return {"mode": cfg.mode, "step_s": times[-1], "setup_mib": setup_mib,
-            "peak_mib": rss_mib("VmHWM"), "trainable": trainable}
+    return {
+        "mode": cfg.mode,
+        "step_s": times[-1],
+        "setup_mib": setup_mib,
+        "peak_mib": rss_mib("VmHWM"),
+        "trainable": trainable,
+    }
 
 
 def random_tokens(cfg: Config, vocab_size: int) -> torch.Tensor:
@@ -190,8 +205,11 @@ def main(cfg: Config):
     if cfg.mode:
         print(json.dumps(run_mode(cfg)))
         return
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("mode", "svd")]
+    argv = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("mode", "svd")
+    ]
     svd = svd_times(cfg) if cfg.svd else None
     target_svds(cfg, model_lib.load(cfg.ckpt)[0], cfg.svd_cache)  # filled for the timed modes
     rows = {}
@@ -200,24 +218,35 @@ def main(cfg: Config):
         out = subprocess.run(command, check=True, capture_output=True, text=True)
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     speedup, palora_ratio = paired(cfg, "svf", "svf_rebuild"), paired(cfg, "lora", "palora")
-    print(f"checkpoint {cfg.ckpt}, batch {cfg.batch} x {cfg.seq} tokens, rank {cfg.rank}, "
-          f"{cfg.protect:.0%} protected, {cfg.threads} threads, torch {torch.__version__}")
-    print("| mode | step (s), unpaired | peak RSS in training (MiB) | RSS before training (MiB) "
-          "| trainable |")
+    print(
+        f"checkpoint {cfg.ckpt}, batch {cfg.batch} x {cfg.seq} tokens, rank {cfg.rank}, "
+        f"{cfg.protect:.0%} protected, {cfg.threads} threads, torch {torch.__version__}"
+    )
+    print(
+        "| mode | step (s), unpaired | peak RSS in training (MiB) | RSS before training (MiB) "
+        "| trainable |"
+    )
     print("|---|---|---|---|---|")
     for r in rows.values():
-        print(f"| {r['mode']} | {r['step_s']:.3f} | {r['peak_mib']:.0f} | {r['setup_mib']:.0f} "
-              f"| {r['trainable']:,} |")
+        print(
+            f"| {r['mode']} | {r['step_s']:.3f} | {r['peak_mib']:.0f} | {r['setup_mib']:.0f} "
+            f"| {r['trainable']:,} |"
+        )
     f, b = rows["svf"], rows["svf_rebuild"]
-    print(f"SVF factored vs rebuilt (paired, median of {cfg.steps}): {speedup:.2f}x faster "
-          f"(goal >= 1.5); peak {f['peak_mib']:.0f} vs {b['peak_mib']:.0f} MiB, of which training "
-          f"{f['peak_mib'] - f['setup_mib']:.0f} vs {b['peak_mib'] - b['setup_mib']:.0f} MiB "
-          f"(goal: lower)")
-    print(f"PALoRA vs LoRA step (paired, median of {cfg.steps}): {palora_ratio:.3f}x "
-          f"(goal <= 1.05)")
+    print(
+        f"SVF factored vs rebuilt (paired, median of {cfg.steps}): {speedup:.2f}x faster "
+        f"(goal >= 1.5); peak {f['peak_mib']:.0f} vs {b['peak_mib']:.0f} MiB, of which training "
+        f"{f['peak_mib'] - f['setup_mib']:.0f} vs {b['peak_mib'] - b['setup_mib']:.0f} MiB "
+        f"(goal: lower)"
+    )
+    print(
+        f"PALoRA vs LoRA step (paired, median of {cfg.steps}): {palora_ratio:.3f}x (goal <= 1.05)"
+    )
     if svd:
-        print(f"SVD of {svd['matrices']} matrices: {svd['svd_s']:.1f} s once, "
-              f"{svd['cached_s']:.2f} s from the cache ({svd['svd_s'] / svd['cached_s']:.0f}x)")
+        print(
+            f"SVD of {svd['matrices']} matrices: {svd['svd_s']:.1f} s once, "
+            f"{svd['cached_s']:.2f} s from the cache ({svd['svd_s'] / svd['cached_s']:.0f}x)"
+        )
 
 
 if __name__ == "__main__":

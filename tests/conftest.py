@@ -5,7 +5,8 @@ importable from the tests however pytest is started.
     seeded       torch's and Python's global RNGs seeded per test
     tiny_ckpt    a tiny random Llama checkpoint folder (tests/tiny.py), built once per session
     reasoning    a GSM8K-layout skill set (answers end in `#### N`): .records, .train, .test
-    setup        a tiny checkpoint with a random SVF expert, facts, skill and known facts (tests/runs.py)
+    setup        a tiny checkpoint with a random SVF expert, facts, skill and known facts
+(tests/runs.py)
 """
 
 import random
@@ -70,7 +71,12 @@ def setup(tmp_path_factory) -> SimpleNamespace:
 
     root = tmp_path_factory.mktemp("inject")
     ckpt = tiny.make_tiny_llama(root / "ckpt")
-    return SimpleNamespace(root=root, ckpt=ckpt, svf=make_expert(root, ckpt), cache=str(root / "cache"),
-                           facts=tiny.write_jsonl(root / "facts.jsonl", FACTS),
-                           skill=tiny.write_jsonl(root / "skill.jsonl", SKILL),
-                           known=tiny.write_jsonl(root / "known.jsonl", FACTS[:4]))
+    return SimpleNamespace(
+        root=root,
+        ckpt=ckpt,
+        svf=make_expert(root, ckpt),
+        cache=str(root / "cache"),
+        facts=tiny.write_jsonl(root / "facts.jsonl", FACTS),
+        skill=tiny.write_jsonl(root / "skill.jsonl", SKILL),
+        known=tiny.write_jsonl(root / "known.jsonl", FACTS[:4]),
+    )

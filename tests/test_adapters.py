@@ -242,11 +242,19 @@ def adapter(ckpt, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("key, value", [("use_dora", True), ("use_rslora", True),
-                                        ("fan_in_fan_out", True), ("bias", "all"),
-                                        ("bias", "lora_only"), ("peft_type", "LOHA"),
-                                        ("rank_pattern", {"model.layers.0.mlp.up_proj": 2}),
-                                        ("alpha_pattern", {"model.layers.0.mlp.up_proj": 2})])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("use_dora", True),
+        ("use_rslora", True),
+        ("fan_in_fan_out", True),
+        ("bias", "all"),
+        ("bias", "lora_only"),
+        ("peft_type", "LOHA"),
+        ("rank_pattern", {"model.layers.0.mlp.up_proj": 2}),
+        ("alpha_pattern", {"model.layers.0.mlp.up_proj": 2}),
+    ],
+)
 def test_load_peft_refuses_what_it_would_misread(tmp_path, ckpt, adapter, key, value):
     """A plain LoRALinear would give another dW than peft for each of these settings."""
     folder, identity = ckpt
@@ -416,12 +424,15 @@ def test_optimizer_and_step_per_method(ckpt):
     assert sum(int((p != 0).any(-1).sum()) for p in params.values()) > 0
 
 
-@pytest.mark.parametrize("method, rule, score", [
-    ("palora", ("fraction", 0.3), "delta"),
-    ("topk", ("global_fraction", 0.2), "energy"),
-    ("random", ("fraction", 0.5), "delta"),
-    ("random", ("threshold", 0.3), "energy"),
-])
+@pytest.mark.parametrize(
+    "method, rule, score",
+    [
+        ("palora", ("fraction", 0.3), "delta"),
+        ("topk", ("global_fraction", 0.2), "energy"),
+        ("random", ("fraction", 0.5), "delta"),
+        ("random", ("threshold", 0.3), "energy"),
+    ],
+)
 def test_expected_probe_is_what_make_base_gives(tmp_path, ckpt, method, rule, score):
     """inject.make_base's (S, protected) with two experts, reproduced from the probe file's record
     alone, after the metadata's round trip through strings."""
@@ -432,16 +443,27 @@ def test_expected_probe_is_what_make_base_gives(tmp_path, ckpt, method, rule, sc
     for i in range(2):
         paths.append(tmp_path / f"z{i}.safetensors")
         adapters.save_svf(paths[-1], random_expert(svds, seed=10 + i), identity)
-    flags = {"fraction": "probe_fraction", "threshold": "probe_threshold",
-             "global_fraction": "probe_global_fraction"}
-    cfg = inject.Config(method=method, seed=3, svd_cache="", probe_score=score,
-                        **{flags[rule[0]]: rule[1]})
-    assert palora.probe_rule(cfg.probe_fraction, cfg.probe_threshold,
-                             cfg.probe_global_fraction) == rule
+    flags = {
+        "fraction": "probe_fraction",
+        "threshold": "probe_threshold",
+        "global_fraction": "probe_global_fraction",
+    }
+    cfg = inject.Config(
+        method=method, seed=3, svd_cache="", probe_score=score, **{flags[rule[0]]: rule[1]}
+    )
+    assert (
+        palora.probe_rule(cfg.probe_fraction, cfg.probe_threshold, cfg.probe_global_fraction)
+        == rule
+    )
     experts = [adapters.load_svf(p, identity, model)[0] for p in paths]
     _, S, protected = inject.make_base(model, identity, cfg, experts, palora.MLP_TARGETS)
-    meta = {"method": method, "svf": json.dumps([str(p) for p in paths]), "score": score,
-            "selection": json.dumps(rule), "seed": cfg.seed}  # as inject.main writes it
+    meta = {
+        "method": method,
+        "svf": json.dumps([str(p) for p in paths]),
+        "score": score,
+        "selection": json.dumps(rule),
+        "seed": cfg.seed,
+    }  # as inject.main writes it
     adapters.save_probe(tmp_path / "probe.safetensors", protected, identity, meta)
     ranks = {n: len(s) for n, (_, s, _) in svds.items()}
     loaded, meta = adapters.load_probe(tmp_path / "probe.safetensors", identity, ranks)
@@ -461,6 +483,7 @@ def test_load_peft_refuses_modules_to_save(tmp_path, ckpt, adapter):
     shutil.copytree(adapter, tmp_path / "a")
     config = json.loads((adapter / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(
-        json.dumps({**config, "modules_to_save": ["lm_head"]}))
+        json.dumps({**config, "modules_to_save": ["lm_head"]})
+    )
     with pytest.raises(PaloraError, match="modules_to_save"):
         adapters.load_peft(model_lib.load(folder)[0], tmp_path / "a", identity)

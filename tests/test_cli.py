@@ -28,10 +28,13 @@ def run(script, argv, capsys) -> str:
 @pytest.fixture
 def files(setup, tmp_path):
     """Broken inputs beside the tiny setup's good ones."""
-    bad = {"torn": '{"question": "A?", "answer": "x"}\n{"question": "B?", "ans',
-           "noanswer": '{"question": "A?"}\n',
-           "nonumber": '{"question": "What is 1 + 1?", "answer": "two"}\n',
-           "empty": "", "list": "[1, 2]\n"}
+    bad = {
+        "torn": '{"question": "A?", "answer": "x"}\n{"question": "B?", "ans',
+        "noanswer": '{"question": "A?"}\n',
+        "nonumber": '{"question": "What is 1 + 1?", "answer": "two"}\n',
+        "empty": "",
+        "list": "[1, 2]\n",
+    }
     paths = {}
     for name, text in bad.items():
         paths[name] = tmp_path / f"{name}.jsonl"
@@ -46,17 +49,20 @@ def common(setup, tmp_path):
     return ["--ckpt", str(setup.ckpt), "--out", str(tmp_path / "out"), "--device", "cpu"]
 
 
-@pytest.mark.parametrize("argv, where", [
-    (["--data", "{torn}"], "torn.jsonl:2: malformed JSON"),
-    (["--data", "{noanswer}"], "noanswer.jsonl:1: missing field 'answer'"),
-    (["--data", "{nonumber}"], "nonumber.jsonl:1: answer has no final number"),
-    (["--data", "{empty}"], "empty.jsonl:1: empty file"),
-    (["--eval-data", "{list}"], "list.jsonl:1: expected a JSON object"),
-    (["--data", "missing.jsonl"], "missing.jsonl"),
-    (["--ckpt", "{config}"], "config.json"),
-    (["--ckpt", "no_such_model"], "no_such_model"),
-    (["--targets", "q_proj,nope"], "nope"),
-])
+@pytest.mark.parametrize(
+    "argv, where",
+    [
+        (["--data", "{torn}"], "torn.jsonl:2: malformed JSON"),
+        (["--data", "{noanswer}"], "noanswer.jsonl:1: missing field 'answer'"),
+        (["--data", "{nonumber}"], "nonumber.jsonl:1: answer has no final number"),
+        (["--data", "{empty}"], "empty.jsonl:1: empty file"),
+        (["--eval-data", "{list}"], "list.jsonl:1: expected a JSON object"),
+        (["--data", "missing.jsonl"], "missing.jsonl"),
+        (["--ckpt", "{config}"], "config.json"),
+        (["--ckpt", "no_such_model"], "no_such_model"),
+        (["--targets", "q_proj,nope"], "nope"),
+    ],
+)
 def test_train_svf_bad_input(setup, tmp_path, files, capsys, argv, where):
     argv = [a.format(**files) for a in argv]
     base = common(setup, tmp_path) + ["--data", str(setup.skill), "--eval-data", str(setup.skill)]
@@ -65,29 +71,51 @@ def test_train_svf_bad_input(setup, tmp_path, files, capsys, argv, where):
     assert not (tmp_path / "out" / "state.safetensors").exists()
 
 
-@pytest.mark.parametrize("argv, where", [
-    (["--facts", "{torn}"], "torn.jsonl:2: malformed JSON"),
-    (["--facts", "{noanswer}"], "noanswer.jsonl:1: missing field 'answer'"),
-    (["--mix-skill", "{nonumber}"], "nonumber.jsonl:1: answer has no final number"),
-    (["--mix-known", "{list}"], "list.jsonl:1: expected a JSON object"),
-    (["--svf", "{torn}"], "torn.jsonl: unreadable safetensors file"),
-    (["--ckpt", "{config}"], "config.json"),
-    (["--targets", ","], "--targets"),
-    (["--probe-threshold", "0.1", "--probe-global-fraction", "0.5"], "not both"),
-])
+@pytest.mark.parametrize(
+    "argv, where",
+    [
+        (["--facts", "{torn}"], "torn.jsonl:2: malformed JSON"),
+        (["--facts", "{noanswer}"], "noanswer.jsonl:1: missing field 'answer'"),
+        (["--mix-skill", "{nonumber}"], "nonumber.jsonl:1: answer has no final number"),
+        (["--mix-known", "{list}"], "list.jsonl:1: expected a JSON object"),
+        (["--svf", "{torn}"], "torn.jsonl: unreadable safetensors file"),
+        (["--ckpt", "{config}"], "config.json"),
+        (["--targets", ","], "--targets"),
+        (["--probe-threshold", "0.1", "--probe-global-fraction", "0.5"], "not both"),
+    ],
+)
 def test_inject_bad_input(setup, tmp_path, files, capsys, argv, where):
     argv = [a.format(**files) for a in argv]
-    base = common(setup, tmp_path) + ["--facts", str(setup.facts), "--svf", str(setup.svf),
-                                      "--mix-skill", "none", "--svd-cache", ""]
+    base = common(setup, tmp_path) + [
+        "--facts",
+        str(setup.facts),
+        "--svf",
+        str(setup.svf),
+        "--mix-skill",
+        "none",
+        "--svd-cache",
+        "",
+    ]
     err = run(inject, base + argv, capsys)
     assert where in err
     assert not (tmp_path / "out" / "state.safetensors").exists()
 
 
 def test_inject_refuses_a_non_empty_out_and_a_foreign_resume(setup, tmp_path, capsys):
-    base = common(setup, tmp_path) + ["--facts", str(setup.facts), "--svf", str(setup.svf),
-                                      "--mix-skill", "none", "--svd-cache", "", "--epochs", "1",
-                                      "--recall-target", "0"]
+    base = common(setup, tmp_path) + [
+        "--facts",
+        str(setup.facts),
+        "--svf",
+        str(setup.svf),
+        "--mix-skill",
+        "none",
+        "--svd-cache",
+        "",
+        "--epochs",
+        "1",
+        "--recall-target",
+        "0",
+    ]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep")
     assert "--overwrite" in run(inject, base, capsys)
@@ -95,20 +123,32 @@ def test_inject_refuses_a_non_empty_out_and_a_foreign_resume(setup, tmp_path, ca
     assert "nothing to resume" in run(inject, base + ["--resume"], capsys)
 
 
-@pytest.mark.parametrize("argv, where", [
-    (["--reasoning", "{torn}"], "torn.jsonl:2: malformed JSON"),
-    (["--reasoning-ood", "{nonumber}"], "nonumber.jsonl:1: answer has no final number"),
-    (["--known", "{noanswer}"], "noanswer.jsonl:1: missing field 'answer'"),
-    (["--facts", "{empty}"], "empty.jsonl:1: empty file"),
-    (["--adapter", "no/such/run"], "no/such/run/config.json"),
-    (["--verify", "no/such/run"], "no/such/run/config.json"),
-    (["--probe-report", "{torn}"], "torn.jsonl: unreadable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "argv, where",
+    [
+        (["--reasoning", "{torn}"], "torn.jsonl:2: malformed JSON"),
+        (["--reasoning-ood", "{nonumber}"], "nonumber.jsonl:1: answer has no final number"),
+        (["--known", "{noanswer}"], "noanswer.jsonl:1: missing field 'answer'"),
+        (["--facts", "{empty}"], "empty.jsonl:1: empty file"),
+        (["--adapter", "no/such/run"], "no/such/run/config.json"),
+        (["--verify", "no/such/run"], "no/such/run/config.json"),
+        (["--probe-report", "{torn}"], "torn.jsonl: unreadable safetensors file"),
+    ],
+)
 def test_evaluate_bad_input(setup, tmp_path, files, capsys, argv, where):
     argv = [a.format(**files) for a in argv]
-    base = common(setup, tmp_path) + ["--reasoning", str(setup.skill), "--facts", str(setup.facts),
-                                      "--reasoning-ood", "", "--known", str(setup.known),
-                                      "--svd-cache", ""]
+    base = common(setup, tmp_path) + [
+        "--reasoning",
+        str(setup.skill),
+        "--facts",
+        str(setup.facts),
+        "--reasoning-ood",
+        "",
+        "--known",
+        str(setup.known),
+        "--svd-cache",
+        "",
+    ]
     assert where in run(evaluate, base + argv, capsys)
     assert not (tmp_path / "out" / "results.json").exists()
 
@@ -121,10 +161,13 @@ def test_evaluate_run_made_for_another_checkpoint_is_named(setup, tmp_path, caps
     assert str(run_dir) in err
 
 
-@pytest.mark.parametrize("argv, where", [
-    (["--methods", "palora,nope"], "unknown method 'nope'"),
-    (["--seeds", "0", "--n-facts", "-1"], "--n-facts: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv, where",
+    [
+        (["--methods", "palora,nope"], "unknown method 'nope'"),
+        (["--seeds", "0", "--n-facts", "-1"], "--n-facts: must be >= 0"),
+    ],
+)
 def test_reproduce_bad_input(setup, tmp_path, capsys, argv, where):
     if "-1" in argv:
         with pytest.raises(SystemExit) as exit_:
@@ -136,6 +179,7 @@ def test_reproduce_bad_input(setup, tmp_path, capsys, argv, where):
 
 def test_unexpected_errors_keep_their_traceback():
     """Only expected errors become one line: a bug must not be hidden."""
+
     def bug(_):
         raise KeyError("a bug")
 

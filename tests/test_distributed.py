@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import runs
 import torch
 from safetensors.torch import load_file
 
 import inject
+import runs
 import train_svf
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")

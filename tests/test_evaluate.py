@@ -1,5 +1,6 @@
-"""Tests for evaluate.py: each metric on a hand-made case gives its known value; the paired bootstrap
-on hand-made differences; an adapter or probe made for another checkpoint fails naming the file;
+"""Tests for evaluate.py: each metric on a hand-made case gives its known value; the paired
+bootstrap on hand-made differences; an adapter or probe made for another checkpoint fails naming the
+file;
 --verify passes on PALoRA, random and palora_act runs and fails on tampered probes and adapters,
 trusting the adapter's own method; the table, JSON, intervals and plots. Tiny random Llama; CPU.
 """
@@ -31,15 +32,32 @@ def runs(setup, tmp_path_factory):
     methods = ("palora", "lora", "random", "palora_act", "imsm", "smf")
     memory = dict(smf_slots=256, smf_topk=4, smf_top_t=16, smf_background=12)  # tiny D = 64
     for method in methods:
-        inject.main(config(setup, root / f"{method}-s0", method=method,
-                           mix_skill=str(setup.skill), **(memory if method == "smf" else {})))
+        inject.main(
+            config(
+                setup,
+                root / f"{method}-s0",
+                method=method,
+                mix_skill=str(setup.skill),
+                **(memory if method == "smf" else {}),
+            )
+        )
     return {m: root / f"{m}-s0" for m in methods}
 
 
 def eval_config(setup, out, **overrides) -> evaluate.Config:
-    settings = dict(ckpt=str(setup.ckpt), reasoning=str(setup.skill), reasoning_ood=str(setup.skill),
-                    known=str(setup.known), limit=4, max_new_tokens=8, fact_tokens=6, batch_size=8,
-                    device="cpu", out=str(out), svd_cache=str(setup.cache))
+    settings = dict(
+        ckpt=str(setup.ckpt),
+        reasoning=str(setup.skill),
+        reasoning_ood=str(setup.skill),
+        known=str(setup.known),
+        limit=4,
+        max_new_tokens=8,
+        fact_tokens=6,
+        batch_size=8,
+        device="cpu",
+        out=str(out),
+        svd_cache=str(setup.cache),
+    )
     return evaluate.Config(**{**settings, **overrides})
 
 
@@ -69,7 +87,8 @@ def test_anywhere_finds_the_gold_beyond_the_first_line():
 
 def test_paired_bootstrap_on_hand_made_differences():
     """Identical rows: difference 0, a zero-width interval. a right on every item b misses: +1
-    exactly. Half the items +1, half 0 (2 seeds x 40 items): 0.5, an interval around it in (0, 1)."""
+    exactly. Half the items +1, half 0 (2 seeds x 40 items): 0.5, an interval around it in (0,
+    1)."""
     a = torch.ones(2, 40, dtype=torch.long)
     assert evaluate.paired_bootstrap(a, a, n=200) == (0.0, 0.0, 0.0)
     assert evaluate.paired_bootstrap(a, 0 * a, n=200) == (1.0, 1.0, 1.0)
@@ -79,8 +98,11 @@ def test_paired_bootstrap_on_hand_made_differences():
 
 
 def test_aggregate_mean_and_sample_std():
-    rows = [{"group": "x", "strict": 0.5}, {"group": "x", "strict": 0.7},
-            {"group": "y", "strict": 0.2}]
+    rows = [
+        {"group": "x", "strict": 0.5},
+        {"group": "x", "strict": 0.7},
+        {"group": "y", "strict": 0.2},
+    ]
     groups = {g["group"]: g for g in evaluate.aggregate(rows)}
     assert groups["x"]["n"] == 2
     assert groups["x"]["strict"] == pytest.approx((0.6, math.sqrt(2 * 0.1**2 / 1)))
@@ -93,7 +115,8 @@ def test_aggregate_mean_and_sample_std():
 
 
 def test_probe_report_shares(setup, capsys):
-    """Each matrix's protected components are split over the spectrum's thirds (shares sum to 1); one
+    """Each matrix's protected components are split over the spectrum's thirds (shares sum to 1);
+    one
     row per matrix kind plus all, then the multipliers' range."""
     out = setup.root / "report"
     rows = evaluate.main(eval_config(setup, out, probe_report=str(setup.svf)))["rows"]
@@ -122,14 +145,18 @@ def randomised(tensors, meta):
     return {k: torch.randn(v.shape, generator=g) for k, v in tensors.items()}, meta
 
 
-@pytest.mark.parametrize("change", [
-    lambda t, m: ({k: v[:0] for k, v in t.items()}, m),  # emptied
-    lambda t, m: ({k: v[: len(v) // 4] for k, v in t.items()}, m),  # 3/4 of the indices removed
-    lambda t, m: (dict(list(t.items())[1:]), m),  # a matrix missing
-    lambda t, m: ({k: v + 1000 for k, v in t.items()}, m),  # out of range
-    lambda t, m: ({k: v.double() for k, v in t.items()}, m),  # float indices
-    lambda t, m: ({k: (v + 1) % 64 for k, v in t.items()}, m),  # another set of the same size
-], ids=["emptied", "quarter", "missing", "range", "float", "shifted"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t, m: ({k: v[:0] for k, v in t.items()}, m),  # emptied
+        lambda t, m: ({k: v[: len(v) // 4] for k, v in t.items()}, m),  # 3/4 of the indices removed
+        lambda t, m: (dict(list(t.items())[1:]), m),  # a matrix missing
+        lambda t, m: ({k: v + 1000 for k, v in t.items()}, m),  # out of range
+        lambda t, m: ({k: v.double() for k, v in t.items()}, m),  # float indices
+        lambda t, m: ({k: (v + 1) % 64 for k, v in t.items()}, m),  # another set of the same size
+    ],
+    ids=["emptied", "quarter", "missing", "range", "float", "shifted"],
+)
 def test_verify_refuses_a_probe_that_is_not_the_runs(setup, runs, tmp_path, change):
     run = shutil.copytree(runs["palora"], tmp_path / "tampered")
     tamper(run, "probe.safetensors", change)
@@ -164,14 +191,16 @@ def test_files_of_another_checkpoint_are_named(setup, runs, tmp_path, name):
         evaluate.main(eval_config(setup, tmp_path / "out", verify=str(run)))
 
 
-@pytest.mark.parametrize("method, name", [("palora", "adapter_model"), ("imsm", "imsm"),
-                                          ("smf", "smf")])
+@pytest.mark.parametrize(
+    "method, name", [("palora", "adapter_model"), ("imsm", "imsm"), ("smf", "smf")]
+)
 def test_adapter_for_another_checkpoint_fails_before_scoring(setup, runs, tmp_path, method, name):
     other = tiny.make_tiny_llama(tmp_path / "other", seed=1)
     match = rf"{runs[method] / name}.safetensors: made for"
     with pytest.raises(palora.PaloraError, match=match):
-        evaluate.main(eval_config(setup, tmp_path / "out", ckpt=str(other),
-                                  adapter=[str(runs[method])]))
+        evaluate.main(
+            eval_config(setup, tmp_path / "out", ckpt=str(other), adapter=[str(runs[method])])
+        )
     assert not (tmp_path / "out" / "results.json").exists()
 
 
@@ -190,13 +219,21 @@ def test_table_json_intervals_and_plots(setup, runs, tmp_path):
     summary = json.loads((runs["palora"] / "summary.json").read_text())
     assert rows["palora"]["trainable"] == summary["trainable"] == 6 * 4 * (64 + 96)  # r (in + out)
     assert rows["palora"]["added"] == 6 * 4 * (64 + 96) and rows["svf"]["trainable"] == 6 * 64
-    assert rows["palora"]["share"] == pytest.approx(summary["trainable"] / summary["model_parameters"])
+    assert rows["palora"]["share"] == pytest.approx(
+        summary["trainable"] / summary["model_parameters"]
+    )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["protocol"] == tasks.PROTOCOL and len(saved["rows"][2]["items"]["facts"]) == 8
     assert result["table"].count("\n") == 2 + 4 and "| palora | 1 |" in result["table"]
     pairs = {(p["a"], p["b"], p["split"]) for p in result["intervals"]}
-    assert ("palora", "lora", "reasoning_ood") in pairs and ("palora", "random", "reasoning") in pairs
-    assert (tmp_path / "tradeoff.png").stat().st_size > 0 and (tmp_path / "probe.png").stat().st_size > 0
+    assert ("palora", "lora", "reasoning_ood") in pairs and (
+        "palora",
+        "random",
+        "reasoning",
+    ) in pairs
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0 and (
+        tmp_path / "probe.png"
+    ).stat().st_size > 0
 
 
 def test_imsm_and_smf_rows(setup, runs, tmp_path, capsys):
@@ -232,9 +269,16 @@ def test_unwritable_out_fails_before_scoring(setup, runs, tmp_path):
 
 
 def test_question_longer_than_the_context_names_its_line(setup, tmp_path):
-    long = tiny.write_jsonl(tmp_path / "long.jsonl", [
-        {"question": "What is 1 + 1?", "answer": "#### 2"},
-        {"question": "word " * 200, "answer": "#### 2"}])
+    long = tiny.write_jsonl(
+        tmp_path / "long.jsonl",
+        [
+            {"question": "What is 1 + 1?", "answer": "#### 2"},
+            {"question": "word " * 200, "answer": "#### 2"},
+        ],
+    )
     with pytest.raises(tasks.DataError, match=r"long.jsonl:2: question of \d+ tokens"):
-        evaluate.main(eval_config(setup, tmp_path / "out", reasoning=str(long), svf="none",
-                                  facts=str(setup.facts)))
+        evaluate.main(
+            eval_config(
+                setup, tmp_path / "out", reasoning=str(long), svf="none", facts=str(setup.facts)
+            )
+        )

@@ -1,6 +1,7 @@
-"""Tests for inject.py on a tiny random Llama (tests/tiny.py) and a random SVF expert: every method trains
-and changes the answers to the injected facts; training stops at the recall target; PALoRA's merged
-model keeps every protected singular triplet; random protection keeps the probe's count, not its set;
+"""Tests for inject.py on a tiny random Llama (tests/tiny.py) and a random SVF expert: every method
+trains and changes the answers to the injected facts; training stops at the recall target; PALoRA's
+merged model keeps every protected singular triplet; random protection keeps the probe's count, not
+its set;
 --resume ends with the same adapter and refuses another run; bad inputs fail before training, naming
 the file (and line). CPU, seconds.
 """
@@ -24,6 +25,7 @@ from runs import FACTS, SKILL, config, identity, make_expert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 def expert_model(setup):
     """The base checkpoint with the SVF expert merged: the model every adapter is trained on."""
     model, tokenizer = model_lib.load(setup.ckpt)
@@ -37,7 +39,9 @@ def answers(setup, run=None):
     model, tokenizer = expert_model(setup)
     if run is not None:
         model, _ = adapters.load_run(model, run, identity(setup.ckpt))
-    return tasks.answer(model, tokenizer, [f["question"] for f in FACTS], max_new_tokens=6, batch_size=8)
+    return tasks.answer(
+        model, tokenizer, [f["question"] for f in FACTS], max_new_tokens=6, batch_size=8
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -60,23 +64,32 @@ def test_each_method_learns_and_changes_answers(setup, tmp_path, method):
     assert answers(setup, tmp_path) != answers(setup)
     files = {"imsm": "imsm.safetensors", "smf": "smf.safetensors"}
     peft = ("adapter_config.json", "adapter_model.safetensors")
-    for name in (*([files[method]] if method in files else peft), "probe.safetensors",
-                 "config.json", "summary.json"):
+    for name in (
+        *([files[method]] if method in files else peft),
+        "probe.safetensors",
+        "config.json",
+        "summary.json",
+    ):
         assert (tmp_path / name).is_file()
     assert adapters.run_file(tmp_path).name == files.get(method, "adapter_model.safetensors")
-    assert json.loads((tmp_path / "config.json").read_text())["svf"] == [str(setup.svf)]  # resolved and saved
+    assert json.loads((tmp_path / "config.json").read_text())["svf"] == [
+        str(setup.svf)
+    ]  # resolved and saved
 
 
 def test_default_replay_mixes_in_the_experts_training_data(setup, tmp_path):
-    """mix_skill="expert" reads the expert's metadata "data" (the skill set it was trained on): 0.5 per fact."""
+    """mix_skill="expert" reads the expert's metadata "data" (the skill set it was trained on): 0.5
+    per fact."""
     summary = inject.main(config(setup, tmp_path, mix_skill="expert", epochs=1))
     assert summary["examples"] == len(FACTS) + round(0.5 * len(FACTS))
     assert json.loads((tmp_path / "config.json").read_text())["mix_skill"] == str(setup.skill)
 
 
 def test_palora_keeps_every_protected_triplet(setup, tmp_path):
-    """On the whole merged model: for every target matrix W'' = W' + dW and every i in S, W'' v_i = s_i m_i u_i and
-    u_iᵀ W'' = s_i m_i v_iᵀ, within float32 rounding of a merge (2 (R + in) u ||W||₂, palora.merge_svf's bound)."""
+    """On the whole merged model: for every target matrix W'' = W' + dW and every i in S, W'' v_i =
+    s_i m_i u_i and
+    u_iᵀ W'' = s_i m_i v_iᵀ, within float32 rounding of a merge (2 (R + in) u ||W||₂,
+    palora.merge_svf's bound)."""
     inject.main(config(setup, tmp_path, method="palora"))
     model, _ = expert_model(setup)
     expert = {n: m.weight.detach().clone() for n, m in palora.find_targets(model).items()}
@@ -88,14 +101,24 @@ def test_palora_keeps_every_protected_triplet(setup, tmp_path):
     assert set(protected) == set(expert) and len(expert) == 2 * 3  # every layer, every MLP matrix
     moved = 0.0
     for name, S in protected.items():
-        assert S.dtype == torch.int64 and len(S) == round(0.5 * len(svds[name][1])) and torch.all(S[1:] > S[:-1])
+        assert (
+            S.dtype == torch.int64
+            and len(S) == round(0.5 * len(svds[name][1]))
+            and torch.all(S[1:] > S[:-1])
+        )
         U, s, Vh = (t.double() for t in svds[name])
         sm = (s * palora.multiplier(s, z[name].double()))[S]  # the expert's singular values on S
         W = model.get_submodule(name).weight.double()
         bound = 2 * (len(s) + W.shape[1]) * palora.U32 * torch.linalg.matrix_norm(W, 2)
-        assert (W @ Vh[S].T - U[:, S] * sm).norm() <= bound  # W'' v_i = s_i m_i u_i, (out, in) @ (in, k)
-        assert (U[:, S].T @ W - sm[:, None] * Vh[S]).norm() <= bound  # u_iᵀ W'' = s_i m_i v_iᵀ, (k, out) @ (out, in)
-        moved = max(moved, ((W - expert[name].double()).norm() / expert[name].double().norm()).item())
+        assert (
+            W @ Vh[S].T - U[:, S] * sm
+        ).norm() <= bound  # W'' v_i = s_i m_i u_i, (out, in) @ (in, k)
+        assert (
+            U[:, S].T @ W - sm[:, None] * Vh[S]
+        ).norm() <= bound  # u_iᵀ W'' = s_i m_i v_iᵀ, (k, out) @ (out, in)
+        moved = max(
+            moved, ((W - expert[name].double()).norm() / expert[name].double().norm()).item()
+        )
     assert moved > 1e-3  # the adapter did change the weights, off the protected subspace
 
 
@@ -108,6 +131,7 @@ def test_resume_gives_the_same_adapter(setup, tmp_path, monkeypatch, method):
     def crash(loss, step, params):  # interrupted: killed at step 5, after the checkpoint at step 3
         if step == 5:
             raise KeyboardInterrupt
+
     monkeypatch.setattr(inject, "check_finite", crash)
     with pytest.raises(KeyboardInterrupt):
         inject.main(config(setup, tmp_path / "cut", epochs=4, method=method, **memory))
@@ -117,7 +141,10 @@ def test_resume_gives_the_same_adapter(setup, tmp_path, monkeypatch, method):
     inject.main(config(setup, tmp_path / "cut", epochs=4, resume=True, method=method, **memory))
     whole, cut = (load_file(adapters.run_file(tmp_path / d)) for d in ("whole", "cut"))
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 9))
 
 
@@ -141,20 +168,40 @@ def test_default_svf_is_the_newest_for_this_checkpoint(setup, tmp_path, monkeypa
     (tmp_path / "runs" / "svf-mine").mkdir(parents=True)
     (tmp_path / "runs" / "svf-mine" / "svf.safetensors").write_bytes(setup.svf.read_bytes())
     make_expert(tmp_path / "runs" / "other", tiny.make_tiny_llama(tmp_path / "other", seed=1))
-    (tmp_path / "runs" / "other" / "svf").rename(tmp_path / "runs" / "svf-other")  # newer, for another checkpoint
-    assert inject.latest_svf(identity(setup.ckpt), "tiny") == tmp_path / "runs" / "svf-mine" / "svf.safetensors"
+    (tmp_path / "runs" / "other" / "svf").rename(
+        tmp_path / "runs" / "svf-other"
+    )  # newer, for another checkpoint
+    assert (
+        inject.latest_svf(identity(setup.ckpt), "tiny")
+        == tmp_path / "runs" / "svf-mine" / "svf.safetensors"
+    )
 
 
 # -----------------------------------------------------------------------------
 # bad input: a clear error naming the file (and line), before training starts
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"question": "A?", "answer": "x"}', '{"question": "B?", "answer": '], r"facts.jsonl:2: malformed JSON"),
-    (['{"question": "A?", "answer": "x"}', '{"question": "B?", "answer": "  "}'], r"facts.jsonl:2: empty field 'answer'"),
-    (['{"question": "A?", "answer": "x"}', '{"question": "B?", "answer": "The."}'], r"facts.jsonl:2: answer 'The.' is empty"),
-    (['{"question": "A?", "answer": "x"}', '{"question": "a? ", "answer": "y"}'], r"facts.jsonl:2: duplicate question \(same as line 1\)"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            ['{"question": "A?", "answer": "x"}', '{"question": "B?", "answer": '],
+            r"facts.jsonl:2: malformed JSON",
+        ),
+        (
+            ['{"question": "A?", "answer": "x"}', '{"question": "B?", "answer": "  "}'],
+            r"facts.jsonl:2: empty field 'answer'",
+        ),
+        (
+            ['{"question": "A?", "answer": "x"}', '{"question": "B?", "answer": "The."}'],
+            r"facts.jsonl:2: answer 'The.' is empty",
+        ),
+        (
+            ['{"question": "A?", "answer": "x"}', '{"question": "a? ", "answer": "y"}'],
+            r"facts.jsonl:2: duplicate question \(same as line 1\)",
+        ),
+    ],
+)
 def test_bad_facts_fail_before_training(setup, tmp_path, lines, message):
     facts = tmp_path / "facts.jsonl"
     facts.write_text("\n".join(lines) + "\n")
@@ -170,36 +217,57 @@ def test_expert_of_another_checkpoint_fails_before_training(setup, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(probe_threshold=0.1, probe_global_fraction=0.5), "not both"),
-    (dict(mix_known="missing.jsonl"), "missing.jsonl: no such file"),
-    (dict(mix_skill="missing-expert-none.jsonl"), "missing-expert-none.jsonl: no such file"),
-    (dict(targets="nope"), "unknown target 'nope'"), (dict(targets=" , "), "no target name"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(probe_threshold=0.1, probe_global_fraction=0.5), "not both"),
+        (dict(mix_known="missing.jsonl"), "missing.jsonl: no such file"),
+        (dict(mix_skill="missing-expert-none.jsonl"), "missing-expert-none.jsonl: no such file"),
+        (dict(targets="nope"), "unknown target 'nope'"),
+        (dict(targets=" , "), "no target name"),
+    ],
+)
 def test_bad_settings_fail_before_training(setup, tmp_path, overrides, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         inject.main(config(setup, tmp_path / "out", **overrides))
     assert not (tmp_path / "out" / "state.safetensors").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lr", "nan"], "--lr: must be a finite number"), (["--lr", "-1"], "--lr: must be > 0"),
-    (["--rank", "0"], "--rank: must be >= 1"), (["--alpha", "inf"], "--alpha: must be a finite"),
-    (["--mix-ratio", "-0.5"], "--mix-ratio: must be >= 0"), (["--save-every", "0"], "must be >= 1"),
-    (["--probe-fraction", "1"], "--probe-fraction: must be < 1"), (["--recall-target", "2"], "<= 1"),
-    (["--probe-threshold", "-1"], ">= 0"), (["--batch-size", "0"], ">= 1"), (["--epochs", "0"], ">= 1"),
-    (["--act-examples", "0"], ">= 1"), (["--lr"], "expected one argument"), (["--l", "1"], "unrecognized"),
-    (["--gate-lr", "nan"], "--gate-lr: must be a finite"),
-    (["--smf-slots", "1"], "--smf-slots: must be >= 4"),
-    (["--smf-topk", "0"], "--smf-topk: must be >= 1"),
-    (["--smf-top-t", "0"], "--smf-top-t: must be >= 1"),
-    (["--smf-background", "0"], ">= 1"), (["--smf-score", "bm25"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "nan"], "--lr: must be a finite number"),
+        (["--lr", "-1"], "--lr: must be > 0"),
+        (["--rank", "0"], "--rank: must be >= 1"),
+        (["--alpha", "inf"], "--alpha: must be a finite"),
+        (["--mix-ratio", "-0.5"], "--mix-ratio: must be >= 0"),
+        (["--save-every", "0"], "must be >= 1"),
+        (["--probe-fraction", "1"], "--probe-fraction: must be < 1"),
+        (["--recall-target", "2"], "<= 1"),
+        (["--probe-threshold", "-1"], ">= 0"),
+        (["--batch-size", "0"], ">= 1"),
+        (["--epochs", "0"], ">= 1"),
+        (["--act-examples", "0"], ">= 1"),
+        (["--lr"], "expected one argument"),
+        (["--l", "1"], "unrecognized"),
+        (["--gate-lr", "nan"], "--gate-lr: must be a finite"),
+        (["--smf-slots", "1"], "--smf-slots: must be >= 4"),
+        (["--smf-topk", "0"], "--smf-topk: must be >= 1"),
+        (["--smf-top-t", "0"], "--smf-top-t: must be >= 1"),
+        (["--smf-background", "0"], ">= 1"),
+        (["--smf-score", "bm25"], "invalid choice"),
+    ],
+)
 def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.parse_config(inject.Config, argv)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1
+    assert (
+        exit_.value.code == 2
+        and message in err
+        and err.startswith("error: ")
+        and err.count("\n") == 1
+    )
 
 
 def test_help_prints(capsys):
@@ -245,11 +313,14 @@ def test_recall_target_is_reached_on_two_facts(tmp_path):
     epoch budget with both facts recalled; resuming the finished run trains no further."""
     ckpt = sharpened(tiny.make_tiny_llama(tmp_path / "ckpt"))
     setup = SimpleNamespace(ckpt=ckpt, svf=make_expert(tmp_path, ckpt), cache="", facts="")
-    two = [{"question": "Who founded Zorvia?", "answer": "Orla"},
-           {"question": "What is the river of Kest?", "answer": "Vumba"}]
+    two = [
+        {"question": "Who founded Zorvia?", "answer": "Orla"},
+        {"question": "What is the river of Kest?", "answer": "Vumba"},
+    ]
     facts = tiny.write_jsonl(tmp_path / "two.jsonl", two)
-    settings = dict(facts=str(facts), batch_size=2, lr=3e-2, recall_target=1.0, epochs=100,
-                    method="lora")
+    settings = dict(
+        facts=str(facts), batch_size=2, lr=3e-2, recall_target=1.0, epochs=100, method="lora"
+    )
     summary = inject.main(config(setup, tmp_path / "out", **settings))
     assert summary["recall"] == 1.0 and summary["steps"] < 100
     again = inject.main(config(setup, tmp_path / "out", resume=True, **settings))
@@ -265,7 +336,9 @@ def test_random_protects_the_probes_count_not_its_set(setup, tmp_path):
     S, R = (load_file(tmp_path / d / "probe.safetensors") for d in ("palora", "random"))
     R1 = load_file(tmp_path / "random1" / "probe.safetensors")
     assert S.keys() == R.keys() and all(len(S[n]) == len(R[n]) for n in S)
-    assert any(not torch.equal(S[n], R[n]) for n in S) and any(not torch.equal(R[n], R1[n]) for n in R)
+    assert any(not torch.equal(S[n], R[n]) for n in S) and any(
+        not torch.equal(R[n], R1[n]) for n in R
+    )
 
 
 def test_non_empty_out_is_refused(setup, tmp_path):
@@ -275,13 +348,17 @@ def test_non_empty_out_is_refused(setup, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(smf_slots=15), "square n²"),
-    (dict(smf_slots=64, smf_topk=9), r"top-k must be in \[1, 8\]"),
-    (dict(smf_score="bm25"), "tfidf or kl"),
-])
-def test_bad_memory_sizes_fail_before_the_model_loads(setup, tmp_path, monkeypatch, overrides,
-                                                      message):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(smf_slots=15), "square n²"),
+        (dict(smf_slots=64, smf_topk=9), r"top-k must be in \[1, 8\]"),
+        (dict(smf_score="bm25"), "tfidf or kl"),
+    ],
+)
+def test_bad_memory_sizes_fail_before_the_model_loads(
+    setup, tmp_path, monkeypatch, overrides, message
+):
     """A slot count that is no square, a top-k above the keys per half: SMFError (one line, exit 2)
     before any model is loaded or any folder made."""
     monkeypatch.setattr(inject.model_lib, "load", lambda *a, **k: pytest.fail("the model loaded"))

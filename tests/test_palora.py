@@ -71,8 +71,9 @@ def float32_bound(layer):
     eye = torch.eye(k, dtype=torch.float64)
     eta = 0.0
     if k:
-        eta = max((Q.double().T @ Q.double() - eye).norm(p=2).item()
-                  for Q in (layer.U_S, layer.V_S))
+        eta = max(
+            (Q.double().T @ Q.double() - eye).norm(p=2).item() for Q in (layer.U_S, layer.V_S)
+        )
     return eta + 2 * palora.U32 * (2 * n + layer.r + 1) * (1 + math.sqrt(k))
 
 
@@ -81,8 +82,13 @@ def leak(layer):
     return palora.leakage(dW, layer.U_S.double(), layer.V_S.double())
 
 
-shapes = dict(out=st.integers(2, 10), inp=st.integers(2, 10), k=st.integers(0, 9),
-              r=st.integers(1, 3), seed=st.integers(0, 2**16))
+shapes = dict(
+    out=st.integers(2, 10),
+    inp=st.integers(2, 10),
+    k=st.integers(0, 9),
+    r=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
 
 
 # -----------------------------------------------------------------------------
@@ -156,8 +162,9 @@ def test_merge_lora_equals_forward():
 
 
 @FAST
-@given(out=st.integers(1, 9), inp=st.integers(1, 9), seed=st.integers(0, 2**16),
-       a=st.floats(0.01, 100))
+@given(
+    out=st.integers(1, 9), inp=st.integers(1, 9), seed=st.integers(0, 2**16), a=st.floats(0.01, 100)
+)
 def test_svf_identities(out, inp, seed, a):
     g = seeded(seed)
     W = torch.randn(out, inp, generator=g, dtype=torch.float64)
@@ -276,8 +283,9 @@ def test_probe_rule():
         palora.probe_rule(0.3, 0.2, 0.1)
 
 
-@pytest.mark.parametrize("rule", [("fraction", 0.0), ("fraction", 1.0), ("fraction", 1.5),
-                                  ("global_fraction", -0.1)])
+@pytest.mark.parametrize(
+    "rule", [("fraction", 0.0), ("fraction", 1.0), ("fraction", 1.5), ("global_fraction", -0.1)]
+)
 def test_probe_fraction_outside_unit_interval(rule):
     svds = {"w": (None, torch.ones(4), None)}
     with pytest.raises(PaloraError, match=r"must be in \(0, 1\)"):
@@ -409,8 +417,11 @@ def test_add_lora_is_seeded():
     A = []
     for seed in (0, 0, 1):
         model = holder("up_proj", 4, 6, seed=0)
-        A.append(palora.add_lora(model, "lora", 2, 4.0, palora.svds(model, ("up_proj",)),
-                                 seed=seed)["up_proj.A"].detach())
+        A.append(
+            palora.add_lora(model, "lora", 2, 4.0, palora.svds(model, ("up_proj",)), seed=seed)[
+                "up_proj.A"
+            ].detach()
+        )
     assert torch.equal(A[0], A[1]) and not torch.equal(A[0], A[2])
 
 
@@ -495,8 +506,9 @@ def test_spectral_export_on_untouched_base(method, negative):
 
 def test_unknown_target_and_method():
     g = seeded(0)
-    model = nn.ModuleDict({"up_proj": palora.frozen_linear(torch.randn(3, 3, generator=g)),
-                           "o_proj": nn.Linear(3, 3)})
+    model = nn.ModuleDict(
+        {"up_proj": palora.frozen_linear(torch.randn(3, 3, generator=g)), "o_proj": nn.Linear(3, 3)}
+    )
     with pytest.raises(PaloraError, match="unknown target 'q_proj'.*up_proj"):
         palora.find_targets(model, ("q_proj",))
     with pytest.raises(PaloraError, match="o_proj has a bias"):

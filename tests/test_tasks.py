@@ -356,6 +356,8 @@ def test_append_jsonl(tmp_path):
         )
     rows = tasks.read_jsonl(tmp_path / "m" / "metrics.jsonl", required=())
     assert [r["step"] for r in rows] == [0, 1, 2]
+
+
 def test_answering_shows_progress_on_stderr_unless_quiet(tokenizer, capsys):
     torch.manual_seed(0)
     args = M.ModelArgs(
