@@ -435,14 +435,18 @@ def optimizer(method: str, params: dict, lr: float, gate_lr: float) -> torch.opt
     return torch.optim.Adam(list(params.values()), lr=lr)
 
 
-def step(method: str, module, opt, tokens, labels, mask, memory=None) -> torch.Tensor:
+def step(method: str, module, opt, tokens, labels, mask, memory=None, total=None):
     """One training step on a batch (forward, backward, optimizer step) -> its loss. IMSM: its own
     loss (prompt means over the prompt only); SMF: the top-T slots per layer against the
-    background, then a step on those value rows alone."""
+    background, then a step on those value rows alone. total: training.answer_loss's (torchrun's
+    global batch; the LoRA family only: imsm and smf run in one process)."""
     if method == "smf":
         args = memory.background, opt, memory.top_t, memory.score
         return torch.tensor(smf.train_step(module, tokens, labels, mask, *args)[0])
-    loss = (imsm.loss if method == "imsm" else answer_loss)(module, tokens, labels, mask)
+    if method == "imsm":
+        loss = imsm.loss(module, tokens, labels, mask)
+    else:
+        loss = answer_loss(module, tokens, labels, mask, total)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
