@@ -23,31 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from svf_memory import PUBLISHED  # noqa: E402
+
 import model as model_lib  # noqa: E402
 import palora  # noqa: E402
 
-# published config.json values (meta-llama/Llama-3.1-8B-Instruct,
-# mistralai/Mistral-7B-Instruct-v0.3)
-CONFIGS = {
-    "llama31_8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-    ),
-    "mistral_7b": dict(
-        vocab_size=32768,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-    ),
-}
+# the published 8B/7B configs, written once (benchmarks/svf_memory.py)
+CONFIGS = PUBLISHED
 GB = 1e9
 BF16, F32 = 2, 4
 
