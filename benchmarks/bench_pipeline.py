@@ -57,7 +57,7 @@ class Phases:
 def injection_steps(model, tokenizer, facts, svds, steps: int, batch_size: int = 8):
     """Adam steps on a rank-8 LoRA of every MLP matrix, on fact examples, as inject.py trains."""
     model.requires_grad_(False)
-    params = adapters.attach(model, "lora", 8, 16.0, 0, svds)
+    _, params = adapters.attach(model, "lora", 8, 16.0, 0, svds)
     optimizer = torch.optim.Adam(list(params.values()), lr=1e-4)
     examples = [tasks.encode_example(tokenizer, r["question"], r["answer"], 256) for r in facts]
     for step in range(steps):

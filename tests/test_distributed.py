@@ -171,7 +171,7 @@ for how in ("ddp", "fsdp"):
     svds = palora.svds(model)
     S = {{n: torch.arange(0, len(s), 2) for n, (_, s, _) in svds.items()}}  # every other one
     model.requires_grad_(False)
-    params = adapters.attach(model, "palora", 4, 8.0, 0, svds, S)
+    _, params = adapters.attach(model, "palora", 4, 8.0, 0, svds, S)
     for p in params.values():
         p.requires_grad_(True)
     net = training.wrap(model, how)
