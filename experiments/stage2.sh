@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage-two experiments of the README, in priority order; each step reuses finished runs (reproduce.py
 # and inject.py refuse a folder holding another run), so a killed script continues where it stopped.
-#   nohup bash experiments/stage2.sh [all|heldout|methods] > runs/stage2.log 2>&1 &
+#   nohup bash experiments/stage2.sh [all|heldout|methods|known] > runs/stage2.log 2>&1 &
 # Needs the SVF expert (python train_svf.py). Tables: runs/<experiment>/eval/results.json.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on shared cores one busy thread beats two that wait on each other
@@ -37,4 +37,13 @@ fi
 if [ "$PART" = all ] || [ "$PART" = methods ]; then
   python reproduce.py --n-facts 40 --seeds 0,1 --methods palora,random,topk,lora,palora_act \
     --limit "$LIMIT" --svf "$SVF" --out runs/reproduce --plot
+fi
+
+# 3. The known-fact levers on the best protected method: known facts mixed in (known_mix.jsonl, disjoint
+#    from the locality set known_eval.jsonl) and their input directions protected too (--act-known).
+if [ "$PART" = all ] || [ "$PART" = known ]; then
+  R=runs/reproduce; F=$R/facts.jsonl
+  inject $R/palora_act+known-s0 --facts $F --method palora_act \
+    --mix-known data/known/known_mix.jsonl --act-known data/known/known_mix.jsonl
+  evaluate runs/known/eval $F $R/palora_act-s0 $R/palora_act+known-s0
 fi
