@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from svf_memory import PUBLISHED  # noqa: E402
-
 import model as model_lib  # noqa: E402
 import palora  # noqa: E402
+from svf_memory import PUBLISHED  # noqa: E402
 
 # the published 8B/7B configs, written once (benchmarks/svf_memory.py)
 CONFIGS = PUBLISHED
