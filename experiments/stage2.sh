@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage-two experiments of the README, in priority order; each step reuses finished runs (reproduce.py
 # and inject.py refuse a folder holding another run), so a killed script continues where it stopped.
-#   nohup bash experiments/stage2.sh [all|heldout|methods|known] > runs/stage2.log 2>&1 &
+#   nohup bash experiments/stage2.sh [all|heldout|methods|known|seed1] > runs/stage2.log 2>&1 &
 # Needs the SVF expert (python train_svf.py). Tables: runs/<experiment>/eval/results.json.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on shared cores one busy thread beats two that wait on each other
@@ -46,4 +46,13 @@ if [ "$PART" = all ] || [ "$PART" = known ]; then
   inject $R/palora_act+known-s0 --facts $F --method palora_act \
     --mix-known data/known/known_mix.jsonl --act-known data/known/known_mix.jsonl
   evaluate runs/known/eval $F $R/palora_act-s0 $R/palora_act+known-s0
+fi
+
+# 4. A second seed for the headline comparison: palora against its random control.
+if [ "$PART" = all ] || [ "$PART" = seed1 ]; then
+  R=runs/reproduce; F=$R/facts.jsonl
+  inject $R/palora-s1 --facts $F --seed 1 &
+  inject $R/random-s1 --facts $F --seed 1 --method random &
+  wait
+  evaluate runs/seeds/eval $F $R/palora-s0 $R/palora-s1 $R/random-s0 $R/random-s1
 fi
