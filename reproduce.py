@@ -28,6 +28,7 @@ import train_svf
 from training import parse_targets
 
 REPO = Path(__file__).resolve().parent
+UNSET = {"targets": "", "mix_skill": "expert", "skill_data": ""}  # inject.py records its choice
 
 
 @dataclass
@@ -90,9 +91,17 @@ def expert(cfg: Config, identity: str) -> Path:
         return inject.latest_svf(identity, cfg.ckpt)
 
 
-def same_run(out: Path, want: dict):
-    """A finished run is reused only if its config.json records these settings."""
-    saved = adapters.run_config(out)
+def same_run(out: Path, run: inject.Config):
+    """A finished run is reused only if its config.json records every setting of `run` (today's
+    defaults included), but for where it ran and the fields inject.py fills in when left unset. A
+    setting missing from the file (an option added since) counts as its default."""
+    saved = {**dataclasses.asdict(inject.Config(facts="")), **adapters.run_config(out)}
+    want = dataclasses.asdict(run)
+    for k in ("out", "resume", "overwrite", "device"):
+        del want[k]
+    for k, unset in UNSET.items():
+        if want[k] == unset:
+            del want[k]
     differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in want.items() if saved.get(k) != v]
     if differ:
         raise cli.ConfigError(
@@ -121,16 +130,7 @@ def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
             )
             runs.append(out)
             if (out / "summary.json").exists():  # inject.py's last write: a finished run
-                same_run(
-                    out,
-                    {
-                        "method": run.method,
-                        "seed": seed,
-                        "facts": str(facts),
-                        "svf": [str(svf)],
-                        **overrides,
-                    },
-                )
+                same_run(out, run)
                 continue
             inject.main(
                 dataclasses.replace(

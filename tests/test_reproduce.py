@@ -44,12 +44,26 @@ def test_every_method_gets_a_row_and_finished_runs_are_reused(setup, tmp_path):
     assert [r["items"] for r in again["rows"]] == [r["items"] for r in result["rows"]]
 
 
-def test_a_finished_run_with_other_settings_is_refused(setup, tmp_path):
+@pytest.mark.parametrize("change", [{"seed": 7}, {"lr": 0.02}, {"mix_ratio": 1.0}])
+def test_a_finished_run_with_other_settings_is_refused(setup, tmp_path, change):
+    """Any setting counts, not only the ones reproduce.py passes: a run made before a default
+    changed is not taken for today's."""
     reproduce.main(reproduce_config(setup, tmp_path, methods="lora"))
     config = json.loads((tmp_path / "lora-s0" / "config.json").read_text())
-    (tmp_path / "lora-s0" / "config.json").write_text(json.dumps({**config, "seed": 7}))
-    with pytest.raises(cli.ConfigError, match=r"lora-s0: a finished run with other settings"):
+    (tmp_path / "lora-s0" / "config.json").write_text(json.dumps({**config, **change}))
+    key = next(iter(change))
+    with pytest.raises(cli.ConfigError, match=rf"lora-s0: a finished run .*{key} "):
         reproduce.main(reproduce_config(setup, tmp_path, methods="lora"))
+
+
+def test_an_option_added_since_counts_as_its_default(setup, tmp_path):
+    reproduce.main(reproduce_config(setup, tmp_path, methods="lora"))
+    config = json.loads((tmp_path / "lora-s0" / "config.json").read_text())
+    del config["gate_lr"]
+    (tmp_path / "lora-s0" / "config.json").write_text(json.dumps(config))
+    stamp = (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns
+    reproduce.main(reproduce_config(setup, tmp_path, methods="lora"))
+    assert (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_unknown_method_is_refused_before_any_work(setup, tmp_path):
