@@ -18,10 +18,13 @@ headline differences follow the table.
     python evaluate.py --probe-report runs/svf-smollm2_135m-reasoning/svf.safetensors
 
 Outputs in --out (default runs/eval): results.json (rows, per-item predictions, tasks.PROTOCOL,
-date, machine); with --plot, tradeoff.png and probe.png.
+date, machine); with --plot, tradeoff.png and probe.png. Each row's answers are also kept in
+--score-cache under a hash of the model's every tensor, the questions and the generating code, so a
+row scored once is read back, never recomputed (the time column is always measured afresh).
 """
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -62,6 +65,7 @@ COLUMNS = (
     "touched",
     "time",
 )
+REPO = Path(__file__).resolve().parent
 COMPARE = (("palora", "lora"), ("palora", "topk"), ("palora", "random"), ("palora_act", "palora"))
 NAN = float("nan")
 
@@ -126,6 +130,10 @@ class Config:
         metadata={"help": "--verify: worst leakage allowed (float32 factors' rounding)", "gt": 0},
     )
     svd_cache: str = field(default=adapters.SVD_CACHE, metadata={"help": "cached SVD factors"})
+    score_cache: str = field(
+        default="cache/scores",
+        metadata={"help": "each row's answers, keyed by its weights, questions and code ('': off)"},
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -220,6 +228,36 @@ def score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
     return metrics, items
 
 
+SCORED_BY = ("model.py", "tasks.py", "tokenizer.py", "imsm.py", "smf.py")  # generate and score
+
+
+def score_key(model, data: dict, cfg: Config) -> str:
+    """sha256 of all a row's answers depend on: every tensor of the model, the questions, the
+    decoding settings and the source of the code that generates and scores them."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{t.device.type}:{adapters.digest(t)}".encode())
+    settings = [cfg.max_new_tokens, cfg.fact_tokens, cfg.batch_size, tasks.PROTOCOL]
+    h.update(json.dumps([data, settings], sort_keys=True).encode())
+    for name in SCORED_BY:
+        h.update((REPO / name).read_bytes())
+    return h.hexdigest()[:32]
+
+
+def cached_score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
+    """score(), read from --score-cache when this exact row was scored before (a re-run table or
+    a reproduction that gained a seed costs only its new rows)."""
+    if not cfg.score_cache:
+        return score(model, tokenizer, data, cfg)
+    path = Path(cfg.score_cache) / f"{score_key(model, data, cfg)}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return saved["metrics"], saved["items"]
+    metrics, items = score(model, tokenizer, data, cfg)
+    tasks.atomic_write_json(path, {"metrics": metrics, "items": items})
+    return metrics, items
+
+
 def leak_columns(run: Path, model_svds: dict, identity: str, dW: dict) -> dict:
     """Worst leakage of the run's dW against the PALoRA probe's S (recomputed from the probe file's
     record), and each matrix's probe and top-k choice for probe.png."""
@@ -280,7 +318,7 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
             info["trainable"] = json.loads((run / "summary.json").read_text())["trainable"]
             if loaded["dW"]:  # a weight update: its leakage against the probe
                 info.update(leak_columns(run, model_svds, identity, loaded["dW"]))
-        metrics, items = score(model, tokenizer, data, cfg)
+        metrics, items = cached_score(model, tokenizer, data, cfg)
         questions = [r["question"] for r in data["facts"]]
         info["s_per_token"] = seconds_per_token(model, tokenizer, questions)
         base_known = base_known or items

@@ -174,6 +174,7 @@ def main(cfg: Config) -> dict:
             adapter=[str(r) for r in runs],
             facts=str(facts),
             out=str(folder / "eval"),
+            score_cache=str(folder / "eval" / "scores"),  # a seed or row added costs only itself
             **scoring,
         )
     )

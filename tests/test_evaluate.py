@@ -57,6 +57,7 @@ def eval_config(setup, out, **overrides) -> evaluate.Config:
         device="cpu",
         out=str(out),
         svd_cache=str(setup.cache),
+        score_cache="",
     )
     return evaluate.Config(**{**settings, **overrides})
 
@@ -234,6 +235,26 @@ def test_table_json_intervals_and_plots(setup, runs, tmp_path):
     assert (tmp_path / "tradeoff.png").stat().st_size > 0 and (
         tmp_path / "probe.png"
     ).stat().st_size > 0
+
+
+def test_rows_are_scored_once_and_a_changed_weight_is_scored_again(
+    setup, runs, tmp_path, monkeypatch
+):
+    cache = tmp_path / "scores"
+    settings = dict(adapter=[str(runs["palora"])], score_cache=str(cache))
+    first = evaluate.main(eval_config(setup, tmp_path / "a", **settings))
+    assert len(list(cache.glob("*.json"))) == 3  # base, svf, palora
+    monkeypatch.setattr(evaluate, "score", lambda *a: pytest.fail("scored again"))
+    again = evaluate.main(eval_config(setup, tmp_path / "b", **settings))
+    assert [r["items"] for r in again["rows"]] == [r["items"] for r in first["rows"]]
+    changed = tmp_path / "changed"
+    shutil.copytree(runs["palora"], changed)
+    tensors, meta = adapters.read_tensors(changed / "adapter_model.safetensors")
+    name = next(n for n in tensors if "lora_B" in n)
+    tensors[name] = tensors[name] + 1e-3
+    adapters.save_tensors(tensors, changed / "adapter_model.safetensors", meta)
+    with pytest.raises(pytest.fail.Exception, match="scored again"):
+        evaluate.main(eval_config(setup, tmp_path / "c", **{**settings, "adapter": [str(changed)]}))
 
 
 def test_imsm_and_smf_rows(setup, runs, tmp_path, capsys):
