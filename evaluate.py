@@ -9,6 +9,8 @@ generalization (on held-out paraphrases); locality (of the known facts the base 
 still answered on the first line; `_any`: the gold anywhere in the answer); collapse (share of the
 fact answers taken by the 5 most frequent); leak_out ||U_Sᵀ dW|| / ||dW||, leak_in ||dW V_S|| /
 ||dW|| against the PALoRA probe's S, worst matrix (undefined for imsm and smf: no weight update);
+interference E||dW x||² / E||W x||² over the expert's inputs x on the held-out-template skill items,
+mean over matrices (its rank correlation with retention_ood over the runs follows the table);
 trainable, added and share of parameters; touched (smf: memory slots written); time (seconds per
 generated token, relative to the base row, on the same prompts). Paired bootstrap intervals for the
 headline differences follow the table.
@@ -59,6 +61,7 @@ COLUMNS = (
     "gold_collapse",
     "leak_out",
     "leak_in",
+    "interference",
     "trainable",
     "added",
     "share",
@@ -164,6 +167,27 @@ def locality(base_correct: list, now_correct: list) -> float:
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else NAN
+
+
+def spearman(x: list, y: list) -> float:
+    """Rank correlation: Pearson's r of the ranks, tied values sharing their mean rank."""
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in order[i : j + 1]:
+                r[k] = (i + j) / 2
+            i = j + 1
+        return torch.tensor(r, dtype=torch.float64)
+
+    a, b = ranks(x), ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    return (a @ b / (a.norm() * b.norm())).item()
 
 
 def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: int = 0):
@@ -276,6 +300,15 @@ def leak_columns(run: Path, model_svds: dict, identity: str, dW: dict) -> dict:
     return {"leak_out": leak_out, "leak_in": leak_in, "spectrum": spectrum}
 
 
+def skill_inputs(model, tokenizer, records: list, kinds) -> tuple[dict, dict]:
+    """(W, C) per target linear of the merged expert: its weight and the second moment of its
+    inputs on the held-out-template skill items (question + gold answer): palora.interference's."""
+    layers = palora.find_targets(model, kinds)
+    context = model.args.max_position_embeddings
+    covs = tasks.input_covariances(model, tokenizer, records, list(layers), context)
+    return {n: m.weight.detach().clone() for n, m in layers.items()}, covs
+
+
 def seconds_per_token(model, tokenizer, questions: list, n: int = 16) -> float:
     """Greedy decoding time per new token (prefill included, eos ignored) on up to 8 questions in
     one batch: every row does the same work. Best of 2 runs."""
@@ -301,23 +334,32 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
     for run in runs:
         run_svf = adapters.run_config(run)["svf"][0]
         entries.append((re.sub(r"-s\d+$", "", run.name), Path(run_svf), run))
-    rows, base_known = [], None
+    rows, base_known, skill = [], None, {}
     for group, svf_path, run in entries:
         t0 = time.time()
         model = copy.deepcopy(base)
         info = {"trainable": 0, "added": 0, "leak_out": NAN, "leak_in": NAN, "touched": NAN}
+        info["interference"] = NAN
         if svf_path:
             z, _ = adapters.load_svf(svf_path, identity, model)
             palora.add_svf(model, {n: model_svds[n] for n in z}, z)
             palora.merge_svf(model)
             info["trainable"] = info["added"] = sum(t.numel() for t in z.values())
+            if svf_path not in skill:  # the expert's weights and its inputs on the skill
+                skill[svf_path] = skill_inputs(model, tokenizer, data["reasoning_ood"], kinds)
         if run:
             model, loaded = adapters.load_run(model, run, identity)
             info["added"] = loaded["added"]
             info["touched"] = loaded.get("touched", NAN)
             info["trainable"] = json.loads((run / "summary.json").read_text())["trainable"]
-            if loaded["dW"]:  # a weight update: its leakage against the probe
+            if loaded["dW"]:  # a weight update: its leakage against the probe, its reach
                 info.update(leak_columns(run, model_svds, identity, loaded["dW"]))
+                W, C = skill[svf_path]
+                by = {
+                    n: palora.interference(d, W[n], C[n]) for n, d in loaded["dW"].items() if n in C
+                }
+                info["interference"] = sum(by.values()) / len(by) if by else NAN
+                info["interference_by"] = by
         metrics, items = cached_score(model, tokenizer, data, cfg)
         questions = [r["question"] for r in data["facts"]]
         info["s_per_token"] = seconds_per_token(model, tokenizer, questions)
@@ -375,7 +417,7 @@ def cell(column: str, m: float, s: float) -> str:
         return f"{m:,.0f}"
     if column == "time":
         return f"{m:.2f}x"
-    form = ".2e" if column.startswith("leak") else ".3f"
+    form = ".2e" if column.startswith("leak") or column == "interference" else ".3f"
     text = f"{100 * m:.3f}%" if column == "share" else f"{m:{form}}"
     return text + (f" ± {s:{form}}" if s > 0 and column != "share" else "")
 
@@ -609,6 +651,15 @@ def main(cfg: Config) -> dict:
             f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] (95% paired "
             f"bootstrap)"
         )
+    reach = [r for r in rows if math.isfinite(r["interference"])]
+    mechanism = {"runs": len(reach), "rho": NAN}
+    if len(reach) >= 3:  # does the update's reach into the skill's inputs predict what is lost?
+        x = [r["interference"] for r in reach]
+        mechanism["rho"] = spearman(x, [r["retention_ood"] for r in reach])
+        print(
+            f"interference vs retention_ood over {len(reach)} runs: Spearman rho "
+            f"{mechanism['rho']:+.2f}"
+        )
     spectrum = next((r.pop("spectrum") for r in rows if "spectrum" in r), {})
     for r in rows:
         r.pop("spectrum", None)
@@ -622,13 +673,21 @@ def main(cfg: Config) -> dict:
             "machine": machine,
             "table": table,
             "intervals": pairs,
+            "mechanism": mechanism,
             "groups": groups,
             "rows": rows,
         },
     )
     if cfg.plot:
         plot(groups, spectrum, out)
-    return {"rows": rows, "groups": groups, "table": table, "intervals": pairs, "ok": True}
+    return {
+        "rows": rows,
+        "groups": groups,
+        "table": table,
+        "intervals": pairs,
+        "mechanism": mechanism,
+        "ok": True,
+    }
 
 
 if __name__ == "__main__":

@@ -265,16 +265,10 @@ def make_base(model, identity: str, cfg: Config, experts: list, targets: tuple):
 def input_bases(model, tokenizer, cfg: Config, counts: dict) -> dict:
     """palora_act: V_act (in, k) per weight, the top-k directions of the skill's inputs (and, with
     --act-known, of the known facts' inputs too: covariances scaled to unit trace, then added)."""
-    device = next(model.parameters()).device
 
     def covariances(path):
         records = mixed(tasks.read_jsonl(path), cfg.act_examples, cfg.seed)
-        ids = [
-            tasks.encode_example(tokenizer, r["question"], r["answer"], cfg.max_len)[0]
-            for r in records
-        ]
-        run = lambda: [model(torch.tensor([x], device=device)) for x in ids if x]  # no padding
-        return palora.activation_covariances(model, list(counts), run)
+        return tasks.input_covariances(model, tokenizer, records, list(counts), cfg.max_len)
 
     covs = covariances(cfg.skill_data)
     if cfg.act_known:

@@ -477,6 +477,14 @@ def activation_bases(covs: dict, counts: dict) -> dict[str, torch.Tensor]:
     return bases
 
 
+def interference(dW: torch.Tensor, W: torch.Tensor, C: torch.Tensor) -> float:
+    """E‖dW x‖² / E‖W x‖² over inputs x whose second moment is C = Σ x xᵀ (in, in): how much of the
+    layer's output on those inputs the update changes. tr(dW C dWᵀ) / tr(W C Wᵀ), float64; 0
+    exactly when dW C = 0, e.g. when dW's rows lie outside the inputs' span."""
+    dW, W, C = dW.double(), W.double(), C.double()
+    return ((dW @ C * dW).sum() / (W @ C * W).sum()).item()  # tr(M C Mᵀ) = Σ (M C) ⊙ M
+
+
 def export_factors(layer: LoRALinear):
     """(A, B, alpha) of a plain LoRA giving the layer's dW on its original base. PALoRA, top-k,
     random: the projections folded in (A_p, B_p), the same dW exactly. PiSSA, MiLoRA (peft's

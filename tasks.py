@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save
 from tqdm import tqdm
 
+import palora
 from model import generate
 
 # label of the tokens that carry no loss (prompt, padding): cross_entropy's ignore_index
@@ -177,6 +178,15 @@ def encode_example(tokenizer, question: str, answer: str, max_len: int):
     if len(prompt) + len(target) > max_len:
         return None, None
     return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+def input_covariances(model, tokenizer, records: list, names, max_len: int) -> dict:
+    """palora.activation_covariances of each named linear over the examples (prompt + answer),
+    run one at a time so that no padding row counts; an example longer than max_len is skipped."""
+    device = next(model.parameters()).device
+    ids = [encode_example(tokenizer, r["question"], r["answer"], max_len)[0] for r in records]
+    run = lambda: [model(torch.tensor([x], device=device)) for x in ids if x]
+    return palora.activation_covariances(model, names, run)
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, side: str = "right"):

@@ -86,6 +86,14 @@ def test_anywhere_finds_the_gold_beyond_the_first_line():
     assert not evaluate.anywhere("Parisian food", "Paris")  # whole words only
 
 
+def test_spearman_on_hand_made_ranks():
+    assert evaluate.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert evaluate.spearman([1, 2, 3, 4], [0.4, 0.3, 0.2, 0.1]) == pytest.approx(-1.0)
+    assert evaluate.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/60
+    # ties share their mean rank: x ranks 0.5, 0.5, 2, 3 against 0, 1, 2, 3
+    assert evaluate.spearman([5, 5, 6, 7], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+
+
 def test_paired_bootstrap_on_hand_made_differences():
     """Identical rows: difference 0, a zero-width interval. a right on every item b misses: +1
     exactly. Half the items +1, half 0 (2 seeds x 40 items): 0.5, an interval around it in (0,
@@ -217,6 +225,10 @@ def test_table_json_intervals_and_plots(setup, runs, tmp_path):
     assert rows["base"]["locality"] == 1.0 or math.isnan(rows["base"]["locality"])
     assert rows["palora"]["leak_out"] <= 1e-4 and rows["palora"]["leak_in"] <= 1e-4
     assert rows["lora"]["leak_out"] > 1e-2 and rows["random"]["leak_out"] > 1e-2  # vs the probe
+    for g in ("palora", "lora", "random"):  # the update's reach into the skill's inputs
+        assert rows[g]["interference"] > 0 and len(rows[g]["interference_by"]) == 6
+    assert math.isnan(rows["base"]["interference"]) and math.isnan(rows["svf"]["interference"])
+    assert result["mechanism"]["runs"] == 3 and -1 <= result["mechanism"]["rho"] <= 1
     summary = json.loads((runs["palora"] / "summary.json").read_text())
     assert rows["palora"]["trainable"] == summary["trainable"] == 6 * 4 * (64 + 96)  # r (in + out)
     assert rows["palora"]["added"] == 6 * 4 * (64 + 96) and rows["svf"]["trainable"] == 6 * 64

@@ -324,6 +324,26 @@ def test_activation_bases_kill_skill_inputs():
     assert torch.allclose(layer.U_S.abs(), svds["up_proj"][0][:, :1].abs())
 
 
+@FAST
+@given(out=st.integers(1, 8), inp=st.integers(2, 10), d=st.integers(1, 9), seed=shapes["seed"])
+def test_interference_is_zero_off_the_inputs_and_the_sample_ratio_on_them(out, inp, d, seed):
+    """E||dW x||² / E||W x||²: zero for an update whose rows are orthogonal to every input, the
+    ratio of the samples' sums otherwise, whatever C's scale (number of samples)."""
+    d = min(d, inp - 1)
+    g = seeded(seed)
+    basis = torch.linalg.qr(torch.randn(inp, inp, generator=g, dtype=torch.float64))[0]
+    X = torch.randn(40, d, generator=g, dtype=torch.float64) @ basis[:, :d].T  # a d-dim span
+    C = X.T @ X
+    W = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    off = torch.randn(out, inp - d, generator=g, dtype=torch.float64) @ basis[:, d:].T
+    assert palora.interference(off, W, C) <= TOL64
+    dW = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    ratio = ((X @ dW.T).pow(2).sum() / (X @ W.T).pow(2).sum()).item()
+    assert palora.interference(dW, W, C) == pytest.approx(ratio, rel=1e-9)
+    assert palora.interference(dW, W, 7 * C) == pytest.approx(ratio, rel=1e-9)
+    assert palora.interference(dW + off, W, C) == pytest.approx(ratio, rel=1e-6)
+
+
 # -----------------------------------------------------------------------------
 # what each method protects: same_count
 
