@@ -344,7 +344,9 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, tokens, attention_mask=None, cache=None, start=0, head=True, last=False):
+    def forward(
+        self, tokens, attention_mask=None, cache=None, start=0, head=True, last=False, keep=None
+    ):
         """tokens (B, T) in slots start..start+T-1 -> logits (B, T, V).
 
         attention_mask (B, start + T): 1 = token, 0 = left padding, over every slot so far (as
@@ -352,6 +354,8 @@ class Transformer(nn.Module):
         ones; without a cache start is 0 (training, scoring).
         head=False returns the final hidden states instead, after the last norm: (B, T, D).
         last=True keeps only position T-1, (B, 1, V or D): what generation needs.
+        keep (B, T) bool keeps the N positions it marks, flattened: (N, V or D), what the training
+        loss needs (the head, a fifth of the model's work here, runs on the answer tokens alone).
         """
         B, T = tokens.shape
         S = start + T  # keys: the cached slots, then the new ones
@@ -373,6 +377,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask, layer_cache, start)
         if last:
             h = h[:, -1:]  # (B, 1, D)
+        if keep is not None:
+            h = h[keep]  # (N, D)
         h = self.model.norm(h)
         return self.lm_head(h) if head else h  # (B, T, V) or (B, T, D)
 

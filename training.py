@@ -213,12 +213,12 @@ def answer_loss(model, tokens, labels, attention_mask, total=None):
     prompt and padding). tokens, labels, attention_mask: (B, T). Logits at t predict token t+1.
     total: divide the summed loss by this instead of the batch's answer-token count (under
     torchrun, shard_total's: the global batch's mean, whatever the process count)."""
-    logits = model(tokens, attention_mask=attention_mask)  # (B, T, V)
-    logits = logits[:, :-1].flatten(0, 1).float()  # (B (T-1), V)
-    target = labels[:, 1:].flatten()  # (B (T-1),)
-    if total is None:
-        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum") / total
+    target = labels.roll(-1, dims=1)  # target[:, t] = labels[:, t + 1]: the token t predicts
+    target[:, -1] = IGNORE_INDEX  # the last position predicts nothing
+    keep = target != IGNORE_INDEX  # (B, T): the N positions that predict an answer token
+    logits = model(tokens, attention_mask=attention_mask, keep=keep).float()  # (N, V)
+    loss = F.cross_entropy(logits, target[keep], reduction="sum")
+    return loss / (keep.sum() if total is None else total)
 
 
 def check_finite(loss: torch.Tensor, step: int, params: dict | None = None):

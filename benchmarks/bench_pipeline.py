@@ -4,14 +4,17 @@ Phases: loading the checkpoint; the SVD of every MLP matrix (computed into an em
 read back from it, checksums verified); batched greedy answering of --limit reasoning questions
 (data/reasoning/test.jsonl, 96 new tokens, batch 64, as evaluate.py) and of --limit facts
 (data/facts/facts.jsonl, 16 new tokens); --steps injection training steps with a LoRA on the MLPs
-(adapters.attach, batch 8 of fact examples, Adam). One table of seconds and items/s, with the
-date, the load average and the CPU flags that matter (avx2, avx512, amx).
+(adapters.attach, batch 8 from the facts and half as many replayed skill examples, Adam), with the
+output head on every position (the loss before) and on the answer positions alone (now). One table
+of seconds and items/s, with the date, the load average and the CPU flags that matter (avx2,
+avx512, amx).
 
 Run:  python benchmarks/bench_pipeline.py --limit 64            (smollm2_135m, a few minutes)
       python benchmarks/bench_pipeline.py --ckpt path/to/folder --limit 300 --steps 20
 """
 
 import argparse
+import copy
 import datetime
 import os
 import sys
@@ -54,16 +57,24 @@ class Phases:
         return Timer()
 
 
-def injection_steps(model, tokenizer, facts, svds, steps: int, batch_size: int = 8):
-    """Adam steps on a rank-8 LoRA of every MLP matrix, on fact examples, as inject.py trains."""
+def full_head_loss(model, tokens, labels, attention_mask):
+    """The loss as it was before the head ran on the answer positions alone: logits (B, T, V) for
+    every position, prompt and padding included, then cross-entropy with those ignored."""
+    logits = model(tokens, attention_mask=attention_mask)[:, :-1].flatten(0, 1).float()
+    target = labels[:, 1:].flatten()
+    return torch.nn.functional.cross_entropy(logits, target, ignore_index=tasks.IGNORE_INDEX)
+
+
+def injection_steps(model, examples, pad_id, svds, steps: int, loss_fn, batch_size: int = 8):
+    """Adam steps on a rank-8 LoRA of every MLP matrix, as inject.py trains (batches of 8 drawn
+    from facts and replayed skill examples)."""
     model.requires_grad_(False)
-    _, params = adapters.attach(model, "lora", 8, 16.0, 0, svds)
+    module, params = adapters.attach(model, "lora", 8, 16.0, 0, svds)
     optimizer = torch.optim.Adam(list(params.values()), lr=1e-4)
-    examples = [tasks.encode_example(tokenizer, r["question"], r["answer"], 256) for r in facts]
     for step in range(steps):
         idx = training.batch_indices(len(examples), batch_size, step, 0)
-        batch = tasks.collate([examples[i] for i in idx], tokenizer.pad_id)
-        loss = training.answer_loss(model, *batch)
+        batch = tasks.collate([examples[i] for i in idx], pad_id)
+        loss = loss_fn(module, *batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -101,8 +112,15 @@ def main():
     questions = [r["question"] for r in facts]
     with phases(f"fact answers, 16 tokens, batch {args.batch_size}", len(questions), "answers"):
         tasks.answer(model, tokenizer, questions, 16, args.batch_size, quiet=True)
-    with phases("injection steps, LoRA r=8 on the MLPs, batch 8", args.steps, "steps"):
-        injection_steps(model, tokenizer, facts, svds, args.steps)
+    replay = tasks.read_jsonl(REPO / "data/reasoning/train.jsonl")[: len(facts) // 2]
+    examples = [
+        tasks.encode_example(tokenizer, r["question"], r["answer"], 256) for r in facts + replay
+    ]  # inject.py's default mix: half a replayed skill example per fact
+    for name, loss_fn in (("all positions", full_head_loss), ("answer positions", None)):
+        loss_fn = loss_fn or training.answer_loss
+        trained = copy.deepcopy(model)
+        with phases(f"injection steps, batch 8, head on {name}", args.steps, "steps"):
+            injection_steps(trained, examples, tokenizer.pad_id, svds, args.steps, loss_fn)
 
     cpu = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),

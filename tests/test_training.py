@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import model as model_lib
 import training
 from cli import ConfigError
 from tasks import IGNORE_INDEX, DataError
@@ -188,11 +189,29 @@ def test_step_generator_is_a_function_of_seed_and_step():
     assert not torch.equal(first, draw(0, 6)) and not torch.equal(first, draw(1, 5))
 
 
+def test_answer_loss_is_the_full_logits_loss(tiny_ckpt):
+    """The head runs on the answer positions alone; the loss is what the whole (B, T, V) logits
+    give with the prompt and padding ignored (right padding, two rows of other lengths)."""
+    model, _ = model_lib.load(tiny_ckpt, dtype=torch.float64)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 9))
+    labels = tokens.clone()
+    labels[0, :4] = labels[1, :6] = IGNORE_INDEX  # prompts
+    labels[1, 8:] = IGNORE_INDEX  # padding
+    mask = (torch.arange(9) < torch.tensor([[9], [8]])).long()
+    full = model(tokens, attention_mask=mask)[:, :-1].flatten(0, 1)  # (B (T-1), V)
+    target = labels[:, 1:].flatten()
+    want = torch.nn.functional.cross_entropy(full, target, ignore_index=IGNORE_INDEX)
+    assert training.answer_loss(model, tokens, labels, mask).item() == pytest.approx(want.item())
+    summed = training.answer_loss(model, tokens, labels, mask, total=3)
+    assert summed.item() == pytest.approx(want.item() * 7 / 3)  # 7 answer tokens predicted
+
+
 def test_answer_loss_counts_answer_tokens_only():
     V = 7
 
-    def model(tokens, attention_mask=None):
-        return torch.nn.functional.one_hot(tokens.roll(-1, 1), V).float() * 50  # predicts the next
+    def model(tokens, attention_mask=None, keep=None):
+        logits = torch.nn.functional.one_hot(tokens.roll(-1, 1), V).float() * 50  # the next token
+        return logits[keep]
 
     tokens = torch.tensor([[1, 2, 3, 4]])
     right = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4]])
