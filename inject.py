@@ -171,6 +171,9 @@ class Config:
     act_examples: int = option(64, "palora_act: examples run to estimate each covariance", ge=1)
     fact_tokens: int = option(16, "answer length when checking recall", ge=1)
     save_every: int = option(25, "steps between resumable checkpoints", ge=1)
+    keep_epochs: bool = option(
+        False, "also keep each epoch's adapter, in --out/epochs/ (a frontier from one run)"
+    )
     max_len: int = option(256, "longest prompt + answer in tokens", ge=8)
     svd_cache: str = option(adapters.SVD_CACHE, "folder of cached SVD factors ('': none)")
 
@@ -320,12 +323,21 @@ def recall(model, tokenizer, facts: list, cfg: Config) -> float:
 
 
 def train(
-    model, tokenizer, params: dict, examples: list, facts: list, cfg: Config, out: Path, memory=None
+    model,
+    tokenizer,
+    params: dict,
+    examples: list,
+    facts: list,
+    cfg: Config,
+    out: Path,
+    memory=None,
+    snapshot=None,
 ):
     """adapters.optimizer on params, adapters.step per batch (model: what attach returned). The
     data order is a function of (seed, step) and the state is saved every --save-every steps and
     at every recall check, so --resume ends with the same adapter as an uninterrupted run.
-    Returns (steps run, last loss, last recall or None)."""
+    snapshot(epoch, steps, loss, recall), if given, is called at every recall check. Returns (steps
+    run, last loss, last recall or None)."""
     optimizer = adapters.optimizer(cfg.method, params, cfg.lr, cfg.gate_lr)
     device = next(model.parameters()).device  # no autocast: LoRALinear runs in the input's dtype
     per_epoch = max(1, len(examples) // cfg.batch_size)  # batch_indices' epoch length
@@ -366,6 +378,8 @@ def train(
                 bar.write(f"epoch {(step + 1) // per_epoch}: recall {last:.3f}")
         if is_main():  # rank 0 alone writes; every rank holds the same A, B and moments
             tasks.append_jsonl(out / "metrics.jsonl", row)
+        if checked and snapshot:
+            snapshot((step + 1) // per_epoch, step + 1, loss, last)
         stopped = bool(checked and last >= cfg.recall_target)
         saving = (step + 1) % cfg.save_every == 0 or checked or step + 1 == steps
         if saving and is_main():
@@ -424,7 +438,8 @@ def main(cfg: Config) -> dict:
     if cfg.method == "smf":
         memory.corpus = corpus(tokenizer, skill + data.get("known", []), resolved)
     if is_main():
-        open_run(out, resolved, cfg.resume, cfg.overwrite)  # refuses another run's folder
+        ignore = ("resume", "overwrite", "device", "out", "keep_epochs")  # not the result's
+        open_run(out, resolved, cfg.resume, cfg.overwrite, ignore)  # refuses another run's folder
 
     n_model = sum(p.numel() for p in model.parameters())
     with main_first():  # rank 0 computes and writes the SVD cache and the merged folder first
@@ -455,28 +470,47 @@ def main(cfg: Config) -> dict:
         )
     t0 = time.time()
     trained = wrap(trained)  # DDP under torchrun (the LoRA family), else the module itself
+
+    def finish(folder: Path, steps: int, loss: float, last) -> dict:
+        """The trained part and summary.json in folder (rank 0): the run's, or an epoch's."""
+        summary = {
+            "method": cfg.method,
+            "steps": steps,
+            "examples": len(examples),
+            "final_loss": loss,
+            "recall": last,
+            "trainable": n_trainable,
+            "model_parameters": n_model,
+            "share": n_trainable / n_model,
+            "base": str(base),
+            "wall_s": time.time() - t0,
+        }
+        if is_main():
+            run_meta = {"svf": meta["svf"]}
+            adapters.save_run(unwrap(trained), cfg.method, folder, identity, str(base), run_meta)
+            tasks.atomic_write_json(folder / "summary.json", summary)
+        return summary
+
+    def snapshot(epoch: int, steps: int, loss: float, last: float):
+        """--keep-epochs: this epoch's run as a folder of its own, evaluate.py's --adapter."""
+        folder = out / "epochs" / f"{out.name}-e{epoch:02d}"
+        if is_main():
+            for name in ("config.json", "probe.safetensors"):
+                tasks.atomic_write_bytes(folder / name, (out / name).read_bytes())
+        finish(folder, steps, loss, last)
+
     steps, loss, last = train(
-        trained, tokenizer, params, examples, data["facts"], resolved, out, memory
+        trained,
+        tokenizer,
+        params,
+        examples,
+        data["facts"],
+        resolved,
+        out,
+        memory,
+        snapshot if cfg.keep_epochs else None,
     )
-    if is_main():
-        adapters.save_run(
-            unwrap(trained), cfg.method, out, identity, str(base), {"svf": meta["svf"]}
-        )
-    summary = {
-        "method": cfg.method,
-        "steps": steps,
-        "examples": len(examples),
-        "final_loss": loss,
-        "recall": last,
-        "trainable": n_trainable,
-        "model_parameters": n_model,
-        "share": n_trainable / n_model,
-        "base": str(base),
-        "wall_s": time.time() - t0,
-    }
-    if is_main():
-        tasks.atomic_write_json(out / "summary.json", summary)
-    return summary
+    return finish(out, steps, loss, last)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def same_run(out: Path, run: inject.Config):
     setting missing from the file (an option added since) counts as its default."""
     saved = {**dataclasses.asdict(inject.Config(facts="")), **adapters.run_config(out)}
     want = dataclasses.asdict(run)
-    for k in ("out", "resume", "overwrite", "device"):
+    for k in ("out", "resume", "overwrite", "device", "keep_epochs"):
         del want[k]
     for k, unset in UNSET.items():
         if want[k] == unset:

@@ -297,6 +297,26 @@ def test_training_stops_at_the_recall_target(setup, tmp_path, monkeypatch):
     assert [r["recall"] for r in rows if "recall" in r] == [0.25, 0.5, 1.0]
 
 
+def test_keep_epochs_leaves_a_run_folder_per_epoch(setup, tmp_path, monkeypatch):
+    """--keep-epochs: each recall check leaves epochs/<run>-eNN, a complete run folder (evaluate.py
+    takes it as --adapter) with that epoch's steps and recall; the last one is the final adapter."""
+    checks = iter([0.25, 0.5, 1.0])
+    monkeypatch.setattr(inject, "recall", lambda *args: next(checks))
+    run = tmp_path / "run"
+    inject.main(config(setup, run, recall_target=0.9, epochs=8, keep_epochs=True))
+    folders = sorted((run / "epochs").iterdir())
+    assert [f.name for f in folders] == ["run-e01", "run-e02", "run-e03"]
+    for epoch, (folder, recall) in enumerate(zip(folders, [0.25, 0.5, 1.0]), 1):
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["steps"] == epoch * (len(FACTS) // 4) and summary["recall"] == recall
+        for name in ("config.json", "probe.safetensors"):
+            assert (folder / name).read_bytes() == (run / name).read_bytes()
+    final = load_file(run / "adapter_model.safetensors")
+    last, first = (load_file(f / "adapter_model.safetensors") for f in (folders[-1], folders[0]))
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    assert any(not torch.equal(first[k], final[k]) for k in final)
+
+
 def sharpened(folder, factor=20.0):
     """The checkpoint with lm_head x factor: a random tiny model's logits are all below ~1.3, so no
     answer can become the greedy one until the head is sharper (as in test_smf.py)."""
