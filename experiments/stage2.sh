@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage-two experiments of the README, in priority order; each step reuses finished runs (reproduce.py
 # and inject.py refuse a folder holding another run), so a killed script continues where it stopped.
-#   nohup bash experiments/stage2.sh [all|heldout|methods|known|seed1|heldout-known|seeds3a|seeds3b] \
+#   nohup bash experiments/stage2.sh [all|heldout|methods|known|seed1|heldout-known|lane-a|lane-b] \
 #     > runs/stage2.log 2>&1 &
 # Needs the SVF expert (python train_svf.py). Tables: runs/<experiment>/eval/results.json.
 set -euo pipefail
@@ -58,22 +58,24 @@ if [ "$PART" = all ] || [ "$PART" = seed1 ]; then
   evaluate runs/seeds/eval $F $R/palora-s0 $R/palora-s1 $R/random-s0 $R/random-s1
 fi
 
-# 5. The best setting of part 3 on the unseen facts: palora_act with both known-fact levers, against
-#    plain LoRA with the same mixing (the control), on the 100 facts of part 1.
+# 5. The best setting of part 3 on the unseen facts of part 1: palora_act with both known-fact levers.
 if [ "$PART" = all ] || [ "$PART" = heldout-known ]; then
   H=runs/heldout; F=data/facts/facts_heldout.jsonl; K=data/known/known_mix.jsonl
   inject $H/palora_act+known-s0 --facts $F --method palora_act --mix-known $K --act-known $K
-  inject $H/lora+known-s0 --facts $F --method lora --mix-known $K
-  evaluate $H/eval-known $F $H/palora-s0 $H/palora_act+known-s0 $H/lora+known-s0
+  evaluate $H/eval-known $F $H/palora-s0 $H/palora_act+known-s0
 fi
 
-# 6. Seeds 1 and 2 for every row of part 2, in two halves to run side by side (one per core); part 2's
-#    command then prints the three-seed table from the finished runs.
+# 6. Seeds 1 and 2 for every row of part 2 (seed 2 keeps every epoch's adapter: part 8's frontiers),
+#    then IMSM and SMF (issue 12), in two lanes to run side by side, one per core. Part 2's command
+#    then prints the three-seed table from the finished runs.
 R=runs/reproduce
 lane() {  # lane RUN...: each <method>-s<seed> in turn
   for run in "$@"; do
-    inject $R/$run --facts $R/facts.jsonl --seed "${run##*-s}" --method "${run%-s*}"
+    local seed=${run##*-s} keep=""; [ "$seed" = 2 ] && keep=--keep-epochs
+    inject $R/$run --facts $R/facts.jsonl --seed "$seed" --method "${run%-s*}" $keep
   done
 }
-if [ "$PART" = all ] || [ "$PART" = seeds3a ]; then lane topk-s1 palora_act-s1 palora-s2 topk-s2; fi
-if [ "$PART" = all ] || [ "$PART" = seeds3b ]; then lane lora-s1 random-s2 lora-s2 palora_act-s2; fi
+if [ "$PART" = all ] || [ "$PART" = lane-a ]; then
+  lane topk-s1 palora_act-s1 palora-s2 topk-s2 palora_act-s2 imsm-s0 smf-s0
+fi
+if [ "$PART" = all ] || [ "$PART" = lane-b ]; then lane lora-s1 random-s2 lora-s2; fi
