@@ -7,16 +7,25 @@ the others.
     python reproduce.py --methods palora,lora --seeds 0
     python reproduce.py --methods palora,imsm,smf       # the other answers: siamese, memory layers
     python reproduce.py --sweep              # PALoRA's settings: lr, recall target, replay, probe
+    python reproduce.py --frontier --seeds 2   # retention against reliability, epoch by epoch
 
 Runs live in --out as <setting>-s<seed>/. A finished run whose config.json matches is reused, a
 half-done one resumed, and one made with other settings refused (inject.py's run-folder guard): a
 killed reproduction continues where it stopped, and `python evaluate.py --adapter ...` on the
 finished folders prints a partial table at any time. The table: --out/eval/results.json.
+
+--frontier: each run keeps its epochs (inject.py --keep-epochs) and every epoch is scored, so that a
+method is judged by its curve, retention against reliability as training goes on, not by the one
+point where it stopped: --out/frontier/ holds frontier.md (retention interpolated at reliability
+0.5, 0.7 and 0.9, mean ± std over seeds), frontier.json and, with --plot, frontier.png.
 """
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 import adapters
 import checkpoints
@@ -43,6 +52,9 @@ class Config:
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
     sweep: bool = field(
         default=False, metadata={"help": "PALoRA's settings instead of the methods"}
+    )
+    frontier: bool = field(
+        default=False, metadata={"help": "score every epoch of every run: retention vs reliability"}
     )
     limit: int = field(
         default=0, metadata={"help": "reasoning items scored per split (0: all)", "ge": 0}
@@ -126,11 +138,17 @@ def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
                 seed=seed,
                 out=str(out),
                 device=cfg.device,
+                keep_epochs=cfg.frontier,
                 **overrides,
             )
             runs.append(out)
             if (out / "summary.json").exists():  # inject.py's last write: a finished run
                 same_run(out, run)
+                if cfg.frontier and not (out / "epochs").is_dir():
+                    raise cli.ConfigError(
+                        f"{out}: finished without --keep-epochs, so it has no frontier; move it "
+                        f"away or use another --out"
+                    )
                 continue
             inject.main(
                 dataclasses.replace(
@@ -167,17 +185,106 @@ def main(cfg: Config) -> dict:
             "plot",
         )
     }
-    return evaluate.main(
+    eval_folder = folder / ("frontier" if cfg.frontier else "eval")
+    if cfg.frontier:  # every epoch a row
+        runs = [e for run in runs for e in sorted((run / "epochs").iterdir())]
+    result = evaluate.main(
         evaluate.Config(
             ckpt=cfg.ckpt,
             svf=str(svf),
             adapter=[str(r) for r in runs],
             facts=str(facts),
-            out=str(folder / "eval"),
+            out=str(eval_folder),
             score_cache=str(folder / "eval" / "scores"),  # a seed or row added costs only itself
-            **scoring,
+            **{**scoring, "plot": cfg.plot and not cfg.frontier},
         )
     )
+    if cfg.frontier:
+        result["frontier"] = frontier(result["rows"], eval_folder, cfg.plot)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# --frontier: retention against reliability, epoch by epoch
+
+LEVELS = (0.5, 0.7, 0.9)
+
+
+def at_level(xs: list, ys: list, level: float) -> float:
+    """y where x first reaches level along the path (x_i, y_i), linearly interpolated between the
+    points around the crossing; NaN if x never reaches it."""
+    for i, x in enumerate(xs):
+        if x >= level:
+            if i == 0 or x == xs[i - 1]:
+                return ys[i]
+            t = (level - xs[i - 1]) / (x - xs[i - 1])
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    return float("nan")
+
+
+def frontier(rows: list, folder: Path, plot: bool) -> dict:
+    """Per run its path from the expert (reliability 0, retention 1) epoch by epoch; per method the
+    retention (both splits) at each reliability level, mean ± std over seeds."""
+    expert = next(r for r in rows if r["group"] == "svf")
+    paths = {}
+    for r in rows:
+        epoch = re.fullmatch(r"(.+-s\d+)-e\d+", r["name"])  # inject.py's names, in epoch order
+        if epoch:
+            paths.setdefault(epoch[1], [expert]).append(r)
+    table = {}
+    for run, path in paths.items():
+        method = run.rpartition("-s")[0]
+        xs = [r["reliability"] for r in path]
+        for split in ("retention_ood", "retention"):
+            for level in LEVELS:
+                value = at_level(xs, [r[split] for r in path], level)
+                table.setdefault(method, {}).setdefault(f"{split}@{level}", []).append(value)
+    lines = ["| method | seeds | " + " | ".join(next(iter(table.values()))) + " |"]
+    lines.append("|---" * (len(lines[0].split("|")) - 2) + "|")
+    for method, cells in table.items():
+        text = []
+        for values in cells.values():
+            t = torch.tensor(values, dtype=torch.float64)
+            text.append(
+                evaluate.cell("retention", t.mean().item(), t.std().item() if len(t) > 1 else 0)
+            )
+        lines.append(f"| {method} | {len(values)} | " + " | ".join(text) + " |")
+    markdown = "\n".join(lines)
+    print(markdown)
+    points = {
+        run: [
+            {k: r[k] for k in ("name", "reliability", "retention", "retention_ood")} for r in path
+        ]
+        for run, path in paths.items()
+    }
+    tasks.atomic_write_text(folder / "frontier.md", markdown + "\n")
+    tasks.atomic_write_json(folder / "frontier.json", {"table": table, "paths": points})
+    if plot:
+        plot_frontier(paths, folder)
+    return {"table": table, "paths": points, "markdown": markdown}
+
+
+def plot_frontier(paths: dict, folder: Path):
+    """frontier.png: retention on the held-out templates against reliability, a curve per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colors = {}
+    for run, path in paths.items():
+        method = run.rpartition("-s")[0]
+        label = None if method in colors else method  # one legend entry per method
+        color = colors.setdefault(method, f"C{len(colors)}")
+        xs, ys = [r["reliability"] for r in path], [r["retention_ood"] for r in path]
+        ax.plot(xs, ys, "o-", color=color, markersize=3, label=label)
+    ax.set(
+        xlabel="reliability (trained facts recalled)",
+        ylabel="retention, held-out templates (strict / expert's)",
+    )
+    ax.legend(fontsize=7)
+    fig.savefig(folder / "frontier.png", dpi=150, bbox_inches="tight")
 
 
 if __name__ == "__main__":

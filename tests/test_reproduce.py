@@ -3,6 +3,7 @@ reused exactly (not retrained); a finished run made with other settings is refus
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,32 @@ def test_methods_imsm_and_smf(setup, tmp_path, monkeypatch):
     assert evaluated.adapter == runs and evaluated.svf == str(setup.svf)
     reproduce.main(cfg)  # finished with the same settings: reused, nothing trains again
     assert len(calls) == 4
+
+
+def test_at_level_interpolates_at_the_first_crossing():
+    xs, ys = [0.0, 0.4, 0.8, 0.6, 1.0], [1.0, 0.9, 0.5, 0.4, 0.2]
+    assert reproduce.at_level(xs, ys, 0.6) == pytest.approx(0.7)  # between 0.4 and 0.8
+    assert reproduce.at_level(xs, ys, 0.8) == pytest.approx(0.5)
+    assert reproduce.at_level(xs, ys, 0.9) == pytest.approx(0.25)  # after the dip: 0.6 -> 1.0
+    assert reproduce.at_level(xs, ys, 0.0) == 1.0
+    assert math.isnan(reproduce.at_level(xs[:3], ys[:3], 0.9))
+
+
+def test_frontier_scores_every_epoch(setup, tmp_path):
+    """--frontier: each run keeps its epochs and each epoch is a row; every run's path starts at
+    the expert; the table holds a cell per split and level; a finished run without epochs is
+    refused by name."""
+    settings = dict(methods="palora,lora", frontier=True)
+    result = reproduce.main(reproduce_config(setup, tmp_path, **settings))
+    epochs = sorted((tmp_path / "palora-s0" / "epochs").iterdir())
+    assert len(epochs) == json.loads((tmp_path / "palora-s0" / "summary.json").read_text())["steps"]
+    names = [r["name"] for r in result["rows"]]
+    assert names[:2] == ["base", "svf"] and names[2] == "palora-s0-e01"
+    paths = result["frontier"]["paths"]
+    assert list(paths) == ["palora-s0", "lora-s0"] and len(paths["lora-s0"]) == 1 + len(epochs)
+    assert paths["palora-s0"][0]["name"] == "svf"
+    assert len(result["frontier"]["table"]["palora"]) == 6
+    assert (tmp_path / "frontier" / "frontier.md").read_text().startswith("| method | seeds |")
+    reproduce.main(reproduce_config(setup, tmp_path / "plain", methods="lora"))
+    with pytest.raises(cli.ConfigError, match=r"lora-s0: finished without --keep-epochs"):
+        reproduce.main(reproduce_config(setup, tmp_path / "plain", methods="lora", frontier=True))
