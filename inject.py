@@ -166,7 +166,11 @@ class Config:
         ),
     )
     act_known: str = option(
-        "", "palora_act: also protect the input directions of these known facts"
+        "auto",
+        (
+            "palora_act: also protect the input directions of these known facts ('auto': "
+            "--mix-known's file; '': none)"
+        ),
     )
     act_examples: int = option(64, "palora_act: examples run to estimate each covariance", ge=1)
     fact_tokens: int = option(16, "answer length when checking recall", ge=1)
@@ -181,7 +185,8 @@ class Config:
 def check_files(cfg: Config):
     """Every named file exists, before any model is loaded ('expert' and 'none' are keywords)."""
     skill = "" if cfg.mix_skill in ("expert", "none") else cfg.mix_skill
-    for path in [cfg.facts, *cfg.svf, cfg.mix_known, skill, cfg.skill_data, cfg.act_known]:
+    act_known = "" if cfg.act_known == "auto" else cfg.act_known
+    for path in [cfg.facts, *cfg.svf, cfg.mix_known, skill, cfg.skill_data, act_known]:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
 
@@ -396,6 +401,10 @@ def train(
 def main(cfg: Config) -> dict:
     rule = palora.probe_rule(cfg.probe_fraction, cfg.probe_threshold, cfg.probe_global_fraction)
     memory = adapters.Memory(cfg.smf_slots, cfg.smf_topk, cfg.smf_top_t, cfg.smf_score)  # checked
+    if cfg.act_known not in ("auto", "") and cfg.method != "palora_act":
+        raise cli.ConfigError(
+            f"--act-known: only palora_act protects input directions (--method {cfg.method})"
+        )
     check_files(cfg)  # then every data file is read and checked, with path:LINE errors
     data = {"facts": tasks.read_jsonl(cfg.facts)}
     tasks.check_facts(data["facts"], cfg.facts)
@@ -426,6 +435,9 @@ def main(cfg: Config) -> dict:
     if cfg.mix_skill == "expert":  # replay the skill the expert was trained on
         data["skill"] = skill_examples(REPO / expert_data)
     examples = encode(tokenizer, data, cfg)
+    act_known = cfg.act_known
+    if act_known == "auto":  # the known facts mixed in have their inputs protected too
+        act_known = cfg.mix_known if cfg.method == "palora_act" else ""
     resolved = dataclasses.replace(
         cfg,
         svf=[str(p) for p in svf_paths],
@@ -433,6 +445,7 @@ def main(cfg: Config) -> dict:
         out=str(out),
         mix_skill=str(REPO / expert_data) if cfg.mix_skill == "expert" else cfg.mix_skill,
         skill_data=cfg.skill_data or (str(REPO / expert_data) if skilled else ""),
+        act_known=act_known,
     )
     skill = skill_examples(resolved.skill_data) if resolved.skill_data else []
     if cfg.method == "smf":

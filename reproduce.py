@@ -37,7 +37,7 @@ import train_svf
 from training import parse_targets
 
 REPO = Path(__file__).resolve().parent
-UNSET = {"targets": "", "mix_skill": "expert", "skill_data": ""}  # inject.py records its choice
+UNSET = {"targets": "", "mix_skill": "expert", "skill_data": "", "act_known": "auto"}  # resolved
 
 
 @dataclass

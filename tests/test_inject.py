@@ -225,6 +225,7 @@ def test_expert_of_another_checkpoint_fails_before_training(setup, tmp_path):
         (dict(mix_skill="missing-expert-none.jsonl"), "missing-expert-none.jsonl: no such file"),
         (dict(targets="nope"), "unknown target 'nope'"),
         (dict(targets=" , "), "no target name"),
+        (dict(act_known="k.jsonl", method="lora"), "--act-known: only palora_act protects"),
     ],
 )
 def test_bad_settings_fail_before_training(setup, tmp_path, overrides, message):
@@ -295,6 +296,22 @@ def test_training_stops_at_the_recall_target(setup, tmp_path, monkeypatch):
     per_epoch = len(FACTS) // 4
     assert summary["steps"] == 3 * per_epoch and summary["recall"] == 1.0
     assert [r["recall"] for r in rows if "recall" in r] == [0.25, 0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    "method, act_known, recorded",
+    [("palora_act", "auto", "known"), ("palora_act", "", ""), ("lora", "auto", "")],
+)
+def test_act_known_auto_protects_the_mixed_known_facts(
+    setup, tmp_path, method, act_known, recorded
+):
+    """--act-known auto: palora_act protects the input directions of the --mix-known facts (the
+    resolved file is what config.json records); '' protects none; other methods protect none."""
+    run = tmp_path / "run"
+    known = str(setup.known)
+    inject.main(config(setup, run, method=method, mix_known=known, act_known=act_known, epochs=1))
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["act_known"] == {"known": known, "": ""}[recorded]
 
 
 def test_keep_epochs_leaves_a_run_folder_per_epoch(setup, tmp_path, monkeypatch):
