@@ -79,3 +79,12 @@ if [ "$PART" = all ] || [ "$PART" = lane-a ]; then
   lane topk-s1 palora_act-s1 palora-s2 topk-s2 palora_act-s2 imsm-s0 smf-s0
 fi
 if [ "$PART" = all ] || [ "$PART" = lane-b ]; then lane lora-s1 random-s2 lora-s2; fi
+
+# 8. The two known-fact levers of part 3 apart: mixing alone, protected directions alone.
+if [ "$PART" = all ] || [ "$PART" = levers ]; then
+  F=$R/facts.jsonl; K=data/known/known_mix.jsonl
+  inject $R/palora_act+mix-s0 --facts $F --method palora_act --mix-known $K --act-known ""
+  inject $R/palora_act+dirs-s0 --facts $F --method palora_act --act-known $K
+  evaluate runs/known/eval-levers $F $R/palora_act-s0 $R/palora_act+mix-s0 $R/palora_act+dirs-s0 \
+    $R/palora_act+known-s0
+fi
