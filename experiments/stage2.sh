@@ -20,6 +20,7 @@ inject() {  # inject OUT [flags...]: a run, skipped when finished, resumed when 
 evaluate() {  # evaluate OUT FACTS RUN...
   local out=$1 facts=$2; shift 2
   python evaluate.py --svf "$SVF" --facts "$facts" --limit "$LIMIT" --out "$out" \
+    --score-cache runs/reproduce/eval/scores \
     $(for r in "$@"; do echo --adapter "$r"; done)
 }
 
