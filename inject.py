@@ -473,6 +473,7 @@ def main(cfg: Config) -> dict:
     trained, params = adapters.attach(
         model, cfg.method, cfg.rank, cfg.alpha, cfg.seed, expert, protected, bases, memory
     )
+    del expert  # the full SVD factors (440 MB on SmolLM2): the layers keep what they need
     for p in params.values():
         p.requires_grad_(True)
     n_trainable = sum(p.numel() for p in params.values())
