@@ -185,7 +185,9 @@ def input_covariances(model, tokenizer, records: list, names, max_len: int) -> d
     run one at a time so that no padding row counts; an example longer than max_len is skipped."""
     device = next(model.parameters()).device
     ids = [encode_example(tokenizer, r["question"], r["answer"], max_len)[0] for r in records]
-    run = lambda: [model(torch.tensor([x], device=device)) for x in ids if x]
+    ids = [x for x in ids if x]
+    bar = lambda: tqdm(ids, desc="input covariances", unit="example", file=sys.stderr, leave=None)
+    run = lambda: [model(torch.tensor([x], device=device)) for x in bar()]
     return palora.activation_covariances(model, names, run)
 
 
