@@ -89,3 +89,15 @@ if [ "$PART" = all ] || [ "$PART" = levers ]; then
   evaluate runs/known/eval-levers $F $R/palora_act-s0 $R/palora_act+mix-s0 $R/palora_act+dirs-s0 \
     $R/palora_act+known-s0
 fi
+
+# 9. The tables, once parts 5-8 are done (every row's answers come from the score cache when scored
+#    before): the three-seed table of part 2, IMSM and SMF beside LoRA, then the frontiers of seed 2
+#    (every epoch a row, 50 reasoning items per split to fit the CPU time).
+if [ "$PART" = all ] || [ "$PART" = tables ]; then
+  M=palora,random,topk,lora,palora_act
+  python reproduce.py --n-facts 40 --seeds 0,1,2 --methods $M --limit "$LIMIT" --svf "$SVF" \
+    --out runs/reproduce --plot
+  evaluate runs/others/eval $R/facts.jsonl $R/lora-s0 $R/palora_act-s0 $R/imsm-s0 $R/smf-s0
+  python reproduce.py --n-facts 40 --seeds 2 --methods $M --limit 50 --svf "$SVF" \
+    --out runs/reproduce --frontier --plot
+fi
