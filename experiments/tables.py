@@ -22,6 +22,8 @@ COLUMNS = (
     "collapse",
     "leak_out",
     "leak_in",
+    "interference",
+    "time",
 )
 
 
@@ -31,7 +33,7 @@ def main(path):
     print("| method | seeds | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 2) + "|")
     for g in results["groups"]:
-        cells = " | ".join(cell(c, *g[c]) for c in COLUMNS)
+        cells = " | ".join(cell(c, *g.get(c, (float("nan"), 0))) for c in COLUMNS)  # older files
         print(f"| {g['group']} | {g['n']} | {cells} |")
     rows = results["rows"]
     sizes = {
@@ -43,6 +45,12 @@ def main(path):
         print(
             f"- {p['a']} - {p['b']}, strict on {p['split']} ({p['seeds']} seed(s) x {p['items']} "
             f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]"
+        )
+    mechanism = results.get("mechanism", {})
+    if mechanism.get("runs", 0) >= 3:
+        print(
+            f"- interference vs retention_ood over {mechanism['runs']} runs: Spearman rho "
+            f"{mechanism['rho']:+.2f}"
         )
 
 
