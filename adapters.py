@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 import imsm
 import palora
@@ -109,9 +110,14 @@ def svds(model: nn.Module, targets, identity: str, cache=SVD_CACHE) -> dict:
     if not cache:
         return palora.svds(model, targets)
     folder = REPO / cache / identity
+    layers = palora.find_targets(model, targets)
+    missing = sum(not (folder / f"{n}.safetensors").exists() for n in layers)
+    bar = tqdm(total=len(layers), desc="SVD", unit="matrix", leave=None, disable=missing == 0)
     out = {}
-    for n, m in palora.find_targets(model, targets).items():
+    for n, m in layers.items():  # a bar only when some are computed (20-30 s on SmolLM2's 90)
         out[n] = cached_svd(m.weight, folder / f"{n}.safetensors", identity, n)
+        bar.update()
+    bar.close()
     return out
 
 

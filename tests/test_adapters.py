@@ -89,16 +89,19 @@ def down_proj(seed: int) -> nn.ModuleDict:
     return nn.ModuleDict({"down_proj": palora.frozen_linear(W)})
 
 
-def test_svd_cache(tmp_path, monkeypatch):
+def test_svd_cache(tmp_path, monkeypatch, capsys):
+    """Computed once, with a progress bar (stderr); read back silently from the file."""
     W = torch.randn(4, 6, generator=seeded(0))
     model = nn.ModuleDict({"down_proj": palora.frozen_linear(W)})
     first = adapters.svds(model, ("down_proj",), "ck", tmp_path)
+    assert "SVD: 100%" in capsys.readouterr().err
     path = tmp_path / "ck" / "down_proj.safetensors"
     assert path.exists()
     assert all(torch.equal(a, b) for a, b in zip(first["down_proj"], palora.svd(W)))
     with monkeypatch.context() as m:  # read back from the file, not recomputed
         m.setattr(palora, "svd", lambda W: pytest.fail("the cached SVD was recomputed"))
         again = adapters.svds(model, ("down_proj",), "ck", tmp_path)
+    assert "SVD" not in capsys.readouterr().err
     assert all(torch.equal(a, b) for a, b in zip(first["down_proj"], again["down_proj"]))
     assert adapters.svds(model, ("down_proj",), "ck", "").keys() == first.keys()  # "": no cache
 
