@@ -124,17 +124,18 @@ def expert_svds(svds: dict, z: dict) -> dict:
 class SVFLinear(nn.Module):
     """y = ((x Vhᵀ) ⊙ (s ⊙ m)) Uᵀ = x W'ᵀ, m = z · Σs / Σ(s ⊙ z); W' is never formed.
 
-    U (out, R), s (R,), Vh (R, in) are frozen buffers that replace W (not kept beside it: (out + in)
-    R numbers against W's out · in, 1.375x for SmolLM2's 576 x 1536). z (R,), initialised at 1 (W' =
-    W), is the only parameter. U and Vh may be bfloat16 (CUDA autocast); s and z stay float32.
+    U (out, R), s (R,), Vh (R, in) are frozen parameters that replace W (not kept beside it: (out +
+    in) R numbers against W's out · in, 1.375x for SmolLM2's 576 x 1536); parameters, not buffers,
+    so that FSDP2 shards them as it shards W. z (R,), initialised at 1 (W' = W), is the only trained
+    one. U and Vh may be bfloat16 (CUDA autocast); s and z stay float32.
     """
 
     def __init__(self, U, s, Vh, z=None):
         super().__init__()
         self.out_features, self.in_features = U.shape[0], Vh.shape[1]
-        self.register_buffer("U", U, persistent=False)  # the layer's state_dict is z alone
-        self.register_buffer("s", wide(s), persistent=False)
-        self.register_buffer("Vh", Vh, persistent=False)
+        self.U = nn.Parameter(U, requires_grad=False)
+        self.s = nn.Parameter(wide(s), requires_grad=False)
+        self.Vh = nn.Parameter(Vh, requires_grad=False)
         z = torch.ones_like(self.s) if z is None else z.detach().to(self.s).clone()
         self.z = nn.Parameter(z)
 
@@ -286,8 +287,9 @@ class LoRALinear(nn.Module):
     V_Sᵀ) alpha/r.
 
     W (out, in) frozen; A (r, in), B (out, r) trained; U_S (out, k), V_S (in, k) frozen orthonormal
-    buffers (None = unprotected). B_p, A_p are recomputed from A, B at every forward, so
-    U_Sᵀ dW = 0 = dW V_S whatever the optimizer does; the dense projectors are never formed.
+    (None = unprotected), parameters so that FSDP2 shards them. B_p, A_p are recomputed from A, B
+    at every forward, so U_Sᵀ dW = 0 = dW V_S whatever the optimizer does; the dense projectors are
+    never formed.
     `moved` = (A0, B0) when the init took (alpha/r) B0 A0 out of W (PiSSA, MiLoRA), for the export.
     """
 
@@ -301,7 +303,8 @@ class LoRALinear(nn.Module):
         self.B = nn.Parameter(B.detach().clone())
         A0, B0 = moved if moved else (None, None)
         for name, t in (("U_S", U_S), ("V_S", V_S), ("A0", A0), ("B0", B0)):
-            self.register_buffer(name, None if t is None else t.detach().to(A).clone())
+            t = None if t is None else nn.Parameter(t.detach().to(A).clone(), requires_grad=False)
+            self.register_parameter(name, t)
 
     def projected(self):
         """(A_p, B_p) in the factors' precision: autocast off (a bfloat16 projection leaks 1e-2)."""

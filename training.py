@@ -327,10 +327,10 @@ def gather(items: list) -> list:
 
 def wrap(model, how: str = "ddp"):
     """The model to train with, after surgery (SVF or LoRA layers in place, trainable parameters
-    chosen). Without torchrun: `model`. "ddp": DistributedDataParallel; buffers (the frozen
-    factors U, Vh, U_S, V_S) are synced once at wrapping, never at each forward. "fsdp": FSDP2,
-    fully_shard per block then the root (in place: returns `model`); it shards parameters (frozen
-    W, z, A, B), not buffers, so the factors and bases stay whole on every rank; it replaces the
+    chosen). Without torchrun: `model`. "ddp": DistributedDataParallel; the frozen parameters (W,
+    the factors U, s, Vh, the bases U_S, V_S) are synced once at wrapping, never reduced. "fsdp":
+    FSDP2, fully_shard per block then the root (in place: returns `model`); it shards every
+    parameter, frozen ones included, so memory per rank falls with the rank count; it replaces the
     parameters by sharded ones: build the optimizer on those read after wrapping."""
     if world() == 1:
         return model

@@ -187,8 +187,9 @@ def main():
 
 def table(seq: int, rank: int, fraction: float):
     """GB per GPU, whole model, bfloat16, micro-batch 1 x seq per GPU. DDP replicates everything.
-    FSDP2 shards parameters (W, embeddings, z, A, B and their Adam state) over G, not buffers:
-    SVF's U, Vh and PALoRA's U_S, V_S stay whole on every rank (palora.py keeps them as buffers)."""
+    FSDP2 shards every parameter over G: W, embeddings, z, A, B and their Adam state, and the frozen
+    SVD factors and protected bases too (palora.py holds them as frozen parameters, not buffers);
+    activations stay per GPU. (The one gathered block at a time is left out.)"""
     print(
         f"\nmemory plan, GB per GPU, bfloat16, 1 x {seq} tokens per GPU, r {rank}, "
         f"protected fraction {fraction}"
@@ -197,10 +198,9 @@ def table(seq: int, rank: int, fraction: float):
     for name, c in CONFIGS.items():
         for stage in ("svf", "palora"):
             p = plan(c, stage, seq, rank, fraction)
-            buffers = p["mlp W / factors"] if stage == "svf" else p["protected bases"]
             for G in (1, 2, 8):
                 ddp = sum(p.values())
-                fsdp = (ddp - p["activations"] - buffers) / G + buffers + p["activations"]
+                fsdp = (ddp - p["activations"]) / G + p["activations"]
                 parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in p.items()) if G == 1 else ""
                 print(f"{name:11s} {stage:7s} {G:2d} {ddp / GB:7.2f} {fsdp / GB:7.2f}   {parts}")
 

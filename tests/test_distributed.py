@@ -176,6 +176,11 @@ for how in ("ddp", "fsdp"):
         p.requires_grad_(True)
     net = training.wrap(model, how)
     params = palora.lora_params(model)  # fully_shard replaced them by sharded (DTensor) ones
+    if how == "fsdp":  # the frozen bases are sharded too: rank 0's rows of U_S, of all
+        U_S = model.get_submodule(next(iter(svds))).U_S
+        rows = U_S.to_local().shape[0], U_S.full_tensor().shape[0]  # a collective: every rank
+        if training.is_main():
+            print("SHARD", *rows)
     opt = torch.optim.Adam(list(params.values()), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for step in range(4):
@@ -200,7 +205,8 @@ training.teardown()
 
 def test_fsdp2_gives_ddp_adapter(tiny_ckpt, tmp_path):
     """FSDP2 works on CPU/gloo in torch 2.13: 4 steps of palora's A, B under fully_shard per block
-    equal DDP's within 1e-6 (float32; the same math, sums in another order). Only the training
+    equal DDP's within 1e-6 (float32; the same math, sums in another order), and the protected
+    bases U_S, V_S are sharded like W (frozen parameters, not buffers). Only the training
     step is wrapped here: the scripts wrap with DDP (FSDP2 there needs lockstep generation for
     evaluation and gathered exports, not done)."""
     script = tmp_path / "fsdp.py"
@@ -209,6 +215,9 @@ def test_fsdp2_gives_ddp_adapter(tiny_ckpt, tmp_path):
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
     diff, moved = map(float, line.split()[1:])
     assert moved > 0 and diff <= 1e-6, (diff, moved)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("SHARD"))
+    local, full = map(int, line.split()[1:])
+    assert local == (full + 1) // 2  # memory per rank falls with the rank count
 
 
 # -----------------------------------------------------------------------------

@@ -189,7 +189,9 @@ def test_svf_replaces_weight_and_merges():
     svds = palora.svds(model, ("down_proj",))
     z = palora.add_svf(model, svds)
     assert list(z) == ["down_proj"] and z["down_proj"].dtype == torch.float32
-    assert [n for n, _ in model.named_parameters()] == ["down_proj.z"]  # W is gone: only z
+    names = [n for n, p in model.named_parameters()]  # W is gone: its factors, frozen, and z
+    assert names == ["down_proj.U", "down_proj.s", "down_proj.Vh", "down_proj.z"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["down_proj.z"]
     assert torch.allclose(model["down_proj"](x), y, atol=1e-5)
     palora.merge_svf(model)
     assert isinstance(model["down_proj"], nn.Linear)

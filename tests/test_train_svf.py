@@ -115,8 +115,9 @@ def test_z_is_the_only_thing_that_changes(setup, tmp_path, monkeypatch):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         f"{n}.z" for n in targets
     }
+    factors = (".z", ".U", ".s", ".Vh")  # the replaced weights', checked below
     kept, base_params = (
-        {n: p for n, p in model.named_parameters() if not n.endswith(".z")},
+        {n: p for n, p in model.named_parameters() if not n.endswith(factors)},
         dict(base.named_parameters()),
     )
     assert kept.keys() == base_params.keys() - {f"{n}.weight" for n in targets}
