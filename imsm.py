@@ -166,6 +166,11 @@ class Siamese(nn.Module):
         frozen = self.model.new_cache(batch_size, max_len)
         return Cache(frozen, self.model.new_cache(batch_size, max_len))
 
+    def keep_rows(self, cache: Cache, keep) -> Cache:
+        """The batch rows `keep` of both streams' caches and of the prompt means."""
+        means = None if cache.means is None else tuple(m[keep] for m in cache.means)
+        return Cache(*(self.model.keep_rows(c, keep) for c in (cache.frozen, cache.tuned)), means)
+
     def forward(
         self, tokens, attention_mask=None, cache=None, start=0, last=False, prompt_mask=None
     ):

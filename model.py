@@ -390,6 +390,11 @@ class Transformer(nn.Module):
         like = dict(dtype=w.dtype, device=w.device)
         return [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.model.layers]
 
+    @staticmethod
+    def keep_rows(cache, keep):
+        """The cache of the batch rows `keep` (b',): what generate does when finished rows leave."""
+        return [(k[keep], v[keep]) for k, v in cache]  # (b', Hkv, S_max, Dh) each
+
 
 # -----------------------------------------------------------------------------
 # generation
@@ -447,7 +452,7 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0
         if finished * 8 >= len(rows):  # drop finished rows once they are 1/8 of the batch
             keep = (~done).nonzero()[:, 0]  # (b',)
             rows, done, next_token = rows[keep], done[keep], next_token[keep]
-            cache = [(k[keep], v[keep]) for k, v in cache]  # (b', Hkv, S_max, Dh) each
+            cache = core.keep_rows(cache, keep)  # the model's own cache layout
             mask = None if mask is None else mask[keep]
         start = P + t
         step_mask = None if mask is None else mask[:, : start + 1]

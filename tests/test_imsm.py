@@ -130,6 +130,23 @@ def test_generate_with_two_caches_equals_uncached(folder):
     assert got == want
 
 
+def test_finished_rows_leave_both_caches_with_the_same_answers(folder):
+    """model.generate drops finished rows through the model's own keep_rows: both streams' caches
+    and the prompt means shrink together, and every row answers as it does alone."""
+    siamese = perturbed(folder)
+    g = torch.Generator().manual_seed(1)
+    lengths = (3, 9, 5, 12, 7, 4, 10, 6)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in lengths]
+    free = model_lib.generate(siamese, prompts, 12, eos_ids=set())
+    eos = {free[0][2], free[3][5]}  # rows stop at different steps
+    sizes = []
+    hook = siamese.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    got = model_lib.generate(siamese, prompts, 12, eos)
+    hook.remove()
+    assert sizes[0] == len(prompts) and min(sizes) < len(prompts)  # the batch did shrink
+    assert got == [model_lib.generate(siamese, [p], 12, eos)[0] for p in prompts]
+
+
 def test_save_load_same_logits(folder, tmp_path):
     siamese = perturbed(folder)
     path, identity = tmp_path / "imsm.safetensors", checkpoints.identity(folder)
