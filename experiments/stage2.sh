@@ -73,10 +73,11 @@ fi
 #    then IMSM and SMF (issue 12), in two lanes to run side by side, one per core. Part 2's command
 #    then prints the three-seed table from the finished runs.
 R=runs/reproduce
-lane() {  # lane RUN...: each <method>-s<seed> in turn
+lane() {  # lane RUN...: each <method>-s<seed> in turn, at the comparison's settings (reproduce.py's)
   for run in "$@"; do
     local seed=${run##*-s} keep=""; [ "$seed" = 2 ] && keep=--keep-epochs
-    inject $R/$run --facts $R/facts.jsonl --seed "$seed" --method "${run%-s*}" $keep
+    inject $R/$run --facts $R/facts.jsonl --seed "$seed" --method "${run%-s*}" $keep \
+      --lr 5e-3 --mix-known ""
   done
 }
 if [ "$PART" = all ] || [ "$PART" = lane-a ]; then
@@ -87,8 +88,9 @@ if [ "$PART" = all ] || [ "$PART" = lane-b ]; then lane lora-s1 random-s2 lora-s
 # 8. The two known-fact levers of part 3 apart: mixing alone, protected directions alone.
 if [ "$PART" = all ] || [ "$PART" = levers ]; then
   F=$R/facts.jsonl; K=data/known/known_mix.jsonl
-  inject $R/palora_act+mix-s0 --facts $F --method palora_act --mix-known $K --act-known ""
-  inject $R/palora_act+dirs-s0 --facts $F --method palora_act --act-known $K
+  inject $R/palora_act+mix-s0 --facts $F --method palora_act --mix-known $K --act-known "" --lr 5e-3
+  inject $R/palora_act+dirs-s0 --facts $F --method palora_act --act-known $K --lr 5e-3 \
+    --mix-known ""
   evaluate runs/known/eval-levers $F $R/palora_act-s0 $R/palora_act+mix-s0 $R/palora_act+dirs-s0 \
     $R/palora_act+known-s0
 fi
