@@ -56,6 +56,9 @@ class Config:
     frontier: bool = field(
         default=False, metadata={"help": "score every epoch of every run: retention vs reliability"}
     )
+    every: int = field(
+        default=1, metadata={"help": "--frontier: score every N-th epoch (and the last)", "ge": 1}
+    )
     limit: int = field(
         default=0, metadata={"help": "reasoning items scored per split (0: all)", "ge": 0}
     )
@@ -186,8 +189,11 @@ def main(cfg: Config) -> dict:
         )
     }
     eval_folder = folder / ("frontier" if cfg.frontier else "eval")
-    if cfg.frontier:  # every epoch a row
-        runs = [e for run in runs for e in sorted((run / "epochs").iterdir())]
+    if cfg.frontier:  # every epoch a row (every N-th, and the last)
+        epochs = [sorted((run / "epochs").iterdir()) for run in runs]
+        runs = [
+            e for run in epochs for i, e in enumerate(run, 1) if i % cfg.every == 0 or e == run[-1]
+        ]
     result = evaluate.main(
         evaluate.Config(
             ckpt=cfg.ckpt,

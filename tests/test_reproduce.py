@@ -138,6 +138,10 @@ def test_frontier_scores_every_epoch(setup, tmp_path):
     assert paths["palora-s0"][0]["name"] == "svf"
     assert len(result["frontier"]["table"]["palora"]) == 6
     assert (tmp_path / "frontier" / "frontier.md").read_text().startswith("| method | seeds |")
+    thinned = reproduce.main(reproduce_config(setup, tmp_path, **settings, every=3))
+    names = [r["name"] for r in thinned["rows"] if r["name"].startswith("lora")]
+    want = [f"lora-s0-e{i:02d}" for i in range(3, len(epochs) + 1, 3)]
+    assert names == want + [f"lora-s0-e{len(epochs):02d}"] * (len(epochs) % 3 != 0)
     reproduce.main(reproduce_config(setup, tmp_path / "plain", methods="lora"))
     with pytest.raises(cli.ConfigError, match=r"lora-s0: finished without --keep-epochs"):
         reproduce.main(reproduce_config(setup, tmp_path / "plain", methods="lora", frontier=True))
