@@ -53,9 +53,7 @@ class Config:
     sweep: bool = field(
         default=False, metadata={"help": "PALoRA's settings instead of the methods"}
     )
-    lr: float = field(
-        default=5e-3, metadata={"help": "every run's lr (the comparison's)", "gt": 0}
-    )
+    lr: float = field(default=5e-3, metadata={"help": "every run's lr (the comparison's)", "gt": 0})
     mix_known: str = field(
         default="", metadata={"help": "known facts mixed into every run ('': none)"}
     )
