@@ -4,11 +4,15 @@ dW = (I - U_S U_Sᵀ) B A (I - V_S V_Sᵀ) · alpha/r. S = the components whose 
 the expert moved furthest from 1 (indices in the base weight's spectrum). Several --svf experts:
 the first is the base, all are probes (their S united).
 Training stops when greedy answers recall --recall-target of the trained facts (checked after every
-epoch), or after --epochs. The baselines and what each protects: adapters.METHODS, palora.METHODS;
-imsm (a frozen and a LoRA stream mixed by a gate) and smf (memory layers, sparse slot updates) are
-the other answers to the same problem, trained on the same facts, replay and stopping rule.
+epoch), or after --epochs. The defaults are the setting that measured best on facts it was not
+chosen on (README, "Stage two on facts it never saw"): palora_act (the probe's output side, the
+skill's input directions), known facts mixed in and their input directions protected, lr 2e-3. The
+baselines and what each protects: adapters.METHODS, palora.METHODS; imsm (a frozen and a LoRA stream
+mixed by a gate) and smf (memory layers, sparse slot updates) are the other answers to the same
+problem, trained on the same facts, replay and stopping rule.
 
-    python inject.py --facts facts.jsonl               # PALoRA, the newest SVF expert of --ckpt
+    python inject.py --facts facts.jsonl     # palora_act + known facts mixed in, the newest expert
+    python inject.py --facts facts.jsonl --method palora --lr 5e-3   # the paper's PALoRA
     python inject.py --facts facts.jsonl --method lora --seed 1      # a baseline, another seed
     python inject.py --svf runs/svf-a/svf.safetensors --svf runs/svf-b/svf.safetensors  # two skills
     python inject.py --probe-global-fraction 0.5 --mix-known data/known/known_mix.jsonl --resume
@@ -86,7 +90,7 @@ class Config:
         },
     )
     method: str = field(
-        default="palora",
+        default="palora_act",
         metadata={
             "choices": list(adapters.METHODS),
             "help": (
@@ -119,7 +123,7 @@ class Config:
         le=1,
     )
     epochs: int = option(20, "most passes over the facts (plus mixed-in examples)", ge=1)
-    lr: float = option(5e-3, "Adam learning rate for A and B (smf: SparseAdam's, for V)", gt=0)
+    lr: float = option(2e-3, "Adam learning rate for A and B (smf: SparseAdam's, for V)", gt=0)
     gate_lr: float = option(
         5e-3,
         ("imsm: the gate's Adam lr, stated (the reference code's gate silently gets 1e-3)"),
@@ -148,7 +152,10 @@ class Config:
             "choices": ["auto", "float32", "bfloat16"],
         },
     )
-    mix_known: str = option("", "JSONL of facts the model knows, mixed into training (2502.14502)")
+    mix_known: str = option(
+        "data/known/known_mix.jsonl",
+        "JSONL of facts the model knows, mixed into training (2502.14502; '': none)",
+    )
     mix_skill: str = option(
         "expert",
         (

@@ -53,6 +53,10 @@ class Config:
     sweep: bool = field(
         default=False, metadata={"help": "PALoRA's settings instead of the methods"}
     )
+    lr: float = field(default=5e-3, metadata={"help": "every run's lr (the comparison's)", "gt": 0})
+    mix_known: str = field(
+        default="", metadata={"help": "known facts mixed into every run ('': none)"}
+    )
     frontier: bool = field(
         default=False, metadata={"help": "score every epoch of every run: retention vs reliability"}
     )
@@ -76,9 +80,8 @@ class Config:
     plot: bool = field(default=False, metadata={"help": "tradeoff.png and probe.png"})
 
 
-def sweep_variants() -> dict:
+def sweep_variants(lr: float) -> dict:
     """name -> inject.Config overrides for PALoRA on the same facts, rank and seeds."""
-    lr = inject.Config.lr
     return {
         "lr-x0.5": {"lr": lr / 2},
         "lr-x2": {"lr": lr * 2},
@@ -129,7 +132,7 @@ def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
     """Every (setting, seed) run, reused when finished with the same config, else (re)run."""
     settings = {m: {"method": m} for m in parse_targets(cfg.methods)}
     if cfg.sweep:
-        settings = {"default": {}, **sweep_variants()}
+        settings = {"default": {}, **sweep_variants(cfg.lr)}
     runs = []
     for seed in [int(s) for s in cfg.seeds.split(",")]:
         for name, overrides in settings.items():
@@ -142,7 +145,7 @@ def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
                 out=str(out),
                 device=cfg.device,
                 keep_epochs=cfg.frontier,
-                **overrides,
+                **{"lr": cfg.lr, "mix_known": cfg.mix_known, **overrides},
             )
             runs.append(out)
             if (out / "summary.json").exists():  # inject.py's last write: a finished run

@@ -64,6 +64,8 @@ def config(setup, out, **overrides) -> inject.Config:
         save_every=3,
         device="cpu",
         mix_skill="none",
+        method="palora",  # the paper's, where a test does not name one
+        mix_known="",
         recall_target=0.0,
     )
     return inject.Config(**{**settings, **overrides})

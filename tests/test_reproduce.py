@@ -78,10 +78,12 @@ def test_every_sweep_variant_is_a_valid_inject_config():
     into a sweep. Each variant changes what it says it changes, within the flags' bounds."""
     import inject
 
-    for name, overrides in reproduce.sweep_variants().items():
-        cfg = inject.Config(**overrides)
+    comparison = dict(lr=reproduce.Config.lr, mix_known=reproduce.Config.mix_known)
+    base = inject.Config(**comparison)
+    for name, overrides in reproduce.sweep_variants(reproduce.Config.lr).items():
+        cfg = inject.Config(**{**comparison, **overrides})
         cli.check_numbers(cfg)
-        assert all(getattr(cfg, k) != getattr(inject.Config(), k) for k in overrides), name
+        assert all(getattr(cfg, k) != getattr(base, k) for k in overrides), name
 
 
 def recorders(monkeypatch) -> list:
