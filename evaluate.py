@@ -460,9 +460,9 @@ def intervals(rows: list) -> list[dict]:
     return out
 
 
-def plot(groups: list, spectrum: dict, folder: Path):
-    """tradeoff.png: retention (held-out templates) against reliability, seeds as error bars.
-    probe.png: per target matrix, where the probe's components sit (0 = largest), and top-k's."""
+def pyplot():
+    """matplotlib.pyplot without a display; a missing matplotlib is one line, asked for before any
+    scoring (main and reproduce.py call this first when --plot is given)."""
     try:
         import matplotlib
 
@@ -470,6 +470,13 @@ def plot(groups: list, spectrum: dict, folder: Path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise cli.ConfigError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot(groups: list, spectrum: dict, folder: Path):
+    """tradeoff.png: retention (held-out templates) against reliability, seeds as error bars.
+    probe.png: per target matrix, where the probe's components sit (0 = largest), and top-k's."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for g in groups:
         (x, dx), (y, dy) = g["retention_ood"], g["reliability"]
@@ -620,6 +627,8 @@ def main(cfg: Config) -> dict:
         return report_probe(Path(cfg.probe_report), cfg)
     out = Path(cfg.out)
     writable(out)
+    if cfg.plot:
+        pyplot()
     folder = checkpoints.resolve(cfg.ckpt)
     identity = checkpoints.identity(folder)
     runs = [Path(a) for a in cfg.adapter]

@@ -170,6 +170,8 @@ def main(cfg: Config) -> dict:
     for name in parse_targets(cfg.methods):
         if name not in adapters.METHODS:
             raise cli.ConfigError(f"--methods: unknown method {name!r}")
+    if cfg.plot:  # before hours of training, not after
+        evaluate.pyplot()
     folder = Path(cfg.out)
     identity = checkpoints.identity(checkpoints.resolve(cfg.ckpt))
     facts = Path(cfg.facts)
@@ -275,11 +277,7 @@ def frontier(rows: list, folder: Path, plot: bool) -> dict:
 
 def plot_frontier(paths: dict, folder: Path):
     """frontier.png: retention on the held-out templates against reliability, a curve per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = evaluate.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = {}
     for run, path in paths.items():

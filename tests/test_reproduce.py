@@ -4,6 +4,7 @@ reused exactly (not retrained); a finished run made with other settings is refus
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,13 @@ def test_an_option_added_since_counts_as_its_default(setup, tmp_path):
     stamp = (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns
     reproduce.main(reproduce_config(setup, tmp_path, methods="lora"))
     assert (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_plot_without_matplotlib_is_refused_before_any_work(setup, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(cli.ConfigError, match="--plot needs matplotlib"):
+        reproduce.main(reproduce_config(setup, tmp_path, plot=True, frontier=True))
+    assert not (tmp_path / "facts.jsonl").exists()
 
 
 def test_unknown_method_is_refused_before_any_work(setup, tmp_path):
