@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 15's experiments (beyond one operating point), in the issue's order; each step reuses
+# finished runs (reproduce.py and inject.py refuse a folder holding another run), so a killed script
+# continues where it stopped.
+#   nohup bash experiments/beyond.sh PART > runs/beyond-PART.log 2>&1 &
+# Needs the SVF expert (python train_svf.py) and stage2.sh's runs/reproduce (seed 2 with --keep-epochs).
+set -euo pipefail
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on shared cores one busy thread beats two that wait on each other
+cd "$(dirname "$0")/.."
+SVF=runs/svf-smollm2_135m-reasoning/svf.safetensors
+R=runs/reproduce
+PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream}
+
+lane() {  # lane RUN...: each <method>-s<seed> kept epoch by epoch, at the comparison's settings
+  for run in "$@"; do
+    [ -f "$R/$run/adapter_model.safetensors" ] && continue
+    local resume=--overwrite; [ -f "$R/$run/state.safetensors" ] && resume=--resume
+    python inject.py --svf "$SVF" --out "$R/$run" $resume --facts $R/facts.jsonl \
+      --seed "${run##*-s}" --method "${run%-s*}" --keep-epochs --lr 5e-3 --mix-known ""
+  done
+}
+
+# 1. Frontiers: a second seed (3) for every method, in two lanes side by side (one per core), then
+#    the frontier of seeds 2 and 3, every other epoch, 50 reasoning items per split.
+if [ "$PART" = lane-c ]; then lane palora-s3 random-s3 topk-s3; fi
+if [ "$PART" = lane-d ]; then lane lora-s3 palora_act-s3; fi
+if [ "$PART" = frontier ]; then
+  python reproduce.py --n-facts 40 --seeds 2,3 --methods palora,random,topk,lora,palora_act \
+    --limit 50 --svf "$SVF" --out $R --frontier --every 2 --plot
+fi
