@@ -505,8 +505,11 @@ def load_run(model, run: Path, identity: str) -> tuple[nn.Module, dict]:
     """(the model to evaluate, info): the run's trained part loaded onto `model` (the merged
     expert), then merged where the method allows. info: method, added parameters, dW per weight
     (float64; empty where the method is no weight update: leakage is undefined), slots touched
-    (SMF)."""
+    (SMF). A stream's round (inject.py --after) has the rounds before it merged in first."""
     method = run_method(run)
+    after = run_config(run).get("after")
+    if after:
+        model, _ = load_run(model, Path(after), identity)
     if method in palora.METHODS:
         layers, _ = load_peft(model, run, identity)
         added = sum(m.A.numel() + m.B.numel() for m in layers.values())

@@ -17,12 +17,18 @@ problem, trained on the same facts, replay and stopping rule.
     python inject.py --svf runs/svf-a/svf.safetensors --svf runs/svf-b/svf.safetensors  # two skills
     python inject.py --probe-global-fraction 0.5 --mix-known data/known/known_mix.jsonl --resume
     python inject.py --method smf --smf-slots 4096 --smf-top-t 64 --lr 0.1   # or --method imsm
+    python inject.py --facts round2.jsonl --after runs/round1   # a stream: on top of round 1
 
 Outputs in --out (default runs/inject-<method>-<facts>-s<seed>/): adapter_config.json and
 adapter_model.safetensors (peft layout; its base_model_name_or_path is the merged expert, written
 once beside the expert as merged-<svf sha>/), probe.safetensors (weight name -> int64 indices the
 run protects, in the base spectrum), config.json, metrics.jsonl, summary.json, state.safetensors
 (resume).
+--after RUN continues a stream of injections: RUN's adapter (and the runs RUN itself followed) is
+merged into the expert, and this run trains on that model; what it protects is still computed from
+the expert (its probe, its SVD), palora_act's input directions from the merged model's inputs. The
+PEFT adapter then applies to that merged model, not to the expert alone: evaluate.py follows the
+chain from config.json (adapters.load_run).
 imsm and smf write imsm.safetensors or smf.safetensors instead of the PEFT adapter (adapters.py).
 """
 
@@ -185,6 +191,11 @@ class Config:
     keep_epochs: bool = option(
         False, "also keep each epoch's adapter, in --out/epochs/ (a frontier from one run)"
     )
+    after: str = option(
+        "",
+        "a finished run (LoRA family) to continue a stream from: its model, merged, is this "
+        "run's base; the probe stays the expert's",
+    )
     max_len: int = option(256, "longest prompt + answer in tokens", ge=8)
     svd_cache: str = option(adapters.SVD_CACHE, "folder of cached SVD factors ('': none)")
 
@@ -196,6 +207,20 @@ def check_files(cfg: Config):
     for path in [cfg.facts, *cfg.svf, cfg.mix_known, skill, cfg.skill_data, act_known]:
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
+
+
+def check_after(after: Path, method: str, svf: Path, out: Path):
+    """--after: a finished run of the LoRA family (a weight update to merge) on the same expert."""
+    if method not in palora.METHODS:
+        raise cli.ConfigError(f"--after: only the LoRA family continues a stream, not {method}")
+    if after.resolve() == out.resolve():
+        raise cli.ConfigError(f"--after {after}: the same folder as --out")
+    before = adapters.run_method(after)  # a missing or unfinished run names its folder
+    if before not in palora.METHODS:
+        raise cli.ConfigError(f"{adapters.run_file(after)}: a {before} run, no update to merge")
+    first = adapters.run_config(after)["svf"][0]
+    if Path(first).resolve() != svf.resolve():
+        raise cli.ConfigError(f"{after}/config.json: made on the expert {first}, not on {svf}")
 
 
 def latest_svf(identity: str, ckpt: str) -> Path:
@@ -423,6 +448,8 @@ def main(cfg: Config) -> dict:
     folder = checkpoints.resolve(cfg.ckpt)
     identity = checkpoints.identity(folder)
     svf_paths = [Path(p) for p in cfg.svf] or [latest_svf(identity, cfg.ckpt)]
+    if cfg.after:
+        check_after(Path(cfg.after), cfg.method, svf_paths[0], out)
     device = setup_distributed(resolve_device(cfg.device))  # torchrun: one process per rank
     torch.manual_seed(cfg.seed)
 
@@ -465,6 +492,8 @@ def main(cfg: Config) -> dict:
     with main_first():  # rank 0 computes and writes the SVD cache and the merged folder first
         expert, S, protected = make_base(model, identity, resolved, [z for z, _ in loaded], targets)
         base = merged_folder(model, folder, svf_paths[0])
+    if cfg.after:  # a stream: the earlier rounds merged in; what is protected stays the expert's
+        model, _ = adapters.load_run(model, Path(cfg.after), identity)
     counts = {n: len(s) for n, s in S.items()}
     bases = input_bases(model, tokenizer, resolved, counts) if cfg.method == "palora_act" else None
     meta = {

@@ -8,6 +8,7 @@ the others.
     python reproduce.py --methods palora,imsm,smf       # the other answers: siamese, memory layers
     python reproduce.py --sweep              # PALoRA's settings: lr, recall target, replay, probe
     python reproduce.py --frontier --seeds 2   # retention against reliability, epoch by epoch
+    python reproduce.py --stream 5 --n-facts 40   # 5 rounds of 40 new facts, each merged in
 
 Runs live in --out as <setting>-s<seed>/. A finished run whose config.json matches is reused, a
 half-done one resumed, and one made with other settings refused (inject.py's run-folder guard): a
@@ -18,9 +19,17 @@ finished folders prints a partial table at any time. The table: --out/eval/resul
 method is judged by its curve, retention against reliability as training goes on, not by the one
 point where it stopped: --out/frontier/ holds frontier.md (retention interpolated at reliability
 0.5, 0.7 and 0.9, mean ± std over seeds), frontier.json and, with --plot, frontier.png.
+
+--stream K: a continual stream, K rounds of --n-facts new facts (the next lines of --facts). Round 1
+is the comparison's run <method>-s<seed>; round k (--out/stream/<method>-r<k>-s<seed>) trains on
+round k-1's merged model (inject.py --after), the probe staying the expert's. Every round is scored
+on all K rounds' facts: --out/stream/stream.md and .json hold, per method and round, the skill's
+retention, the recall of this round's facts and of the earlier rounds' (the later rounds', never
+trained, are the floor), locality and answer collapse; --plot adds stream.png.
 """
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +46,7 @@ import train_svf
 from training import parse_targets
 
 REPO = Path(__file__).resolve().parent
+NAN = float("nan")
 UNSET = {"targets": "", "mix_skill": "expert", "skill_data": "", "act_known": "auto"}  # resolved
 
 
@@ -77,6 +87,10 @@ class Config:
     )
     out: str = field(default="runs/reproduce", metadata={"help": "output folder"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    stream: int = field(
+        default=0,
+        metadata={"help": "rounds of --n-facts new facts, each on the last (0: off)", "ge": 0},
+    )
     plot: bool = field(default=False, metadata={"help": "tradeoff.png and probe.png"})
 
 
@@ -128,41 +142,41 @@ def same_run(out: Path, run: inject.Config):
         )
 
 
+def inject_one(cfg: Config, svf: Path, facts: Path, seed: int, out: Path, overrides: dict):
+    """One run at the comparison's settings: reused when finished with the same config, else
+    (re)run, resumed where it stopped."""
+    run = inject.Config(
+        ckpt=cfg.ckpt,
+        svf=[str(svf)],
+        facts=str(facts),
+        seed=seed,
+        out=str(out),
+        device=cfg.device,
+        keep_epochs=cfg.frontier,
+        **{"lr": cfg.lr, "mix_known": cfg.mix_known, **overrides},
+    )
+    if (out / "summary.json").exists():  # inject.py's last write: a finished run
+        same_run(out, run)
+        if cfg.frontier and not (out / "epochs").is_dir():
+            raise cli.ConfigError(
+                f"{out}: finished without --keep-epochs, so it has no frontier; move it "
+                f"away or use another --out"
+            )
+        return
+    state = (out / "state.safetensors").exists()
+    inject.main(dataclasses.replace(run, resume=state, overwrite=not state))
+
+
 def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
-    """Every (setting, seed) run, reused when finished with the same config, else (re)run."""
+    """Every (setting, seed) run."""
     settings = {m: {"method": m} for m in parse_targets(cfg.methods)}
     if cfg.sweep:
         settings = {"default": {}, **sweep_variants(cfg.lr)}
     runs = []
     for seed in [int(s) for s in cfg.seeds.split(",")]:
         for name, overrides in settings.items():
-            out = Path(cfg.out) / f"{name}-s{seed}"
-            run = inject.Config(
-                ckpt=cfg.ckpt,
-                svf=[str(svf)],
-                facts=str(facts),
-                seed=seed,
-                out=str(out),
-                device=cfg.device,
-                keep_epochs=cfg.frontier,
-                **{"lr": cfg.lr, "mix_known": cfg.mix_known, **overrides},
-            )
-            runs.append(out)
-            if (out / "summary.json").exists():  # inject.py's last write: a finished run
-                same_run(out, run)
-                if cfg.frontier and not (out / "epochs").is_dir():
-                    raise cli.ConfigError(
-                        f"{out}: finished without --keep-epochs, so it has no frontier; move it "
-                        f"away or use another --out"
-                    )
-                continue
-            inject.main(
-                dataclasses.replace(
-                    run,
-                    resume=(out / "state.safetensors").exists(),
-                    overwrite=not (out / "state.safetensors").exists(),
-                )
-            )
+            runs.append(Path(cfg.out) / f"{name}-s{seed}")
+            inject_one(cfg, svf, facts, seed, runs[-1], overrides)
     return runs
 
 
@@ -172,15 +186,25 @@ def main(cfg: Config) -> dict:
             raise cli.ConfigError(f"--methods: unknown method {name!r}")
     if cfg.plot:  # before hours of training, not after
         evaluate.pyplot()
+    if cfg.stream and (cfg.frontier or cfg.sweep or not cfg.n_facts):
+        raise cli.ConfigError("--stream: rounds of --n-facts N > 0, without --frontier or --sweep")
     folder = Path(cfg.out)
     identity = checkpoints.identity(checkpoints.resolve(cfg.ckpt))
     facts = Path(cfg.facts)
+    lines = facts.read_text().splitlines(True)
+    if len(lines) < cfg.n_facts * max(cfg.stream, 1):
+        raise cli.ConfigError(
+            f"{facts}: {len(lines)} facts, fewer than --n-facts {cfg.n_facts} x "
+            f"{max(cfg.stream, 1)} round(s)"
+        )
     if cfg.n_facts:  # the same subset for every run, kept beside them
-        lines = facts.read_text().splitlines(True)[: cfg.n_facts]
         facts = folder / "facts.jsonl"
-        tasks.atomic_write_text(facts, "".join(lines))
+        tasks.atomic_write_text(facts, "".join(lines[: cfg.n_facts]))
     svf = expert(cfg, identity)
-    runs = inject_all(cfg, svf, facts)
+    if cfg.stream:
+        runs, facts = stream_runs(cfg, svf, facts, lines)
+    else:
+        runs = inject_all(cfg, svf, facts)
     scoring = {
         k: getattr(cfg, k)
         for k in (
@@ -193,7 +217,7 @@ def main(cfg: Config) -> dict:
             "plot",
         )
     }
-    eval_folder = folder / ("frontier" if cfg.frontier else "eval")
+    eval_folder = folder / ("frontier" if cfg.frontier else "stream" if cfg.stream else "eval")
     if cfg.frontier:  # every epoch a row (every N-th, and the last)
         epochs = [sorted((run / "epochs").iterdir()) for run in runs]
         runs = [
@@ -207,11 +231,14 @@ def main(cfg: Config) -> dict:
             facts=str(facts),
             out=str(eval_folder),
             score_cache=str(folder / "eval" / "scores"),  # a seed or row added costs only itself
-            **{**scoring, "plot": cfg.plot and not cfg.frontier},
+            **{**scoring, "plot": cfg.plot and not (cfg.frontier or cfg.stream)},
         )
     )
     if cfg.frontier:
         result["frontier"] = frontier(result["rows"], eval_folder, cfg.plot)
+    if cfg.stream:
+        rounds = (cfg.stream, cfg.n_facts)
+        result["stream"] = stream_table(result["rows"], *rounds, eval_folder, cfg.plot)
     return result
 
 
@@ -292,6 +319,107 @@ def plot_frontier(paths: dict, folder: Path):
     )
     ax.legend(fontsize=7)
     fig.savefig(folder / "frontier.png", dpi=150, bbox_inches="tight")
+
+
+# -----------------------------------------------------------------------------
+# --stream: rounds of new facts, each injected on the last round's merged model
+
+
+def stream_runs(cfg: Config, svf: Path, first: Path, lines: list) -> tuple[list, Path]:
+    """Round 1 is the comparison's run; round k trains --after round k-1 on the next --n-facts
+    lines. -> (every round's run, the file of all rounds' facts, in order: what is scored)."""
+    folder, n = Path(cfg.out) / "stream", cfg.n_facts
+    files = [first] + [folder / f"facts-r{k}.jsonl" for k in range(2, cfg.stream + 1)]
+    for k, path in enumerate(files[1:], 2):
+        tasks.atomic_write_text(path, "".join(lines[(k - 1) * n : k * n]))
+    every = folder / "facts-all.jsonl"
+    tasks.atomic_write_text(every, "".join(lines[: cfg.stream * n]))
+    runs = []
+    for seed in [int(s) for s in cfg.seeds.split(",")]:
+        for method in parse_targets(cfg.methods):
+            after = ""
+            outs = [Path(cfg.out) / f"{method}-s{seed}"]
+            outs += [folder / f"{method}-r{k}-s{seed}" for k in range(2, cfg.stream + 1)]
+            for facts, out in zip(files, outs):
+                inject_one(cfg, svf, facts, seed, out, {"method": method, "after": after})
+                after = str(out)
+            runs += outs
+    return runs, every
+
+
+STREAM_COLUMNS = ("retention_ood", "retention", "this", "earlier", "first", "later", "locality")
+
+
+def stream_table(rows: list, rounds: int, n: int, folder: Path, plot: bool) -> dict:
+    """Per method and round, mean ± std over seeds: retention (both splits), recall of this
+    round's facts, of every earlier round's, of round 1's, of the later rounds' (never trained: the
+    floor), locality; recall[k][j] of round j's facts after round k in stream.json."""
+    cells = {}
+    for r in rows:
+        name = re.fullmatch(r"(.+?)(?:-r(\d+))?-s\d+", r["name"])
+        if r["group"] == "svf":
+            method, k = "expert", 0
+        elif name:
+            method, k = name[1], int(name[2] or 1)
+        else:
+            continue  # the base model
+        ok = r["items"]["facts_ok"]
+        recall = [evaluate.mean(ok[j * n : (j + 1) * n]) for j in range(rounds)]
+        values = {
+            "retention_ood": r["retention_ood"],
+            "retention": r["retention"],
+            "this": recall[k - 1] if k else NAN,
+            "earlier": evaluate.mean(ok[: (k - 1) * n]) if k > 1 else NAN,
+            "first": recall[0],
+            "later": evaluate.mean(ok[k * n :]),
+            "locality": r["locality"],
+            "recall": recall,
+        }
+        cells.setdefault(method, {}).setdefault(k, []).append(values)
+    header = "| method | round | seeds | " + " | ".join(STREAM_COLUMNS) + " |"
+    lines = [header, "|---" * (len(STREAM_COLUMNS) + 3) + "|"]
+    table = {}
+    for method, by_round in cells.items():
+        for k, seeds in sorted(by_round.items()):
+            stats = {}
+            for c in STREAM_COLUMNS:
+                t = torch.tensor([v[c] for v in seeds], dtype=torch.float64)
+                stats[c] = (t.mean().item(), t.std().item() if len(t) > 1 else 0.0)
+            stats["recall"] = torch.tensor([v["recall"] for v in seeds]).mean(0).tolist()
+            table.setdefault(method, {})[k] = stats
+            text = " | ".join(evaluate.cell(c, *stats[c]) for c in STREAM_COLUMNS)
+            lines.append(f"| {method} | {k} | {len(seeds)} | {text} |")
+    markdown = "\n".join(lines)
+    print(markdown)
+    tasks.atomic_write_text(folder / "stream.md", markdown + "\n")
+    tasks.atomic_write_json(folder / "stream.json", {"rounds": rounds, "facts": n, "table": table})
+    if plot:
+        plot_stream(table, folder)
+    return {"table": table, "markdown": markdown}
+
+
+def plot_stream(table: dict, folder: Path):
+    """stream.png: one panel per metric, rounds on the x axis, a line per method (from the expert,
+    round 0, where the metric has a value there)."""
+    plt = evaluate.pyplot()
+    panels = {
+        "retention_ood": "retention, held-out templates",
+        "this": "recall of this round's facts",
+        "first": "recall of round 1's facts",
+        "locality": "locality (known facts kept)",
+    }
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+    expert = table.get("expert", {}).get(0, {})
+    for ax, (column, title) in zip(axes, panels.items()):
+        for method, by_round in table.items():
+            if method == "expert":
+                continue
+            points = {0: expert[column][0]} if expert and math.isfinite(expert[column][0]) else {}
+            points.update({k: v[column][0] for k, v in by_round.items()})
+            ax.plot(list(points), list(points.values()), "o-", markersize=3, label=method)
+        ax.set(title=title, xlabel="round")
+    axes[0].legend(fontsize=7)
+    fig.savefig(folder / "stream.png", dpi=150, bbox_inches="tight")
 
 
 if __name__ == "__main__":

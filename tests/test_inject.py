@@ -407,3 +407,63 @@ def test_bad_memory_sizes_fail_before_the_model_loads(
 def test_pissa_rank_above_the_matrix_rank_is_refused(setup, tmp_path):
     with pytest.raises(palora.PaloraError, match="above the matrix rank"):
         inject.main(config(setup, tmp_path, method="pissa", rank=65))
+
+
+# -----------------------------------------------------------------------------
+# a stream of injections (--after)
+
+
+def test_stream_round_trains_on_the_previous_merged_model(setup, tmp_path, monkeypatch):
+    """Round 2 (--after round 1) trains on the expert + round 1's dW, protects the expert's probe,
+    and its run, loaded, is that base + its own dW: W_2 = W_1 + dW_2, the probe file unchanged."""
+    first, second = tmp_path / "r1", tmp_path / "r2"
+    inject.main(config(setup, first, epochs=2))
+    seen = {}
+    train = inject.train
+
+    def spy(model, *args, **kwargs):
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, palora.LoRALinear)]
+        seen.update({n: m.weight.detach().clone() for n, m in layers})
+        return train(model, *args, **kwargs)
+
+    monkeypatch.setattr(inject, "train", spy)
+    inject.main(config(setup, second, epochs=2, after=str(first)))
+    model, _ = expert_model(setup)
+    expert = {n: m.weight.detach().clone() for n, m in palora.find_targets(model).items()}
+    ident = identity(setup.ckpt)
+    after_first = adapters.load_run(model, first, ident)[0]
+    W1 = {n: m.weight.detach().clone() for n, m in palora.find_targets(after_first).items()}
+    after_second, info = adapters.load_run(expert_model(setup)[0], second, ident)
+    assert set(seen) == set(W1) == set(info["dW"])
+    for n, W in palora.find_targets(after_second).items():
+        assert not torch.equal(W1[n], expert[n])  # round 1 moved every target
+        assert torch.equal(seen[n], W1[n])  # round 2 trained on round 1's merged model
+        step = W.weight.double() - W1[n].double()
+        assert info["dW"][n].norm() > 0
+        assert torch.allclose(step, info["dW"][n], atol=1e-6)  # W_2 = W_1 + dW_2 (float32 sum)
+    probes = [load_file(run / "probe.safetensors") for run in (first, second)]
+    assert all(torch.equal(probes[0][n], probes[1][n]) for n in W1)  # the expert's, both rounds
+    assert json.loads((second / "config.json").read_text())["after"] == str(first)
+
+
+def test_stream_bad_after_fails_before_training(setup, tmp_path):
+    """A missing or unfinished run, a run without a weight update (imsm), a method that cannot
+    continue a stream, another expert's run, the output folder itself: one line, nothing written."""
+    imsm_run = tmp_path / "imsm"
+    inject.main(config(setup, imsm_run, epochs=1, method="imsm"))
+    lora_run = tmp_path / "lora"
+    inject.main(config(setup, lora_run, epochs=1, method="lora"))
+    other = make_expert(tmp_path / "other", setup.ckpt, seed=3)
+    other_run = tmp_path / "other-run"
+    inject.main(config(setup, other_run, epochs=1, svf=[str(other)]))
+    cases = [
+        (dict(after=str(tmp_path / "nope")), r"nope: no adapter_model.safetensors"),
+        (dict(after=str(imsm_run)), r"imsm.safetensors: a imsm run, no update to merge"),
+        (dict(after=str(lora_run), method="smf"), "only the LoRA family continues a stream"),
+        (dict(after=str(other_run)), rf"other-run/config.json: made on the expert {other}"),
+        (dict(after=str(tmp_path / "out")), "the same folder as --out"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            inject.main(config(setup, tmp_path / "out", **overrides))
+        assert not (tmp_path / "out").exists()

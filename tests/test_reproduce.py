@@ -155,3 +155,51 @@ def test_frontier_scores_every_epoch(setup, tmp_path):
     reproduce.main(reproduce_config(setup, tmp_path / "plain", methods="lora"))
     with pytest.raises(cli.ConfigError, match=r"lora-s0: finished without --keep-epochs"):
         reproduce.main(reproduce_config(setup, tmp_path / "plain", methods="lora", frontier=True))
+
+
+def test_stream_injects_each_round_on_the_last_and_reuses_round_one(setup, tmp_path):
+    """--stream 2 --n-facts 4: round 1 is the comparison's run (reused, not retrained), round 2
+    trains --after it on the next 4 facts; every round is scored on all 8."""
+    reproduce.main(reproduce_config(setup, tmp_path, methods="lora"))
+    stamp = (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns
+    result = reproduce.main(reproduce_config(setup, tmp_path, methods="lora,palora", stream=2))
+    assert (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["base", "svf", "lora-s0", "lora-r2-s0", "palora-s0", "palora-r2-s0"]
+    second = json.loads((tmp_path / "stream" / "palora-r2-s0" / "config.json").read_text())
+    assert second["after"] == str(tmp_path / "palora-s0")
+    lines = Path(setup.facts).read_text().splitlines(True)
+    assert second["facts"] == str(tmp_path / "stream" / "facts-r2.jsonl")
+    assert (tmp_path / "stream" / "facts-r2.jsonl").read_text() == "".join(lines[4:8])
+    assert all(len(r["items"]["facts_ok"]) == 8 for r in result["rows"])
+    table = result["stream"]["table"]
+    assert sorted(table) == ["expert", "lora", "palora"] and sorted(table["lora"]) == [1, 2]
+    assert (tmp_path / "stream" / "stream.md").read_text().startswith("| method | round |")
+    with pytest.raises(cli.ConfigError, match=r"8 facts, fewer than --n-facts 4 x 3 round"):
+        reproduce.main(reproduce_config(setup, tmp_path, methods="lora", stream=3))
+    with pytest.raises(cli.ConfigError, match="--stream: rounds of --n-facts"):
+        reproduce.main(reproduce_config(setup, tmp_path, methods="lora", stream=2, frontier=True))
+
+
+def test_stream_table_by_hand(tmp_path):
+    """Two rounds of two facts, one seed: recall of this round's, the earlier and the later
+    facts, each from its slice of the per-fact record."""
+
+    def row(name, group, ok):
+        items = {"facts_ok": ok}
+        return dict(
+            name=name, group=group, items=items, retention=0.5, retention_ood=0.25, locality=1.0
+        )
+
+    rows = [
+        row("base", "base", [0, 0, 0, 0]),
+        row("svf", "svf", [0, 0, 0, 0]),
+        row("lora-s0", "lora", [1, 1, 0, 1]),
+        row("lora-r2-s0", "lora-r2", [0, 1, 1, 1]),
+    ]
+    table = reproduce.stream_table(rows, 2, 2, tmp_path, plot=False)["table"]
+    first, second = table["lora"][1], table["lora"][2]
+    assert first["this"][0] == 1.0 and first["later"][0] == 0.5 and math.isnan(first["earlier"][0])
+    assert second["this"][0] == 1.0 and second["earlier"][0] == 0.5 and second["first"][0] == 0.5
+    assert math.isnan(second["later"][0]) and second["recall"] == [0.5, 1.0]
+    assert table["expert"][0]["first"][0] == 0.0 and math.isnan(table["expert"][0]["this"][0])
