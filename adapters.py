@@ -507,7 +507,8 @@ def load_run(model, run: Path, identity: str) -> tuple[nn.Module, dict]:
     (float64; empty where the method is no weight update: leakage is undefined), slots touched
     (SMF). A stream's round (inject.py --after) has the rounds before it merged in first."""
     method = run_method(run)
-    after = run_config(run).get("after")
+    config = Path(run) / "config.json"  # absent beside a bare adapter: no chain
+    after = config.is_file() and run_config(run).get("after")
     if after:
         model, _ = load_run(model, Path(after), identity)
     if method in palora.METHODS:

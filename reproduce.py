@@ -192,10 +192,9 @@ def main(cfg: Config) -> dict:
     identity = checkpoints.identity(checkpoints.resolve(cfg.ckpt))
     facts = Path(cfg.facts)
     lines = facts.read_text().splitlines(True)
-    if len(lines) < cfg.n_facts * max(cfg.stream, 1):
+    if len(lines) < cfg.n_facts * cfg.stream:
         raise cli.ConfigError(
-            f"{facts}: {len(lines)} facts, fewer than --n-facts {cfg.n_facts} x "
-            f"{max(cfg.stream, 1)} round(s)"
+            f"{facts}: {len(lines)} facts, fewer than --n-facts {cfg.n_facts} x {cfg.stream} rounds"
         )
     if cfg.n_facts:  # the same subset for every run, kept beside them
         facts = folder / "facts.jsonl"

@@ -175,7 +175,7 @@ def test_stream_injects_each_round_on_the_last_and_reuses_round_one(setup, tmp_p
     table = result["stream"]["table"]
     assert sorted(table) == ["expert", "lora", "palora"] and sorted(table["lora"]) == [1, 2]
     assert (tmp_path / "stream" / "stream.md").read_text().startswith("| method | round |")
-    with pytest.raises(cli.ConfigError, match=r"8 facts, fewer than --n-facts 4 x 3 round"):
+    with pytest.raises(cli.ConfigError, match=r"8 facts, fewer than --n-facts 4 x 3 rounds"):
         reproduce.main(reproduce_config(setup, tmp_path, methods="lora", stream=3))
     with pytest.raises(cli.ConfigError, match="--stream: rounds of --n-facts"):
         reproduce.main(reproduce_config(setup, tmp_path, methods="lora", stream=2, frontier=True))
