@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 SVF=runs/svf-smollm2_135m-reasoning/svf.safetensors
 R=runs/reproduce
 PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream}
+STREAM="--stream 5 --n-facts 40 --seeds 0 --limit 50 --svf $SVF --out $R"
 
 lane() {  # lane RUN...: each <method>-s<seed> kept epoch by epoch, at the comparison's settings
   for run in "$@"; do
@@ -28,3 +29,11 @@ if [ "$PART" = frontier ]; then
   python reproduce.py --n-facts 40 --seeds 2,3 --methods palora,random,topk,lora,palora_act \
     --limit 50 --svf "$SVF" --out $R --frontier --every 2 --plot
 fi
+
+# 2. A continual stream: 5 rounds of 40 new facts (facts.jsonl lines 1-40 are round 1, the
+#    comparison's own runs; 41-80 round 2, ...), each injected on the previous round's merged
+#    model, the probe staying the expert's; every round scored on all 200 facts. One lane per
+#    method side by side, then the table of both (every row from the score cache).
+if [ "$PART" = stream-a ]; then python reproduce.py $STREAM --methods palora_act; fi
+if [ "$PART" = stream-b ]; then python reproduce.py $STREAM --methods lora; fi
+if [ "$PART" = stream ]; then python reproduce.py $STREAM --methods palora_act,lora --plot; fi
