@@ -6,14 +6,16 @@ the others.
     python reproduce.py                          # every method x seeds 0,1,2, then the table
     python reproduce.py --methods palora,lora --seeds 0
     python reproduce.py --methods palora,imsm,smf       # the other answers: siamese, memory layers
-    python reproduce.py --sweep              # PALoRA's settings: lr, recall target, replay, probe
+    python reproduce.py --sweep all          # PALoRA's settings: lr, recall target, replay, probe
+    python reproduce.py --sweep fraction-0.1,fraction-0.9 --seeds 0   # some of them
     python reproduce.py --frontier --seeds 2   # retention against reliability, epoch by epoch
     python reproduce.py --stream 5 --n-facts 40   # 5 rounds of 40 new facts, each merged in
 
 Runs live in --out as <setting>-s<seed>/. A finished run whose config.json matches is reused, a
 half-done one resumed, and one made with other settings refused (inject.py's run-folder guard): a
 killed reproduction continues where it stopped, and `python evaluate.py --adapter ...` on the
-finished folders prints a partial table at any time. The table: --out/eval/results.json.
+finished folders prints a partial table at any time. The table: --out/eval/results.json (--sweep:
+--out/sweep/, --frontier: --out/frontier/, --stream: --out/stream/).
 
 --frontier: each run keeps its epochs (inject.py --keep-epochs) and every epoch is scored, so that a
 method is judged by its curve, retention against reliability as training goes on, not by the one
@@ -60,8 +62,11 @@ class Config:
     n_facts: int = field(default=100, metadata={"help": "the first N facts (0: all)", "ge": 0})
     methods: str = field(default=",".join(adapters.METHODS), metadata={"help": "comma-separated"})
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds"})
-    sweep: bool = field(
-        default=False, metadata={"help": "PALoRA's settings instead of the methods"}
+    sweep: str = field(
+        default="",
+        metadata={
+            "help": "PALoRA's settings instead of the methods: names of sweep_variants, or all"
+        },
     )
     lr: float = field(default=5e-3, metadata={"help": "every run's lr (the comparison's)", "gt": 0})
     mix_known: str = field(
@@ -95,21 +100,23 @@ class Config:
 
 
 def sweep_variants(lr: float) -> dict:
-    """name -> inject.Config overrides for PALoRA on the same facts, rank and seeds."""
-    return {
+    """name -> inject.Config overrides for PALoRA (the paper's method, whatever inject.py's default)
+    on the same facts, rank and seeds; "palora" is the comparison's own run, every variant's
+    reference."""
+    variants = {
         "lr-x0.5": {"lr": lr / 2},
         "lr-x2": {"lr": lr * 2},
         "target-0.7": {"recall_target": 0.7},
         "target-1.0": {"recall_target": 1.0},
         "replay-0": {"mix_skill": "none"},
         "replay-1.0": {"mix_ratio": 1.0},
-        "fraction-0.25": {"probe_fraction": 0.25},
-        "fraction-0.75": {"probe_fraction": 0.75},
+        **{f"fraction-{f}": {"probe_fraction": f} for f in (0.1, 0.25, 0.75, 0.9)},
         "energy": {"probe_score": "energy"},
         "global-0.5": {"probe_global_fraction": 0.5},
         "mix-known": {"mix_known": "data/known/known_mix.jsonl"},
         "rank-16": {"rank": 16, "alpha": 32.0},
     }
+    return {name: {"method": "palora", **v} for name, v in {"palora": {}, **variants}.items()}
 
 
 def expert(cfg: Config, identity: str) -> Path:
@@ -171,7 +178,9 @@ def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
     """Every (setting, seed) run."""
     settings = {m: {"method": m} for m in parse_targets(cfg.methods)}
     if cfg.sweep:
-        settings = {"default": {}, **sweep_variants(cfg.lr)}
+        variants = sweep_variants(cfg.lr)
+        names = list(variants) if cfg.sweep == "all" else ["palora", *parse_targets(cfg.sweep)]
+        settings = {name: variants[name] for name in names}
     runs = []
     for seed in [int(s) for s in cfg.seeds.split(",")]:
         for name, overrides in settings.items():
@@ -184,6 +193,12 @@ def main(cfg: Config) -> dict:
     for name in parse_targets(cfg.methods):
         if name not in adapters.METHODS:
             raise cli.ConfigError(f"--methods: unknown method {name!r}")
+    for name in parse_targets(cfg.sweep) if cfg.sweep not in ("", "all") else []:
+        if name not in sweep_variants(cfg.lr):
+            raise cli.ConfigError(
+                f"--sweep: unknown setting {name!r}: all, or some of "
+                f"{', '.join(sweep_variants(cfg.lr))}"
+            )
     if cfg.plot:  # before hours of training, not after
         evaluate.pyplot()
     if cfg.stream and (cfg.frontier or cfg.sweep or not cfg.n_facts):
@@ -216,7 +231,8 @@ def main(cfg: Config) -> dict:
             "plot",
         )
     }
-    eval_folder = folder / ("frontier" if cfg.frontier else "stream" if cfg.stream else "eval")
+    kind = "frontier" if cfg.frontier else "stream" if cfg.stream else "sweep" if cfg.sweep else ""
+    eval_folder = folder / (kind or "eval")
     if cfg.frontier:  # every epoch a row (every N-th, and the last)
         epochs = [sorted((run / "epochs").iterdir()) for run in runs]
         runs = [

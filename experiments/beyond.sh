@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on shared cores one busy thread 
 cd "$(dirname "$0")/.."
 SVF=runs/svf-smollm2_135m-reasoning/svf.safetensors
 R=runs/reproduce
-PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream}
+PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream, sweep}
 STREAM="--stream 5 --n-facts 40 --seeds 0 --limit 50 --svf $SVF --out $R"
 
 lane() {  # lane RUN...: each <method>-s<seed> kept epoch by epoch, at the comparison's settings
@@ -37,3 +37,11 @@ fi
 if [ "$PART" = stream-a ]; then python reproduce.py $STREAM --methods palora_act; fi
 if [ "$PART" = stream-b ]; then python reproduce.py $STREAM --methods lora; fi
 if [ "$PART" = stream ]; then python reproduce.py $STREAM --methods palora_act,lora --plot; fi
+
+# 3. The probe's settings on PALoRA (the paper's method): the protected share of each matrix (10, 25,
+#    75 and 90% beside the comparison's 50%), half of all components pooled (global), the energy
+#    score; one seed, each run's final point (trained to recall 0.9), 50 reasoning items per split.
+if [ "$PART" = sweep ]; then
+  python reproduce.py --sweep fraction-0.1,fraction-0.25,fraction-0.75,fraction-0.9,global-0.5,energy \
+    --n-facts 40 --seeds 0 --limit 50 --svf "$SVF" --out $R --plot
+fi

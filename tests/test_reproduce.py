@@ -88,10 +88,28 @@ def test_every_sweep_variant_is_a_valid_inject_config():
 
     comparison = dict(lr=reproduce.Config.lr, mix_known=reproduce.Config.mix_known)
     base = inject.Config(**comparison)
-    for name, overrides in reproduce.sweep_variants(reproduce.Config.lr).items():
+    variants = reproduce.sweep_variants(reproduce.Config.lr)
+    assert variants.pop("palora") == {"method": "palora"}  # the comparison's run: the reference
+    for name, overrides in variants.items():
         cfg = inject.Config(**{**comparison, **overrides})
         cli.check_numbers(cfg)
+        assert overrides.pop("method") == "palora"
         assert all(getattr(cfg, k) != getattr(base, k) for k in overrides), name
+
+
+def test_sweep_runs_the_named_settings_beside_the_comparisons_palora(setup, tmp_path, monkeypatch):
+    calls = recorders(monkeypatch)
+    cfg = reproduce_config(setup, tmp_path, sweep="fraction-0.1,energy", seeds="0,1")
+    reproduce.main(cfg)
+    assert calls == [("palora", 0)] * 3 + [("palora", 1)] * 3
+    names = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert names == sorted(
+        f"{n}-s{s}" for n in ("palora", "fraction-0.1", "energy") for s in (0, 1)
+    )
+    saved = json.loads((tmp_path / "fraction-0.1-s0" / "config.json").read_text())
+    assert saved["probe_fraction"] == 0.1 and saved["method"] == "palora"
+    with pytest.raises(cli.ConfigError, match="--sweep: unknown setting 'fraction-0.3'"):
+        reproduce.main(reproduce_config(setup, tmp_path, sweep="fraction-0.3"))
 
 
 def recorders(monkeypatch) -> list:
