@@ -27,13 +27,14 @@ pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
 REPO = Path(__file__).resolve().parent.parent
 PEFT = "adapter_model.safetensors"
-# train_svf.py's command line with instruments: palora.svd calls and file writes counted per rank
-# (in COUNTS, outside the run folder), and an optional stop inside step CRASH (0-based), after the
-# state of an earlier step
+# a script's (train_svf.py's, inject.py's) command line with instruments: palora.svd calls and file
+# writes counted per rank (in COUNTS, outside the run folder), and an optional stop inside step
+# CRASH (0-based), after the state of an earlier step
 DRIVER = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import cli, palora, tasks, train_svf, training
+import cli, palora, tasks, training
+import {script} as script
 real_svd, calls = palora.svd, []
 palora.svd = lambda W: calls.append(1) or real_svd(W)
 real_write, real_append, writes = tasks.atomic_write_bytes, tasks.append_jsonl, []
@@ -43,9 +44,9 @@ crash = int(os.environ.get("CRASH", -1))
 def check(loss, step, params=None):
     if step == crash:
         raise SystemExit(3)
-train_svf.check_finite = check
+script.check_finite = check
 try:
-    cli.run(train_svf.main, cli.parse_config(train_svf.Config))
+    cli.run(script.main, cli.parse_config(script.Config))
 finally:
     with open(os.path.join(os.environ["COUNTS"], f"rank{{training.rank()}}"), "w") as f:
         f.write(f"{{len(calls)}} {{len(writes)}}")
@@ -141,9 +142,9 @@ def close(a: dict, b: dict, tol: float) -> float:
     return diff
 
 
-def driver(tmp_path) -> Path:
+def driver(tmp_path, script: str = "train_svf") -> Path:
     (tmp_path / "counts").mkdir()
-    (tmp_path / "driver.py").write_text(DRIVER.format(repo=str(REPO)))
+    (tmp_path / "driver.py").write_text(DRIVER.format(repo=str(REPO), script=script))
     return tmp_path / "driver.py"
 
 
@@ -171,6 +172,7 @@ def test_two_processes_give_one_process_z_and_rank_0_alone_writes(
     assert {p.name for p in out.iterdir()} == written | {"summary.json", ".lock"}
     assert len(list((cache).rglob("*.safetensors"))) == 6  # 2 layers x 3 MLP matrices
     assert counts(tmp_path)["rank1"] == (0, 0)  # no SVD, no file: rank 0 wrote everything
+    assert counts(tmp_path)["rank0"][1] > 0  # (the writes are counted)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -200,13 +202,15 @@ def test_inject_two_processes_give_one_process_adapter(setup, tmp_path, parallel
     settings = dict(method="palora", epochs=3, batch_size=4, recall_target=1.0, **known)
     inject.main(runs.config(setup, tmp_path / "one", **settings))
     two = runs.config(setup, tmp_path / "two", parallel=parallel, **settings)
-    torchrun("inject.py", argv(two))
+    torchrun(driver(tmp_path, "inject"), argv(two), {"COUNTS": str(tmp_path / "counts")})
     a, b = (load_file(tmp_path / d / PEFT) for d in ("one", "two"))
     close(a, b, 1e-6)
     assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)  # B moved from 0
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]  # 1 batch an epoch
     assert [r["recall"] for r in two] == [r["recall"] for r in one]
+    writes = {rank: n for rank, (_, n) in counts(tmp_path).items()}
+    assert writes["rank0"] > 0 and writes["rank1"] == 0  # rank 0 alone wrote files
 
 
 def test_inject_fsdp_resumes_a_one_process_state(setup, tmp_path, monkeypatch):
