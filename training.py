@@ -9,6 +9,7 @@ There is no Trainer here on purpose: each script keeps its own loop, top to bott
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import json
 import math
 import os
@@ -409,8 +410,12 @@ def unwrap(model):
 
 
 def teardown():
-    """Leave torchrun's process group (at the end of a script's run)."""
+    """Leave torchrun's process group (at the end of a script's run). Objects in reference cycles
+    that hold the group (a DDP wrapper) were freed at interpreter exit, after it, and aborted the
+    process now and then ("terminate called without an active exception": 6 of 48 launches of
+    test_fsdp2_gives_ddp_adapter's driver); collected first, 0 of 40."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
