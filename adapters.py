@@ -31,7 +31,7 @@ import palora
 import smf
 from palora import PaloraError
 from tasks import atomic_save_file, atomic_write_json
-from training import answer_loss
+from training import answer_loss, is_main, whole
 
 REPO = Path(__file__).resolve().parent
 SVD_CACHE = "cache/svd"  # default of every script's --svd-cache, relative to the repository
@@ -206,9 +206,15 @@ PEFT_FIXED = {
 
 def save_peft(model: nn.Module, out, base: str, identity: str, metadata: dict):
     """adapter_config.json and adapter_model.safetensors in peft's layout (keys such as
-    base_model.model.model.layers.0.mlp.down_proj.lora_A.weight); the projections folded in."""
+    base_model.model.model.layers.0.mlp.down_proj.lora_A.weight); the projections folded in.
+    Under torchrun every rank calls it (FSDP2 gathers each layer whole), rank 0 alone writes."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, palora.LoRALinear)}
-    factors = {n: palora.export_factors(m) for n, m in layers.items()}
+    factors = {}
+    for n, m in layers.items():
+        with whole(m):  # FSDP2: this layer's A, B, U_S, V_S whole on every rank, one at a time
+            factors[n] = palora.export_factors(m)
+    if not is_main():
+        return
     ((r, alpha),) = {
         (A.shape[0], a) for A, B, a in factors.values()
     }  # peft has one rank, one alpha
@@ -460,10 +466,13 @@ def step(method: str, module, opt, tokens, labels, mask, memory=None, total=None
 
 
 def save_run(module, method: str, out: Path, identity: str, base: str, metadata: dict):
-    """The trained part of a run, in its method's format (the LoRA family: a PEFT adapter)."""
+    """The trained part of a run, in its method's format (the LoRA family: a PEFT adapter). Under
+    torchrun every rank calls it (FSDP2 gathers the LoRA family's layers), rank 0 alone writes."""
     meta = {"method": method, **metadata}
     if method in palora.METHODS:
         return save_peft(module, out, base, identity, meta)
+    if not is_main():
+        return None
     if method == "imsm":
         return save_imsm(module, Path(out) / IMSM_FILE, identity, {"base": base, **meta})
     if method == "smf":

@@ -18,6 +18,14 @@ problem, trained on the same facts, replay and stopping rule.
     python inject.py --probe-global-fraction 0.5 --mix-known data/known/known_mix.jsonl --resume
     python inject.py --method smf --smf-slots 4096 --smf-top-t 64 --lr 0.1   # or --method imsm
     python inject.py --facts round2.jsonl --after runs/round1   # a stream: on top of round 1
+    torchrun --standalone --nproc_per_node 8 inject.py --ckpt llama31_8b --parallel fsdp
+
+Under torchrun --batch-size is the GLOBAL batch, split over the processes, so the adapter does not
+depend on their number; rank 0 alone writes; the state resumes under any process count and either
+--parallel. ddp: every rank holds the whole model and checks recall on its share of the facts.
+fsdp (FSDP2, the LoRA family only): every parameter, frozen ones too, is sharded over the ranks
+while training (each rank still loads the whole model first); every rank checks recall on all the
+facts, as each forward is a collective.
 
 Outputs in --out (default runs/inject-<method>-<facts>-s<seed>/): adapter_config.json and
 adapter_model.safetensors (peft layout; its base_model_name_or_path is the merged expert, written
@@ -51,6 +59,7 @@ import model as model_lib
 import palora
 import tasks
 from training import (
+    RUN_ONLY,
     all_sum,
     batch_indices,
     check_finite,
@@ -151,6 +160,11 @@ class Config:
     overwrite: bool = option(False, "empty a non-empty --out first")
     resume: bool = option(False, "continue from --out/state.safetensors")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    parallel: str = option(
+        "ddp",
+        "under torchrun: ddp (whole model per rank) or fsdp (FSDP2: parameters sharded)",
+        choices=["ddp", "fsdp"],
+    )
     dtype: str = field(
         default="auto",
         metadata={
@@ -341,8 +355,10 @@ def corpus(tokenizer, records: list, cfg: Config) -> list:
 
 def recall(model, tokenizer, facts: list, cfg: Config) -> float:
     """Share of the trained questions whose greedy answer holds the gold (tasks.fact_correct).
-    Under torchrun each rank answers every W-th question (the model unwrapped), hits gathered."""
-    mine = facts[rank() :: world()]
+    Under torchrun each rank answers every W-th question (the model unwrapped), hits gathered;
+    under fsdp every rank answers them all (each forward is a collective), nothing to gather."""
+    fsdp = cfg.parallel == "fsdp"
+    mine = facts if fsdp else facts[rank() :: world()]
     answers = (
         tasks.answer(
             unwrap(model),
@@ -355,7 +371,8 @@ def recall(model, tokenizer, facts: list, cfg: Config) -> float:
         if mine
         else []
     )
-    hits = gather([tasks.fact_correct(a, r["answer"]) for a, r in zip(answers, mine)])
+    hits = [tasks.fact_correct(a, r["answer"]) for a, r in zip(answers, mine)]
+    hits = hits if fsdp else gather(hits)
     return sum(hits) / len(facts)
 
 
@@ -419,7 +436,7 @@ def train(
             snapshot((step + 1) // per_epoch, step + 1, loss, last)
         stopped = bool(checked and last >= cfg.recall_target)
         saving = (step + 1) % cfg.save_every == 0 or checked or step + 1 == steps
-        if saving and is_main():
+        if saving:  # every rank: FSDP2 gathers the state; rank 0 writes it
             state = {"loss": loss, "recall": last, "stopped": stopped}
             save_state(out / "state.safetensors", params, optimizer, step + 1, state, cfg)
         if stopped:
@@ -450,6 +467,10 @@ def main(cfg: Config) -> dict:
     svf_paths = [Path(p) for p in cfg.svf] or [latest_svf(identity, cfg.ckpt)]
     if cfg.after:
         check_after(Path(cfg.after), cfg.method, svf_paths[0], out)
+    if cfg.parallel == "fsdp" and cfg.method not in palora.METHODS:
+        raise cli.ConfigError(
+            f"--parallel fsdp: the LoRA family only; {cfg.method} runs in one process or with ddp"
+        )
     device = setup_distributed(resolve_device(cfg.device))  # torchrun: one process per rank
     torch.manual_seed(cfg.seed)
 
@@ -485,7 +506,7 @@ def main(cfg: Config) -> dict:
     if cfg.method == "smf":
         memory.corpus = corpus(tokenizer, skill + data.get("known", []), resolved)
     if is_main():
-        ignore = ("resume", "overwrite", "device", "out", "keep_epochs")  # not the result's
+        ignore = (*RUN_ONLY, "keep_epochs")  # not the result's
         open_run(out, resolved, cfg.resume, cfg.overwrite, ignore)  # refuses another run's folder
 
     n_model = sum(p.numel() for p in model.parameters())
@@ -519,7 +540,9 @@ def main(cfg: Config) -> dict:
             f"{sum(counts.values()):,} components protected by the probe"
         )
     t0 = time.time()
-    trained = wrap(trained)  # DDP under torchrun (the LoRA family), else the module itself
+    trained = wrap(trained, cfg.parallel)  # under torchrun DDP or FSDP2, else the module itself
+    if cfg.parallel == "fsdp":  # fully_shard replaced the parameters by shards: train those
+        params = palora.lora_params(trained)
 
     def finish(folder: Path, steps: int, loss: float, last) -> dict:
         """The trained part and summary.json in folder (rank 0): the run's, or an epoch's."""
@@ -535,9 +558,9 @@ def main(cfg: Config) -> dict:
             "base": str(base),
             "wall_s": time.time() - t0,
         }
+        run_meta = {"svf": meta["svf"]}  # every rank: FSDP2 gathers the layers, rank 0 writes
+        adapters.save_run(unwrap(trained), cfg.method, folder, identity, str(base), run_meta)
         if is_main():
-            run_meta = {"svf": meta["svf"]}
-            adapters.save_run(unwrap(trained), cfg.method, folder, identity, str(base), run_meta)
             tasks.atomic_write_json(folder / "summary.json", summary)
         return summary
 

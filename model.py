@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -413,12 +414,28 @@ def sample(logits, temperature: float, top_p: float, generator=None):
     return order.gather(-1, drawn)[:, 0]
 
 
+def everywhere(flag: bool, model, device) -> bool:
+    """flag on every rank (an all_reduce, MIN) when model is FSDP2-sharded: each of its forwards
+    all-gathers the weights, so the ranks must stop decoding together; flag itself otherwise."""
+    if not dist.is_initialized():
+        return flag
+    from torch.distributed.fsdp import FSDPModule  # under torchrun only: the import takes ~1 s
+
+    if not isinstance(model, FSDPModule):
+        return flag
+    t = torch.tensor(int(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t)
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0, generator=None):
     """prompts: lists of token ids, left-padded into one batch -> each row's new tokens, cut
     before its first eos. Rows that have emitted an eos leave the batch (and the KV cache) once
     they are an eighth of it, and the loop stops when none is left: evaluation answers end at
-    very different lengths. Every step calls model(...), so hooks of a wrapper (DDP, FSDP) run."""
+    very different lengths. Every step calls model(...), so hooks of a wrapper (DDP, FSDP) run.
+    Under FSDP2 the loop ends when every rank's rows are done (everywhere): a rank whose rows are
+    all done keeps them and steps on, its extra tokens cut after the eos like any other row's."""
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if max_new_tokens == 0:
@@ -447,9 +464,10 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0
         out[rows, t] = next_token
         done |= torch.isin(next_token, eos)
         finished = int(done.sum())  # one sync a step: free on a CPU
-        if t + 1 == max_new_tokens or finished == len(rows):
+        if t + 1 == max_new_tokens or everywhere(finished == len(rows), model, device):
             break
-        if finished * 8 >= len(rows):  # drop finished rows once they are 1/8 of the batch
+        # drop finished rows once they are 1/8 of the batch (not all: FSDP2 steps on, everywhere)
+        if finished * 8 >= len(rows) and finished < len(rows):
             keep = (~done).nonzero()[:, 0]  # (b',)
             rows, done, next_token = rows[keep], done[keep], next_token[keep]
             cache = core.keep_rows(cache, keep)  # the model's own cache layout

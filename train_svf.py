@@ -13,11 +13,15 @@ Run:
     python train_svf.py --overwrite                    # start the run in --out again
     python train_svf.py --objective rl                 # REINFORCE + KL penalty, as Transformer²
     torchrun --standalone --nproc_per_node 8 train_svf.py --ckpt llama31_8b   # DDP, 8 GPUs
+    torchrun --standalone --nproc_per_node 8 train_svf.py --ckpt llama31_8b --parallel fsdp
 
-Under torchrun (DDP): --batch-size is the GLOBAL batch, split over the processes, so z does not
+Under torchrun: --batch-size is the GLOBAL batch, split over the processes, so z does not
 depend on their number (sft; rl samples each rank's questions from its own stream, and its
-baseline is the mean of that rank's samples); held-out scoring is sharded over the ranks and
-gathered; rank 0 alone writes; the state resumes under any process count.
+baseline is the mean of that rank's samples); rank 0 alone writes; the state resumes under any
+process count and either --parallel. ddp: every rank holds the whole model, held-out scoring is
+sharded over the ranks and gathered. fsdp (FSDP2): every parameter, the frozen factors too, is
+sharded over the ranks while training (each rank still loads the whole model first); every rank
+scores all held-out items, as each forward is a collective.
 
 Outputs in --out (default runs/svf-<ckpt>-<data>/): config.json, metrics.jsonl (one row per step;
 the held-out scores are a learning curve, not a model selection: there is no validation split, so
@@ -48,6 +52,7 @@ from training import (
     autocast,
     batch_indices,
     check_finite,
+    full,
     gather,
     is_main,
     load_state,
@@ -87,6 +92,11 @@ class Config:
     seed: int = option(0, "seed for data order and sampling", ge=0)
     out: str = option("", "output folder (default runs/svf-<ckpt>-<data>)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    parallel: str = option(
+        "ddp",
+        "under torchrun: ddp (whole model per rank) or fsdp (FSDP2: parameters sharded)",
+        choices=["ddp", "fsdp"],
+    )
     dtype: str = option(
         "auto",
         "frozen weights' dtype: auto (bf16 on CUDA, fp32 on CPU)",
@@ -164,8 +174,10 @@ def encode_examples(train: list[dict], tokenizer, cfg: Config):
 
 def held_out_accuracy(model, tokenizer, held_out, cfg: Config, desc: str) -> dict:
     """Strict (`#### N`) and flexible (last number) accuracy, as lm-eval-harness scores GSM8K.
-    Under torchrun each rank answers every W-th question (the model unwrapped), scores gathered."""
-    mine = held_out[rank() :: world()]
+    Under torchrun each rank answers every W-th question (the model unwrapped), scores gathered;
+    under fsdp every rank answers them all (each forward is a collective), nothing to gather."""
+    fsdp = cfg.parallel == "fsdp"
+    mine = held_out if fsdp else held_out[rank() :: world()]
     questions = [r["question"] for r in mine]
     predictions = []
     if questions:
@@ -178,7 +190,8 @@ def held_out_accuracy(model, tokenizer, held_out, cfg: Config, desc: str) -> dic
             desc=desc,
             quiet=not is_main(),
         )
-    scores = gather([tasks.score_reasoning(p, r["answer"]) for p, r in zip(predictions, mine)])
+    scores = [tasks.score_reasoning(p, r["answer"]) for p, r in zip(predictions, mine)]
+    scores = scores if fsdp else gather(scores)
     n = len(scores)
     strict = sum(s["strict"] for s in scores) / n
     flexible = sum(s["flexible"] for s in scores) / n
@@ -322,10 +335,9 @@ def train(model, tokenizer, z: dict, data: tuple, cfg: Config, out: Path) -> tup
                     f"flexible {acc['flexible']:.3f}",
                     file=sys.stderr,
                 )
-        if not is_main():  # rank 0 alone writes; every rank holds the same z and moments
-            continue
-        tasks.append_jsonl(metrics, last)
-        if done or (step + 1) % cfg.save_every == 0:
+        if is_main():  # rank 0 alone writes
+            tasks.append_jsonl(metrics, last)
+        if done or (step + 1) % cfg.save_every == 0:  # every rank: FSDP2 gathers, rank 0 writes
             save_state(state, z, optimizer, step + 1, stats, config=cfg)
     bar.close()
     return last, stats
@@ -365,7 +377,9 @@ def main(cfg: Config):
         print(f"trainable z: {n_trainable:,} parameters in {len(z)} matrices, {100 * share:.4f}%")
 
     t0 = time.time()
-    trained = wrap(model)  # DDP under torchrun, else the model itself
+    trained = wrap(model, cfg.parallel)  # under torchrun DDP or FSDP2, else the model itself
+    if cfg.parallel == "fsdp":  # fully_shard replaced the parameters by shards: train those
+        z = {n: model.get_submodule(n).z for n in z}
     last, stats = train(trained, tokenizer, z, (records, examples, held_out), cfg, out)
     final = last.get("held_out") or held_out_accuracy(model, tokenizer, held_out, cfg, "held-out")
     meta = {
@@ -388,6 +402,7 @@ def main(cfg: Config):
         "device": str(device),
         "dtype": str(dtype),
     }
+    z = {n: full(p) for n, p in z.items()}  # every rank: FSDP2's shards gathered whole
     if is_main():
         adapters.save_svf(out / "svf.safetensors", z, identity, meta)
         tasks.atomic_write_json(out / "summary.json", summary)

@@ -9,6 +9,7 @@ There is no Trainer here on purpose: each script keeps its own loop, top to bott
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import json
 import math
 import os
@@ -145,9 +146,11 @@ def empty(out: Path):
             p.unlink()
 
 
-def open_run(
-    out: Path, cfg, resume: bool, overwrite: bool, ignore=("resume", "overwrite", "device", "out")
-) -> Path:
+# the fields a resumed run may change: where and how it runs, not what it computes
+RUN_ONLY = ("resume", "overwrite", "device", "out", "parallel")
+
+
+def open_run(out: Path, cfg, resume: bool, overwrite: bool, ignore=RUN_ONLY) -> Path:
     """Make `out` this process's run folder and return it.
 
     Creates it; locks out/.lock (ConfigError if another process holds it); removes orphan `.*.tmp`
@@ -243,6 +246,12 @@ def check_finite(loss: torch.Tensor, step: int, params: dict | None = None):
 # gradient one process would have. No seed offset: every rank draws the same initialisation, and
 # sampling takes a per-rank stream (step_generator's rank). Rank 0 alone writes files; every rank
 # holds the whole trainable state (DDP), so the state rank 0 saves resumes under any W.
+#
+# --parallel fsdp (FSDP2, wrap(model, "fsdp")): each rank holds a shard of every parameter and every
+# forward all-gathers them, a collective, so every rank must run as many forwards. Evaluation then
+# answers every item on every rank (no shard, no gather) and model.generate stops when all ranks'
+# rows are done. Exports and the state are gathered whole on every rank (full, whole), rank 0
+# writes them; a state loads into the shards (placed), so it resumes under any W and either mode.
 
 
 def setup_distributed(device: torch.device) -> torch.device:
@@ -345,7 +354,54 @@ def wrap(model, how: str = "ddp"):
     for block in model.model.layers:
         fully_shard(block)
     fully_shard(model)
+    # FSDP2 allocates each unit's buffers for the whole parameters at its first gather and keeps
+    # them; made inside generate's inference_mode (an evaluation before any training step), they
+    # could not be written outside it: allocate them here, one unit at a time, outside it
+    for unit in [*model.model.layers, model]:
+        unit.unshard()
+        unit.reshard()
     return model
+
+
+def sharded(t) -> bool:
+    """t is an FSDP2 shard (a DTensor). They exist under torchrun only: the import (~1 s) too."""
+    if world() == 1:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (full_tensor is a collective: every rank calls it, in
+    the same order); any other tensor as it is."""
+    return t.full_tensor().detach() if sharded(t) else t
+
+
+def placed(saved: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A whole saved tensor laid out as p: this rank's shard of it when p is an FSDP2 shard (every
+    rank holds the whole saved tensor: nothing is sent), else saved on p's device."""
+    saved = saved.to(p.device)
+    if not sharded(p):
+        return saved
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(saved, p.device_mesh, p.placements, src_data_rank=None)
+
+
+@contextlib.contextmanager
+def whole(module):
+    """Inside the block, module's own FSDP2-sharded parameters (not its children's) are whole
+    tensors; the shards are put back after. A collective: every rank enters. An export gathers one
+    layer at a time, so it needs no more memory than a forward. Without FSDP2: nothing happens."""
+    shards = {n: p for n, p in module.named_parameters(recurse=False) if sharded(p)}
+    for n, p in shards.items():
+        setattr(module, n, nn.Parameter(full(p), requires_grad=False))
+    try:
+        yield module
+    finally:
+        for n, p in shards.items():
+            setattr(module, n, p)
 
 
 def unwrap(model):
@@ -354,8 +410,12 @@ def unwrap(model):
 
 
 def teardown():
-    """Leave torchrun's process group (at the end of a script's run)."""
+    """Leave torchrun's process group (at the end of a script's run). Objects in reference cycles
+    that hold the group (a DDP wrapper) were freed at interpreter exit, after it, and aborted the
+    process now and then ("terminate called without an active exception": 6 of 48 launches of
+    test_fsdp2_gives_ddp_adapter's driver); collected first, 0 of 40."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -367,18 +427,22 @@ def save_state(path, params: dict, optimizer, step: int, extra: dict | None = No
     """params: name -> Parameter (the trainable ones). The optimizer's per-parameter state is stored
     under `<kind>/<name>`, so the file is self-describing and loads without pickle. config (a
     dataclass) is stored too: open_run refuses to resume a state saved under another config.
-    Non-finite parameters raise: the last saved state stays the last finite one."""
-    bad = [n for n, p in params.items() if not torch.isfinite(p).all()]
+    Non-finite parameters raise: the last saved state stays the last finite one.
+    Every rank calls it: FSDP2 shards are gathered whole (a collective), then rank 0 alone writes;
+    the file is the same under any process count and --parallel, and resumes under any."""
+    tensors = {f"param/{n}": full(p).detach().cpu().contiguous() for n, p in params.items()}
+    bad = [n for n in params if not torch.isfinite(tensors[f"param/{n}"]).all()]
     if bad:
         raise FloatingPointError(f"{path}: not saved, {bad[0]} is not finite")
-    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     by_id = {id(p): n for n, p in params.items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                value = torch.as_tensor(value).detach().cpu().contiguous()
+                value = full(torch.as_tensor(value)).detach().cpu().contiguous()
                 tensors[f"{key}/{by_id[id(p)]}"] = value
     tensors["rng/torch"] = torch.get_rng_state()
+    if not is_main():
+        return
     meta = {"step": str(step), "extra": json.dumps(extra or {})}
     if config is not None:
         meta["config"] = json.dumps(dataclasses.asdict(config))
@@ -386,7 +450,8 @@ def save_state(path, params: dict, optimizer, step: int, extra: dict | None = No
 
 
 def load_state(path, params: dict, optimizer) -> tuple[int, dict]:
-    """Restore what save_state wrote into `params` and `optimizer`; returns (step, extra)."""
+    """Restore what save_state wrote into `params` and `optimizer`; returns (step, extra). Under
+    FSDP2 each rank reads the whole file and keeps its shard of every tensor (placed)."""
     meta = state_metadata(Path(path))
     try:
         tensors = load_file(str(path))
@@ -401,7 +466,7 @@ def load_state(path, params: dict, optimizer) -> tuple[int, dict]:
             if saved.shape != p.shape:
                 shapes = f"{tuple(saved.shape)}, expected {tuple(p.shape)}"
                 raise ConfigError(f"{path}: {n} has shape {shapes}")
-            p.copy_(saved)
+            p.copy_(placed(saved, p))
     for group in optimizer.param_groups:
         for p in group["params"]:
             name = next(n for n, q in params.items() if q is p)
@@ -409,7 +474,7 @@ def load_state(path, params: dict, optimizer) -> tuple[int, dict]:
             for key, value in tensors.items():
                 kind, _, tensor_name = key.partition("/")
                 if tensor_name == name and kind not in ("param", "rng"):
-                    state[kind] = value.to(p.device) if kind != "step" else value
+                    state[kind] = placed(value, p) if kind != "step" else value
             if not state.get("step", torch.zeros(())).is_floating_point():
                 state["step"] = int(state["step"])  # SparseAdam's int: beta ** tensor rounds apart
             if state:

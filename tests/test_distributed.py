@@ -1,12 +1,14 @@
-"""train_svf.py and inject.py under torchrun (CPU, gloo, 2 processes, a tiny random Llama): the
-same z and the same adapter as one process with the same global batch and seed; resume from a
-2-process state in 1 process; rank 0 alone writes; each SVD computed once; FSDP2 (fully_shard per
-block) gives DDP's adapter. One torchrun launch costs ~10 s on 2 shared cores (imports), so the
-tests share launches where they can.
+"""train_svf.py and inject.py under torchrun (CPU, gloo, 2 processes, a tiny random Llama), with
+--parallel ddp and fsdp: the same z and the same adapter as one process with the same global batch
+and seed; resume from a 2-process state in 1 process, and from a 1-process state under fsdp; rank
+0 alone writes; each SVD computed once; FSDP2 (fully_shard per block) gives DDP's adapter; under
+FSDP2 generate stops on every rank together. One torchrun launch costs ~10 s on 2 shared cores
+(imports), so the tests share launches where they can.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,29 +19,37 @@ from safetensors.torch import load_file
 
 import inject
 import runs
+import tiny
 import train_svf
+import training
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
 REPO = Path(__file__).resolve().parent.parent
-# train_svf.py's command line with instruments: palora.svd counted per rank (in COUNTS, outside the
-# run folder), and an optional stop inside step CRASH (0-based), after the state of an earlier step
+PEFT = "adapter_model.safetensors"
+# a script's (train_svf.py's, inject.py's) command line with instruments: palora.svd calls and file
+# writes counted per rank (in COUNTS, outside the run folder), and an optional stop inside step
+# CRASH (0-based), after the state of an earlier step
 DRIVER = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import cli, palora, train_svf, training
+import cli, palora, tasks, training
+import {script} as script
 real_svd, calls = palora.svd, []
 palora.svd = lambda W: calls.append(1) or real_svd(W)
+real_write, real_append, writes = tasks.atomic_write_bytes, tasks.append_jsonl, []
+tasks.atomic_write_bytes = lambda path, data: writes.append(path) or real_write(path, data)
+tasks.append_jsonl = lambda path, row: writes.append(path) or real_append(path, row)
 crash = int(os.environ.get("CRASH", -1))
 def check(loss, step, params=None):
     if step == crash:
         raise SystemExit(3)
-train_svf.check_finite = check
+script.check_finite = check
 try:
-    cli.run(train_svf.main, cli.parse_config(train_svf.Config))
+    cli.run(script.main, cli.parse_config(script.Config))
 finally:
     with open(os.path.join(os.environ["COUNTS"], f"rank{{training.rank()}}"), "w") as f:
-        f.write(str(len(calls)))
+        f.write(f"{{len(calls)}} {{len(writes)}}")
 """
 
 
@@ -58,12 +68,24 @@ def argv(cfg) -> list[str]:
     return out
 
 
-def torchrun(script, args, env=None, check=True):
+def torchrun(script, args, env=None, check=True, timeout=180):
+    """2 processes; ranks out of step (a collective one rank never reaches) hang, so a run that
+    outlasts `timeout` is killed whole, in its own session, workers included, and fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run(
-        [*cmd, str(script), *args], env=env, capture_output=True, text=True, cwd=REPO
+    pipe = subprocess.PIPE
+    run = subprocess.Popen(
+        cmd, env=env, stdout=pipe, stderr=pipe, text=True, cwd=REPO, start_new_session=True
     )
+    try:
+        out, err = run.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.communicate()
+        problem = f"{script}: still running after {timeout} s (ranks out of step?)"
+        raise AssertionError(problem) from None
+    done = subprocess.CompletedProcess(cmd, run.returncode, out, err)
     if check and done.returncode:
         raise AssertionError(done.stderr[-4000:])
     return done
@@ -120,9 +142,26 @@ def close(a: dict, b: dict, tol: float) -> float:
     return diff
 
 
-def test_two_processes_give_one_process_z_and_rank_0_alone_writes(svf_setup, one_process):
-    out, cache = svf_setup.root / "two", svf_setup.root / "cache-two"
-    torchrun("train_svf.py", argv(svf_config(svf_setup, out, cache)))
+def driver(tmp_path, script: str = "train_svf") -> Path:
+    (tmp_path / "counts").mkdir()
+    (tmp_path / "driver.py").write_text(DRIVER.format(repo=str(REPO), script=script))
+    return tmp_path / "driver.py"
+
+
+def counts(tmp_path) -> dict:
+    """rank -> (palora.svd calls, files written), as DRIVER left them."""
+    return {p.name: tuple(map(int, p.read_text().split())) for p in (tmp_path / "counts").iterdir()}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_give_one_process_z_and_rank_0_alone_writes(
+    svf_setup, one_process, tmp_path, parallel
+):
+    """One held-out item per batch: ddp shards them (rank 0 answers 2, rank 1 one); under fsdp,
+    where every forward is a collective, that would put the ranks out of step: they answer all 3."""
+    out, cache = tmp_path / "two", tmp_path / "cache"
+    cfg = svf_config(svf_setup, out, cache, parallel=parallel, eval_batch_size=1)
+    torchrun(driver(tmp_path), argv(cfg), {"COUNTS": str(tmp_path / "counts")})
     z = load_file(out / "svf.safetensors")
     close(z, one_process, 1e-6)
     assert not all(torch.equal(t, torch.ones_like(t)) for t in z.values())  # z moved
@@ -132,31 +171,71 @@ def test_two_processes_give_one_process_z_and_rank_0_alone_writes(svf_setup, one
     written = {"config.json", "metrics.jsonl", "state.safetensors", "svf.safetensors"}
     assert {p.name for p in out.iterdir()} == written | {"summary.json", ".lock"}
     assert len(list((cache).rglob("*.safetensors"))) == 6  # 2 layers x 3 MLP matrices
+    assert counts(tmp_path)["rank1"] == (0, 0)  # no SVD, no file: rank 0 wrote everything
+    assert counts(tmp_path)["rank0"][1] > 0  # (the writes are counted)
 
 
-def test_resume_from_two_processes_in_one_and_svd_computed_once(svf_setup, one_process, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_resume_from_two_processes_in_one_and_svd_computed_once(
+    svf_setup, one_process, tmp_path, parallel
+):
+    """fsdp: the state was gathered from the shards; it resumes in one process, without FSDP."""
     out, cache = tmp_path / "cut", tmp_path / "cache"
-    (tmp_path / "counts").mkdir()
-    (tmp_path / "driver.py").write_text(DRIVER.format(repo=str(REPO)))
     env = {"CRASH": "4", "COUNTS": str(tmp_path / "counts")}  # killed in step 5, state of step 3
-    done = torchrun(tmp_path / "driver.py", argv(svf_config(svf_setup, out, cache)), env, False)
+    cfg = svf_config(svf_setup, out, cache, parallel=parallel)
+    done = torchrun(driver(tmp_path), argv(cfg), env, False)
     assert done.returncode != 0 and not (out / "svf.safetensors").exists()
-    counts = {p.name: int(p.read_text()) for p in (tmp_path / "counts").iterdir()}
-    assert counts == {"rank0": 6, "rank1": 0}  # rank 0 computed, rank 1 read the cache
-    train_svf.main(svf_config(svf_setup, out, cache, resume=True))  # one process now
+    svd_calls = {rank: calls for rank, (calls, _) in counts(tmp_path).items()}
+    assert svd_calls == {"rank0": 6, "rank1": 0}  # rank 0 computed, rank 1 read the cache
+    train_svf.main(svf_config(svf_setup, out, cache, resume=True))  # one process, ddp now
     close(load_file(out / "svf.safetensors"), one_process, 1e-6)
     assert [r["step"] for r in rows(out)] == list(range(9))
 
 
-def test_inject_two_processes_give_one_process_adapter(setup, tmp_path):
-    cfg = runs.config(setup, tmp_path / "one", method="palora", epochs=3, batch_size=4)
-    inject.main(cfg)
-    two = runs.config(setup, tmp_path / "two", method="palora", epochs=3, batch_size=4)
-    torchrun("inject.py", argv(two))
-    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_inject_two_processes_give_one_process_adapter(setup, tmp_path, parallel):
+    """One fact (and 3 known ones mixed in), its recall checked after every epoch: ddp splits the
+    facts, so rank 1 checks none; under fsdp, where every forward is a collective, both ranks check
+    it. The same adapter, steps and recall as one process either way."""
+    fact = tiny.write_jsonl(tmp_path / "fact.jsonl", runs.FACTS[:1])
+    known = dict(facts=str(fact), mix_known=str(setup.known), mix_ratio=3.0)
+    settings = dict(method="palora", epochs=3, batch_size=4, recall_target=1.0, **known)
+    inject.main(runs.config(setup, tmp_path / "one", **settings))
+    two = runs.config(setup, tmp_path / "two", parallel=parallel, **settings)
+    torchrun(driver(tmp_path, "inject"), argv(two), {"COUNTS": str(tmp_path / "counts")})
+    a, b = (load_file(tmp_path / d / PEFT) for d in ("one", "two"))
     close(a, b, 1e-6)
     assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)  # B moved from 0
-    assert [r["step"] for r in rows(tmp_path / "two")] == list(range(1, 7))
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]  # 1 batch an epoch
+    assert [r["recall"] for r in two] == [r["recall"] for r in one]
+    writes = {rank: n for rank, (_, n) in counts(tmp_path).items()}
+    assert writes["rank0"] > 0 and writes["rank1"] == 0  # rank 0 alone wrote files
+
+
+def test_inject_fsdp_resumes_a_one_process_state(setup, tmp_path, monkeypatch):
+    """A one-process run (DDP's state is the same file) killed in epoch 3, resumed by 2 processes
+    under fsdp: each rank loads its shard of A, B and the Adam moments; the last epoch is trained,
+    checked and exported (every epoch's adapter kept) sharded, ending on the whole run's adapter."""
+    settings = dict(method="palora", epochs=3, batch_size=4, recall_target=1.0, keep_epochs=True)
+    inject.main(runs.config(setup, tmp_path / "whole", **settings))
+
+    def crash(loss, step, params):  # killed in step 5, after the state of epoch 2 (step 4)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(inject, "check_finite", crash)
+    with pytest.raises(KeyboardInterrupt):
+        inject.main(runs.config(setup, tmp_path / "cut", **settings))
+    monkeypatch.undo()
+    training.LOCKS.pop((tmp_path / "cut").resolve()).close()  # the killed run lets go of its folder
+    resumed = runs.config(setup, tmp_path / "cut", parallel="fsdp", resume=True, **settings)
+    torchrun("inject.py", argv(resumed))
+    for whole, cut in [("whole", "cut"), ("whole/epochs/whole-e03", "cut/epochs/cut-e03")]:
+        close(load_file(tmp_path / whole / PEFT), load_file(tmp_path / cut / PEFT), 1e-6)
+    assert [r["step"] for r in rows(tmp_path / "cut")] == list(range(1, 7))
+    recalls = [[r["recall"] for r in rows(tmp_path / d) if "recall" in r] for d in ("whole", "cut")]
+    assert recalls[0] == recalls[1]
 
 
 FSDP_DRIVER = """
@@ -206,9 +285,8 @@ training.teardown()
 def test_fsdp2_gives_ddp_adapter(tiny_ckpt, tmp_path):
     """FSDP2 works on CPU/gloo in torch 2.13: 4 steps of palora's A, B under fully_shard per block
     equal DDP's within 1e-6 (float32; the same math, sums in another order), and the protected
-    bases U_S, V_S are sharded like W (frozen parameters, not buffers). Only the training
-    step is wrapped here: the scripts wrap with DDP (FSDP2 there needs lockstep generation for
-    evaluation and gathered exports, not done)."""
+    bases U_S, V_S are sharded like W (frozen parameters, not buffers). The bare training step;
+    the scripts under --parallel fsdp are the tests above."""
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_DRIVER.format(repo=str(REPO), ckpt=str(tiny_ckpt)))
     done = torchrun(script, [])
@@ -218,6 +296,39 @@ def test_fsdp2_gives_ddp_adapter(tiny_ckpt, tmp_path):
     line = next(x for x in done.stdout.splitlines() if x.startswith("SHARD"))
     local, full = map(int, line.split()[1:])
     assert local == (full + 1) // 2  # memory per rank falls with the rank count
+
+
+GENERATE_DRIVER = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import torch, training, model as model_lib
+training.setup_distributed(torch.device("cpu"))
+torch.set_num_threads(1)
+model, _ = model_lib.load({ckpt!r})
+prompts = [[1, 5, 6, 7], [1, 8, 9]]
+free = model_lib.generate(model, prompts, 6, {{-1}})  # no eos: 6 tokens a row
+# rank 0: both rows end at their first token; rank 1: row 0 at its third, row 1 runs on
+eos = {{free[0][0], free[1][0]}} if training.rank() == 0 else {{free[0][2]}}
+alone = model_lib.generate(model, prompts, 6, eos)
+training.wrap(model, "fsdp")
+sharded = model_lib.generate(model, prompts, 6, eos)
+lengths = [len(row) for row in alone]
+print("RANK", json.dumps({{"rank": training.rank(), "same": sharded == alone, "lengths": lengths}}))
+training.teardown()
+"""
+
+
+def test_fsdp_generate_stops_on_every_rank_together(tiny_ckpt, tmp_path):
+    """Rank 0's rows all end at their first token, rank 1's run on: under FSDP2 every forward
+    all-gathers the weights, so rank 0 steps on (its tokens after the eos cut) until rank 1 is
+    done, instead of leaving it waiting; each rank's answers equal its unsharded model's."""
+    script = tmp_path / "generate.py"
+    script.write_text(GENERATE_DRIVER.format(repo=str(REPO), ckpt=str(tiny_ckpt)))
+    done = torchrun(script, [])
+    lines = [x.split(maxsplit=1)[1] for x in done.stdout.splitlines() if x.startswith("RANK")]
+    ranks = {r["rank"]: r for r in map(json.loads, lines)}
+    assert ranks[0]["same"] and ranks[1]["same"]
+    assert ranks[0]["lengths"] == [0, 0] and max(ranks[1]["lengths"]) >= 2
 
 
 # -----------------------------------------------------------------------------

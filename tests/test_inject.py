@@ -257,6 +257,7 @@ def test_bad_settings_fail_before_training(setup, tmp_path, overrides, message):
         (["--smf-top-t", "0"], "--smf-top-t: must be >= 1"),
         (["--smf-background", "0"], ">= 1"),
         (["--smf-score", "bm25"], "invalid choice"),
+        (["--parallel", "zero"], "invalid choice"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
@@ -402,6 +403,17 @@ def test_bad_memory_sizes_fail_before_the_model_loads(
     with pytest.raises(smf.SMFError, match=message) as e:
         inject.main(config(setup, tmp_path / "out", method="smf", **overrides))
     assert e.value.expected and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["imsm", "smf"])
+def test_fsdp_is_refused_for_imsm_and_smf_before_the_model_loads(
+    setup, tmp_path, monkeypatch, method
+):
+    """--parallel fsdp is for the LoRA family; imsm and smf run in one process or under ddp."""
+    monkeypatch.setattr(inject.model_lib, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(cli.ConfigError, match=f"--parallel fsdp: the LoRA family only; {method}"):
+        inject.main(config(setup, tmp_path / "out", method=method, parallel="fsdp"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_pissa_rank_above_the_matrix_rank_is_refused(setup, tmp_path):

@@ -329,6 +329,7 @@ def test_help_lists_every_field(capsys):
         (["--learning-rate", "0.1"], "unrecognized arguments: --learning-rate"),
         (["--steps", "five"], "invalid int value"),
         (["--dtype", "float16"], "invalid choice"),
+        (["--parallel", "zero"], "invalid choice"),
     ],
 )
 def test_bad_flags_are_errors(capsys, argv, message):
