@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on shared cores one busy thread 
 cd "$(dirname "$0")/.."
 SVF=runs/svf-smollm2_135m-reasoning/svf.safetensors
 R=runs/reproduce
-PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream, sweep}
+PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream, sweep, capacity}
 STREAM="--stream 5 --n-facts 40 --seeds 0 --limit 50 --svf $SVF --out $R"
 
 lane() {  # lane RUN...: each <method>-s<seed> kept epoch by epoch, at the comparison's settings
@@ -44,4 +44,16 @@ if [ "$PART" = stream ]; then python reproduce.py $STREAM --methods palora_act,l
 SWEEP=${SWEEP:-fraction-0.1,fraction-0.9}
 if [ "$PART" = sweep ]; then
   python reproduce.py --sweep "$SWEEP" --n-facts 40 --seeds 0 --limit 50 --svf "$SVF" --out $R --plot
+fi
+
+# 4. Capacity and known-fact mixing (the packing study's question): 40, 120 and 240 facts of
+#    facts.jsonl (1,000 would need more facts from data/facts/prepare.py), palora_act and lora, with and
+#    without known facts mixed in. Not run yet: at ~8 CPU-minutes per 40 facts it needs ~6 CPU-hours.
+if [ "$PART" = capacity ]; then
+  for n in 40 120 240; do
+    for mix in "" data/known/known_mix.jsonl; do
+      python reproduce.py --n-facts $n --seeds 0 --methods palora_act,lora --limit 50 --svf "$SVF" \
+        --mix-known "$mix" --out runs/capacity/n$n${mix:+-mix}
+    done
+  done
 fi
