@@ -231,7 +231,7 @@ def check_after(after: Path, method: str, svf: Path, out: Path):
         raise cli.ConfigError(f"--after {after}: the same folder as --out")
     before = adapters.run_method(after)  # a missing or unfinished run names its folder
     if before not in palora.METHODS:
-        raise cli.ConfigError(f"{adapters.run_file(after)}: a {before} run, no update to merge")
+        raise cli.ConfigError(f"{adapters.run_file(after)}: {before} makes no update to merge")
     first = adapters.run_config(after)["svf"][0]
     if Path(first).resolve() != svf.resolve():
         raise cli.ConfigError(f"{after}/config.json: made on the expert {first}, not on {svf}")

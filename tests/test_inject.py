@@ -470,7 +470,7 @@ def test_stream_bad_after_fails_before_training(setup, tmp_path):
     inject.main(config(setup, other_run, epochs=1, svf=[str(other)]))
     cases = [
         (dict(after=str(tmp_path / "nope")), r"nope: no adapter_model.safetensors"),
-        (dict(after=str(imsm_run)), r"imsm.safetensors: a imsm run, no update to merge"),
+        (dict(after=str(imsm_run)), r"imsm.safetensors: imsm makes no update to merge"),
         (dict(after=str(lora_run), method="smf"), "only the LoRA family continues a stream"),
         (dict(after=str(other_run)), rf"other-run/config.json: made on the expert {other}"),
         (dict(after=str(tmp_path / "out")), "the same folder as --out"),
