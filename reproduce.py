@@ -27,7 +27,7 @@ is the comparison's run <method>-s<seed>; round k (--out/stream/<method>-r<k>-s<
 round k-1's merged model (inject.py --after), the probe staying the expert's. Every round is scored
 on all K rounds' facts: --out/stream/stream.md and .json hold, per method and round, the skill's
 retention, the recall of this round's facts and of the earlier rounds' (the later rounds', never
-trained, are the floor), locality and answer collapse; --plot adds stream.png.
+trained, are the floor) and locality; --plot adds stream.png.
 """
 
 import dataclasses
