@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on shared cores one busy thread 
 cd "$(dirname "$0")/.."
 SVF=runs/svf-smollm2_135m-reasoning/svf.safetensors
 R=runs/reproduce
-PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream, sweep, capacity}
+PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream, sweep, capacity, smf}
 STREAM="--stream 5 --n-facts 40 --seeds 0 --limit 50 --svf $SVF --out $R"
 
 lane() {  # lane RUN...: each <method>-s<seed> kept epoch by epoch, at the comparison's settings
@@ -56,4 +56,20 @@ if [ "$PART" = capacity ]; then
         --mix-known "$mix" --out runs/capacity/n$n${mix:+-mix}
     done
   done
+fi
+
+# 5. SMF at a learning rate of its own (issue 12; the README's SMF paragraph): a probe on the first 8
+#    facts without replay, 12 one-step epochs at lr 0.02, 0.2 and 2.0; then lr 2.0 on the comparison's
+#    40 facts (its replay and stopping rule) and its row beside IMSM and LoRA.
+if [ "$PART" = smf ]; then
+  mkdir -p runs/smf-probe; head -8 data/facts/facts.jsonl > runs/smf-probe/facts8.jsonl
+  for lr in 0.02 0.2 2.0; do
+    [ -f runs/smf-probe/lr$lr/summary.json ] && continue
+    python inject.py --method smf --lr $lr --facts runs/smf-probe/facts8.jsonl --mix-skill none \
+      --mix-known "" --epochs 12 --recall-target 1.0 --svf "$SVF" --out runs/smf-probe/lr$lr --overwrite
+  done
+  [ -f $R/smf-lr2-s0/summary.json ] || python inject.py --method smf --lr 2.0 --facts $R/facts.jsonl \
+    --seed 0 --mix-known "" --svf "$SVF" --out $R/smf-lr2-s0 --overwrite
+  python evaluate.py --svf "$SVF" --facts $R/facts.jsonl --limit 100 --out runs/others/eval-smf \
+    --score-cache $R/eval/scores --adapter $R/smf-lr2-s0 --adapter $R/imsm-s0 --adapter $R/lora-s0
 fi
