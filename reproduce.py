@@ -69,6 +69,10 @@ class Config:
         },
     )
     lr: float = field(default=5e-3, metadata={"help": "every run's lr (the comparison's)", "gt": 0})
+    smf_lr: float = field(
+        default=2.0,
+        metadata={"help": "smf's lr (SparseAdam on memory values: 5e-3 learns nothing)", "gt": 0},
+    )
     mix_known: str = field(
         default="", metadata={"help": "known facts mixed into every run ('': none)"}
     )
@@ -133,9 +137,12 @@ def expert(cfg: Config, identity: str) -> Path:
 def same_run(out: Path, run: inject.Config):
     """A finished run is reused only if its config.json records every setting of `run` (today's
     defaults included), but for where it ran and the fields inject.py fills in when left unset. A
-    setting missing from the file (an option added since) counts as its default."""
+    setting missing from the file (an option added since) counts as its default; the expert is
+    the same file however its path is written."""
     saved = {**dataclasses.asdict(inject.Config(facts="")), **adapters.run_config(out)}
     want = dataclasses.asdict(run)
+    for config in (saved, want):
+        config["svf"] = [str(Path(p).resolve()) for p in config["svf"]]
     for k in ("out", "resume", "overwrite", "device", "keep_epochs"):
         del want[k]
     for k, unset in UNSET.items():
@@ -177,6 +184,8 @@ def inject_one(cfg: Config, svf: Path, facts: Path, seed: int, out: Path, overri
 def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
     """Every (setting, seed) run."""
     settings = {m: {"method": m} for m in parse_targets(cfg.methods)}
+    if "smf" in settings:  # its own lr, from a probe on 8 facts (README, "SMF at a learning rate")
+        settings["smf"]["lr"] = cfg.smf_lr
     if cfg.sweep:
         variants = sweep_variants(cfg.lr)
         names = list(variants) if cfg.sweep == "all" else ["palora", *parse_targets(cfg.sweep)]

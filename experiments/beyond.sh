@@ -9,7 +9,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on shared cores one busy thread 
 cd "$(dirname "$0")/.."
 SVF=runs/svf-smollm2_135m-reasoning/svf.safetensors
 R=runs/reproduce
-PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream, sweep, capacity, smf}
+PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream, sweep, capacity, smf, \
+  others-a, others-b, others}
 STREAM="--stream 5 --n-facts 40 --seeds 0 --limit 50 --svf $SVF --out $R"
 
 lane() {  # lane RUN...: each <method>-s<seed> kept epoch by epoch, at the comparison's settings
@@ -60,7 +61,8 @@ fi
 
 # 5. SMF at a learning rate of its own (issue 12; the README's SMF paragraph): a probe on the first 8
 #    facts without replay, 12 one-step epochs at lr 0.02, 0.2 and 2.0; then lr 2.0 on the comparison's
-#    40 facts (its replay and stopping rule) and its row beside IMSM and LoRA.
+#    40 facts (its replay and stopping rule) and its row beside IMSM and LoRA. That run is now
+#    $R/smf-s0 (reproduce.py's name for it, --smf-lr 2.0 its default); lr 5e-3's is smf-lr0.005-s0.
 if [ "$PART" = smf ]; then
   mkdir -p runs/smf-probe; head -8 data/facts/facts.jsonl > runs/smf-probe/facts8.jsonl
   for lr in 0.02 0.2 2.0; do
@@ -68,8 +70,17 @@ if [ "$PART" = smf ]; then
     python inject.py --method smf --lr $lr --facts runs/smf-probe/facts8.jsonl --mix-skill none \
       --mix-known "" --epochs 12 --recall-target 1.0 --svf "$SVF" --out runs/smf-probe/lr$lr --overwrite
   done
-  [ -f $R/smf-lr2-s0/summary.json ] || python inject.py --method smf --lr 2.0 --facts $R/facts.jsonl \
-    --seed 0 --mix-known "" --svf "$SVF" --out $R/smf-lr2-s0 --overwrite
+  [ -f $R/smf-s0/summary.json ] || python inject.py --method smf --lr 2.0 --facts $R/facts.jsonl \
+    --seed 0 --mix-known "" --svf "$SVF" --out $R/smf-s0 --overwrite
   python evaluate.py --svf "$SVF" --facts $R/facts.jsonl --limit 100 --out runs/others/eval-smf \
-    --score-cache $R/eval/scores --adapter $R/smf-lr2-s0 --adapter $R/imsm-s0 --adapter $R/lora-s0
+    --score-cache $R/eval/scores --adapter $R/smf-s0 --adapter $R/imsm-s0 --adapter $R/lora-s0
+fi
+
+# 6. IMSM and SMF as rows of the comparison (issue 12): seeds 1 and 2 of each, in two lanes side by
+#    side (each scores its own rows into the shared score cache), then the table of all 15 runs.
+OTHERS="--n-facts 40 --seeds 0,1,2 --limit 100 --svf $SVF --out $R"
+if [ "$PART" = others-a ]; then python reproduce.py $OTHERS --methods imsm; fi
+if [ "$PART" = others-b ]; then python reproduce.py $OTHERS --methods smf,lora,palora,palora_act; fi
+if [ "$PART" = others ]; then
+  python reproduce.py $OTHERS --methods palora,lora,palora_act,imsm,smf --plot
 fi

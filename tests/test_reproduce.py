@@ -68,6 +68,14 @@ def test_an_option_added_since_counts_as_its_default(setup, tmp_path):
     assert (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_the_same_expert_spelled_another_way_is_the_same_run(setup, tmp_path, monkeypatch):
+    reproduce.main(reproduce_config(setup, tmp_path, methods="lora"))
+    stamp = (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns
+    monkeypatch.chdir(setup.svf.parent)
+    reproduce.main(reproduce_config(setup, tmp_path, methods="lora", svf=setup.svf.name))
+    assert (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
 def test_plot_without_matplotlib_is_refused_before_any_work(setup, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(cli.ConfigError, match="--plot needs matplotlib"):
@@ -116,9 +124,11 @@ def recorders(monkeypatch) -> list:
     """inject.main writes what a finished run leaves for reproduce.py (config.json, summary.json);
     evaluate.main returns its config."""
     calls = []
+    lrs.clear()
 
     def inject_main(cfg):
         calls.append((cfg.method, cfg.seed))
+        lrs[cfg.method] = cfg.lr
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
         (Path(cfg.out) / "summary.json").write_text("{}")
@@ -128,14 +138,19 @@ def recorders(monkeypatch) -> list:
     return calls
 
 
+lrs = {}  # method -> the lr of its last recorded run
+
+
 def test_methods_imsm_and_smf(setup, tmp_path, monkeypatch):
     calls = recorders(monkeypatch)
     paths = f"--ckpt {setup.ckpt} --svf {setup.svf} --facts {setup.facts} --out {tmp_path}"
     cfg = cli.parse_config(
-        reproduce.Config, [*paths.split(), "--methods", "imsm,smf", "--seeds", "0,1"]
+        reproduce.Config,
+        [*paths.split(), "--methods", "imsm,smf", "--seeds", "0,1", "--lr", "0.01"],
     )
     evaluated = reproduce.main(cfg)
     assert calls == [("imsm", 0), ("smf", 0), ("imsm", 1), ("smf", 1)]
+    assert lrs == {"imsm": 0.01, "smf": reproduce.Config.smf_lr}  # smf at its own lr
     runs = [str(tmp_path / f"{m}-s{s}") for s in (0, 1) for m in ("imsm", "smf")]
     assert evaluated.adapter == runs and evaluated.svf == str(setup.svf)
     reproduce.main(cfg)  # finished with the same settings: reused, nothing trains again
