@@ -69,7 +69,16 @@ COLUMNS = (
     "time",
 )
 REPO = Path(__file__).resolve().parent
-COMPARE = (("palora", "lora"), ("palora", "topk"), ("palora", "random"), ("palora_act", "palora"))
+COMPARE = (
+    ("palora", "lora"),
+    ("palora", "topk"),
+    ("palora", "random"),
+    ("palora_act", "palora"),
+    ("imsm", "palora"),  # the other answers against the paper's method, and against palora_act
+    ("smf", "palora"),
+    ("palora_act", "imsm"),
+    ("palora_act", "smf"),
+)
 NAN = float("nan")
 
 
