@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import tasks
 from cli import ConfigError
 from tasks import IGNORE_INDEX, DataError, atomic_save_file, atomic_write_json, atomic_write_text
 
@@ -332,6 +333,31 @@ def gather(items: list) -> list:
     parts = [None] * world()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+def answer_all(model, tokenizer, questions: list, max_new_tokens, batch_size, how, desc=None):
+    """Greedy answers (tasks.answer) to every question, in order, on every rank: the held-out
+    evaluation's and the recall check's. Under torchrun ("ddp") each rank answers every W-th
+    question on the unwrapped model and the answers are gathered; under "fsdp" every rank answers
+    them all (each forward is a collective), nothing to gather."""
+    if how == "fsdp" or world() == 1:
+        mine = list(range(len(questions)))
+    else:
+        mine = list(range(rank(), len(questions), world()))
+    answers = []
+    if mine:
+        answers = tasks.answer(
+            unwrap(model),
+            tokenizer,
+            [questions[i] for i in mine],
+            max_new_tokens,
+            batch_size,
+            desc=desc,
+            quiet=not is_main(),
+        )
+    if how == "fsdp":
+        return answers
+    return [a for _, a in sorted(gather(list(zip(mine, answers))))]
 
 
 def wrap(model, how: str = "ddp"):
