@@ -11,7 +11,9 @@ transformers. The ceiling is measured in the same run: a streaming read of as ma
 as the weights (what a batch-1 decoding step must read), as tokens/s; each generation figure is
 also printed as a % of it, beside a row-major matrix-vector product over the same bytes (the
 ceiling printed before, which MKL's matvec does not reach the bandwidth for) and the matrix
-products of one decoding step alone, model.linear against F.linear.
+products of one decoding step alone, model.linear against F.linear. The forward rows are printed
+as a % of the arithmetic ceiling: the matrix products of a forward at the speed of one large
+float32 matrix product, measured in the same run.
 `--only generate` runs the generation rows alone.
 
 Timings are the best of --repeats runs, ours and theirs interleaved, so that load from other
@@ -150,6 +152,16 @@ def bandwidth_ceilings(weight_bytes, repeats):
     return read, matvec
 
 
+def arithmetic_ceiling(model, repeats):
+    """Tokens/s of a float32 forward if it did nothing but its matrix products at the speed of one
+    large one (2048 x 2048 x 2048): 2 flops per weight of every projection and the head per
+    token (attention's own products, a few % at 128 positions, not counted)."""
+    flops = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    flop_s = 2 * 2048**3 / best_time(lambda: a @ b, max(repeats, 5))
+    return flop_s / flops, flop_s
+
+
 def step_matmuls(model, rows, repeats):
     """Seconds for the matrix products of one decoding step at `rows` rows (every projection
     and the head, each weight read once), through model.linear (ours) and F.linear (theirs)."""
@@ -207,6 +219,8 @@ def main():
         print(rows[-1], f"ours: {100 / t_ours / ceiling:.0f}% of the ceiling", flush=True)
 
     # forward: logits for every position, no autograd
+    compute, flop_s = arithmetic_ceiling(ours, args.repeats)
+    print(f"arithmetic ceiling: {compute:.0f} tok/s ({flop_s / 1e9:.0f} GFLOP/s)", flush=True)
     for dtype in (torch.float32, torch.bfloat16) if args.only is None else ():
         a, _ = M.load(folder, dtype=dtype)
         b = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
@@ -223,7 +237,7 @@ def main():
                 True,
             )
         )
-        print(rows[-1], flush=True)
+        print(rows[-1], f"ours: {100 * rows[-1][1] / compute:.0f}% of the arithmetic ceiling")
         del a, b
 
     # greedy generation, float32: 64 new tokens after a 42-token prompt; eos is disabled so all 64
@@ -268,6 +282,8 @@ def main():
         steps = NEW_TOKENS / t_ours  # decoding steps/s, each reading every weight once
         print(rows[-1], f"ours: {100 * steps / ceiling:.0f}% of the ceiling's steps/s", flush=True)
     rows.append(("bandwidth ceiling, read (tok/s at batch 1)", ceiling, ceiling, True))
+    if args.only is None:
+        rows.append(("arithmetic ceiling, float32 forward (tok/s)", compute, compute, True))
     rows.append(("row-major matvec over the weights (tok/s)", matvec, matvec, True))
     if args.only == "generate":
         return report(args, folder, rows)
