@@ -439,9 +439,12 @@ def teardown():
     """Leave torchrun's process group (at the end of a script's run). Objects in reference cycles
     that hold the group (a DDP wrapper) were freed at interpreter exit, after it, and aborted the
     process now and then ("terminate called without an active exception": 6 of 48 launches of
-    test_fsdp2_gives_ddp_adapter's driver); collected first, 0 of 40."""
+    test_fsdp2_gives_ddp_adapter's driver); collected first, 0 of 40; it came back once in a
+    full test run (2026-12-01, rank 1 of an fsdp train_svf.py), so the ranks now also leave
+    together, after a barrier (called on the success path only: a failed rank never gets here)."""
     if dist.is_initialized():
         gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
