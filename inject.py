@@ -61,16 +61,15 @@ import tasks
 from training import (
     RUN_ONLY,
     all_sum,
+    answer_all,
     batch_indices,
     check_finite,
-    gather,
     is_main,
     load_state,
     main_first,
     open_run,
     option,
     parse_targets,
-    rank,
     resolve_device,
     resolve_dtype,
     restart_metrics,
@@ -354,26 +353,11 @@ def corpus(tokenizer, records: list, cfg: Config) -> list:
 
 
 def recall(model, tokenizer, facts: list, cfg: Config) -> float:
-    """Share of the trained questions whose greedy answer holds the gold (tasks.fact_correct).
-    Under torchrun each rank answers every W-th question (the model unwrapped), hits gathered;
-    under fsdp every rank answers them all (each forward is a collective), nothing to gather."""
-    fsdp = cfg.parallel == "fsdp"
-    mine = facts if fsdp else facts[rank() :: world()]
-    answers = (
-        tasks.answer(
-            unwrap(model),
-            tokenizer,
-            [r["question"] for r in mine],
-            cfg.fact_tokens,
-            64,
-            quiet=not is_main(),
-        )
-        if mine
-        else []
-    )
-    hits = [tasks.fact_correct(a, r["answer"]) for a, r in zip(answers, mine)]
-    hits = hits if fsdp else gather(hits)
-    return sum(hits) / len(facts)
+    """Share of the trained questions whose greedy answer holds the gold (tasks.fact_correct),
+    the answering shared out under torchrun (training.answer_all)."""
+    questions = [r["question"] for r in facts]
+    answers = answer_all(model, tokenizer, questions, cfg.fact_tokens, 64, cfg.parallel)
+    return sum(tasks.fact_correct(a, r["answer"]) for a, r in zip(answers, facts)) / len(facts)
 
 
 def train(

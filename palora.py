@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import Linear, linear
+
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the one place default targets are named
 # float32 unit roundoff: merge checks and the float32 leakage bound are multiples of it
 U32 = 2.0**-24
@@ -75,8 +77,9 @@ def replace(model: nn.Module, name: str, module: nn.Module):
 
 
 def frozen_linear(W: torch.Tensor) -> nn.Linear:
-    """A frozen bias-free nn.Linear holding W (out, in): a merged weight, the next stage's base."""
-    layer = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
+    """A frozen bias-free model.Linear holding W (out, in): a merged weight, the next stage's
+    base."""
+    layer = Linear(W.shape[1], W.shape[0], bias=False, device="meta")
     layer.weight = nn.Parameter(W, requires_grad=False)
     return layer
 
@@ -315,7 +318,7 @@ class LoRALinear(nn.Module):
         A, B = self.projected()
         h = F.linear(x, A.to(x.dtype))  # x A_pᵀ: (..., in) @ (in, r) -> (..., r)
         dh = F.linear(h, B.to(x.dtype))  # (..., r) @ (r, out) -> (..., out)
-        return F.linear(x, self.weight) + self.scale * dh
+        return linear(x, self.weight) + self.scale * dh
 
 
 def delta_weight(layer: LoRALinear) -> torch.Tensor:

@@ -48,12 +48,12 @@ import palora
 import tasks
 from training import (
     all_sum,
+    answer_all,
     answer_loss,
     autocast,
     batch_indices,
     check_finite,
     full,
-    gather,
     is_main,
     load_state,
     main_first,
@@ -70,7 +70,6 @@ from training import (
     shard_total,
     step_generator,
     teardown,
-    unwrap,
     world,
     wrap,
 )
@@ -173,25 +172,13 @@ def encode_examples(train: list[dict], tokenizer, cfg: Config):
 
 
 def held_out_accuracy(model, tokenizer, held_out, cfg: Config, desc: str) -> dict:
-    """Strict (`#### N`) and flexible (last number) accuracy, as lm-eval-harness scores GSM8K.
-    Under torchrun each rank answers every W-th question (the model unwrapped), scores gathered;
-    under fsdp every rank answers them all (each forward is a collective), nothing to gather."""
-    fsdp = cfg.parallel == "fsdp"
-    mine = held_out if fsdp else held_out[rank() :: world()]
-    questions = [r["question"] for r in mine]
-    predictions = []
-    if questions:
-        predictions = tasks.answer(
-            unwrap(model),
-            tokenizer,
-            questions,
-            cfg.max_new_tokens,
-            cfg.eval_batch_size,
-            desc=desc,
-            quiet=not is_main(),
-        )
-    scores = [tasks.score_reasoning(p, r["answer"]) for p, r in zip(predictions, mine)]
-    scores = scores if fsdp else gather(scores)
+    """Strict (`#### N`) and flexible (last number) accuracy, as lm-eval-harness scores GSM8K
+    (the answering shared out under torchrun: training.answer_all)."""
+    questions = [r["question"] for r in held_out]
+    predictions = answer_all(
+        model, tokenizer, questions, cfg.max_new_tokens, cfg.eval_batch_size, cfg.parallel, desc
+    )
+    scores = [tasks.score_reasoning(p, r["answer"]) for p, r in zip(predictions, held_out)]
     n = len(scores)
     strict = sum(s["strict"] for s in scores) / n
     flexible = sum(s["flexible"] for s in scores) / n

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import tasks
 from cli import ConfigError
 from tasks import IGNORE_INDEX, DataError, atomic_save_file, atomic_write_json, atomic_write_text
 
@@ -334,6 +335,31 @@ def gather(items: list) -> list:
     return [x for part in parts for x in part]
 
 
+def answer_all(model, tokenizer, questions: list, max_new_tokens, batch_size, how, desc=None):
+    """Greedy answers (tasks.answer) to every question, in order, on every rank: the held-out
+    evaluation's and the recall check's. Under torchrun ("ddp") each rank answers every W-th
+    question on the unwrapped model and the answers are gathered; under "fsdp" every rank answers
+    them all (each forward is a collective), nothing to gather."""
+    if how == "fsdp" or world() == 1:
+        mine = list(range(len(questions)))
+    else:
+        mine = list(range(rank(), len(questions), world()))
+    answers = []
+    if mine:
+        answers = tasks.answer(
+            unwrap(model),
+            tokenizer,
+            [questions[i] for i in mine],
+            max_new_tokens,
+            batch_size,
+            desc=desc,
+            quiet=not is_main(),
+        )
+    if how == "fsdp":
+        return answers
+    return [a for _, a in sorted(gather(list(zip(mine, answers))))]
+
+
 def wrap(model, how: str = "ddp"):
     """The model to train with, after surgery (SVF or LoRA layers in place, trainable parameters
     chosen). Without torchrun: `model`. "ddp": DistributedDataParallel; the frozen parameters (W,
@@ -413,9 +439,12 @@ def teardown():
     """Leave torchrun's process group (at the end of a script's run). Objects in reference cycles
     that hold the group (a DDP wrapper) were freed at interpreter exit, after it, and aborted the
     process now and then ("terminate called without an active exception": 6 of 48 launches of
-    test_fsdp2_gives_ddp_adapter's driver); collected first, 0 of 40."""
+    test_fsdp2_gives_ddp_adapter's driver); collected first, 0 of 40; it came back once in a
+    full test run (2026-12-01, rank 1 of an fsdp train_svf.py), so the ranks now also leave
+    together, after a barrier (called on the success path only: a failed rank never gets here)."""
     if dist.is_initialized():
         gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -7,9 +7,14 @@ output, batch 8x64), greedy generation tokens/s (64 new tokens after a 42-token 
 and 8), and peak RSS while loading (each load in a fresh subprocess, /proc VmHWM after loading
 minus before, divided by the weights' bytes).
 Goals (issue 11): greedy batch 1 at >= 90% of the memory-bandwidth ceiling, batch 8 >= 1.5x
-transformers. The ceiling is measured in the same run: one matrix-vector product over as many
-float32 bytes as the weights (what a batch-1 decoding step must read), as tokens/s; each
-generation figure is also printed as a % of it. `--only generate` runs the generation rows alone.
+transformers. The ceiling is measured in the same run: a streaming read of as many float32 bytes
+as the weights (what a batch-1 decoding step must read), as tokens/s; each generation figure is
+also printed as a % of it, beside a row-major matrix-vector product over the same bytes (the
+ceiling printed before, which MKL's matvec does not reach the bandwidth for) and the matrix
+products of one decoding step alone, model.linear against F.linear. The forward rows are printed
+as a % of the arithmetic ceiling: the matrix products of a forward at the speed of one large
+float32 matrix product, measured in the same run.
+`--only generate` runs the generation rows alone.
 
 Timings are the best of --repeats runs, ours and theirs interleaved, so that load from other
 processes on a shared machine hits both alike; the median and the spread (min-max) of each are
@@ -133,13 +138,40 @@ def load_peak(which, folder, dtype, threads):
     return after - before, used - before, weights
 
 
-def bandwidth_ceiling(weight_bytes, repeats):
-    """Tokens/s if a decoding step did nothing but read the weights once: the best time of a
-    float32 matrix-vector product over weight_bytes, (N, 576) @ (576,)."""
+def bandwidth_ceilings(weight_bytes, repeats):
+    """Tokens/s if a decoding step did nothing but read the weights once, two ways: `read`, a
+    streaming sum over weight_bytes of float32 (the machine's memory bandwidth, the ceiling), and
+    `matvec`, a row-major matrix-vector product over as many bytes, (N, 576) @ (576,) (the
+    ceiling this benchmark printed until 2026-12-01: MKL's matvec reads at about half the
+    bandwidth on the EPYC measured, so it was not one)."""
     cols = 576
     W = torch.randn(weight_bytes // 4 // cols, cols)  # (N, 576), float32
     x = torch.randn(cols)
-    return 1.0 / best_time(lambda: W @ x, max(repeats, 5))
+    read = 1.0 / best_time(lambda: W.sum(), max(repeats, 5))
+    matvec = 1.0 / best_time(lambda: W @ x, max(repeats, 5))
+    return read, matvec
+
+
+def arithmetic_ceiling(model, repeats):
+    """Tokens/s of a float32 forward if it did nothing but its matrix products at the speed of one
+    large one (2048 x 2048 x 2048): 2 flops per weight of every projection and the head per
+    token (attention's own products, a few % at 128 positions, not counted)."""
+    flops = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    flop_s = 2 * 2048**3 / best_time(lambda: a @ b, max(repeats, 5))
+    return flop_s / flops, flop_s
+
+
+def step_matmuls(model, rows, repeats):
+    """Seconds for the matrix products of one decoding step at `rows` rows (every projection
+    and the head, each weight read once), through model.linear (ours) and F.linear (theirs)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    return compare(
+        lambda: [M.linear(xs[w.shape[1]], w) for w in weights],
+        lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+        repeats,
+    )
 
 
 def cpu_flags():
@@ -173,13 +205,22 @@ def main():
 
     weights = {id(p): p for p in ours.parameters()}.values()  # tied: count the embedding once
     weight_bytes = sum(p.numel() * p.element_size() for p in weights)
-    ceiling = bandwidth_ceiling(weight_bytes, args.repeats)
-    print(
-        f"bandwidth ceiling: {ceiling:.1f} tok/s ({weight_bytes * ceiling / 1e9:.1f} GB/s)",
-        flush=True,
-    )
+    ceiling, matvec = bandwidth_ceilings(weight_bytes, args.repeats)
+    for name, tok_s in (("read (the ceiling)", ceiling), ("row-major matvec", matvec)):
+        gb_s = weight_bytes * tok_s / 1e9
+        print(f"bandwidth, {name}: {tok_s:.1f} tok/s at batch 1 ({gb_s:.1f} GB/s)", flush=True)
+
+    # the matrix products of one decoding step: the (w xᵀ)ᵀ forms against F.linear
+    for B in (1, 8):
+        t_ours, t_theirs = step_matmuls(ours, B, args.repeats)
+        rows.append(
+            (f"matmuls of a decoding step, batch {B} (steps/s)", 1 / t_ours, 1 / t_theirs, True)
+        )
+        print(rows[-1], f"ours: {100 / t_ours / ceiling:.0f}% of the ceiling", flush=True)
 
     # forward: logits for every position, no autograd
+    compute, flop_s = arithmetic_ceiling(ours, args.repeats)
+    print(f"arithmetic ceiling: {compute:.0f} tok/s ({flop_s / 1e9:.0f} GFLOP/s)", flush=True)
     for dtype in (torch.float32, torch.bfloat16) if args.only is None else ():
         a, _ = M.load(folder, dtype=dtype)
         b = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
@@ -196,7 +237,7 @@ def main():
                 True,
             )
         )
-        print(rows[-1], flush=True)
+        print(rows[-1], f"ours: {100 * rows[-1][1] / compute:.0f}% of the arithmetic ceiling")
         del a, b
 
     # greedy generation, float32: 64 new tokens after a 42-token prompt; eos is disabled so all 64
@@ -240,11 +281,12 @@ def main():
         )
         steps = NEW_TOKENS / t_ours  # decoding steps/s, each reading every weight once
         print(rows[-1], f"ours: {100 * steps / ceiling:.0f}% of the ceiling's steps/s", flush=True)
+    rows.append(("bandwidth ceiling, read (tok/s at batch 1)", ceiling, ceiling, True))
+    if args.only is None:
+        rows.append(("arithmetic ceiling, float32 forward (tok/s)", compute, compute, True))
+    rows.append(("row-major matvec over the weights (tok/s)", matvec, matvec, True))
     if args.only == "generate":
-        rows.append(("bandwidth ceiling (tok/s at batch 1)", ceiling, ceiling, True))
         return report(args, folder, rows)
-
-    rows.append(("bandwidth ceiling (tok/s at batch 1)", ceiling, ceiling, True))
 
     # one training step (forward, backward, AdamW) with only a per-channel scale on each MLP output
     # trainable

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
@@ -276,6 +278,29 @@ def test_trainable_and_linear_layers_called_as_modules(folders):
     loss.backward()
     assert len(calls) == ours.args.num_hidden_layers
     assert all(layer.mlp.down_proj.scale.grad.abs().sum() > 0 for layer in ours.model.layers)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.sampled_from([(1,), (1, 1), (2, 3), (4, 64), (1, M.SMALL), (2, M.SMALL // 2 + 1)]),
+    shape=st.sampled_from([(3, 5), (16, 4), (7, 33)]),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_is_F_linear_in_every_form(lead, shape, seed):
+    """The (w xᵀ)ᵀ forms (one row, a few, SMALL) and F.linear above it: the same values and
+    gradients as x @ wᵀ, for any leading shape."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(*lead, shape[1], dtype=torch.float64, generator=g, requires_grad=True)
+    y = M.linear(x, w)
+    want = x.detach() @ w.detach().T
+    assert y.shape == (*lead, shape[0])
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    y.backward(grad_y)
+    flat = grad_y.reshape(-1, shape[0])
+    torch.testing.assert_close(w.grad, flat.T @ x.detach().reshape(-1, shape[1]))
+    torch.testing.assert_close(x.grad, grad_y @ w.detach())
 
 
 def test_command_line_answers_through_the_chat_template(folders, capsys):

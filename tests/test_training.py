@@ -218,3 +218,24 @@ def test_answer_loss_counts_answer_tokens_only():
     assert training.answer_loss(model, tokens, right, None).item() < 1e-6
     wrong_on_prompt = torch.tensor([[IGNORE_INDEX, 5, 3, 4]])  # token 2 is not what the model says
     assert training.answer_loss(model, tokens, wrong_on_prompt, None).item() > 1
+
+
+def test_answer_all_shares_the_questions_out_and_keeps_their_order(monkeypatch):
+    """ddp: this rank (1 of 2) answers every other question, rank 0's answers come back through
+    gather, all in the questions' order; fsdp: every rank answers everything."""
+    asked = []
+
+    def answer(model, tokenizer, questions, *args, **kwargs):
+        asked.append(questions)
+        return [q.upper() for q in questions]
+
+    monkeypatch.setattr(training.tasks, "answer", answer)
+    monkeypatch.setattr(training, "world", lambda: 2)
+    monkeypatch.setattr(training, "rank", lambda: 1)
+    monkeypatch.setattr(training, "gather", lambda mine: [(0, "A"), (2, "C"), (4, "E"), *mine])
+    questions = list("abcde")
+    assert training.answer_all(None, None, questions, 4, 8, "ddp") == list("ABCDE")
+    assert asked == [["b", "d"]]
+    asked.clear()
+    assert training.answer_all(None, None, questions, 4, 8, "fsdp") == list("ABCDE")
+    assert asked == [questions]
