@@ -335,7 +335,7 @@ def gather(items: list) -> list:
     return [x for part in parts for x in part]
 
 
-def answer_all(model, tokenizer, questions: list, max_new_tokens, batch_size, how, desc=None):
+def answer_all(model, tokenizer, questions, max_new_tokens, batch_size, how, desc="answering"):
     """Greedy answers (tasks.answer) to every question, in order, on every rank: the held-out
     evaluation's and the recall check's. Under torchrun ("ddp") each rank answers every W-th
     question on the unwrapped model and the answers are gathered; under "fsdp" every rank answers
