@@ -24,6 +24,7 @@ from bench_model import cpu_flags  # noqa: E402
 
 import adapters  # noqa: E402
 import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import evaluate  # noqa: E402
 import model as M  # noqa: E402
 import palora  # noqa: E402
@@ -73,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # a missing or foreign run: one line, exit 2
