@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 SVF=runs/svf-smollm2_135m-reasoning/svf.safetensors
 R=runs/reproduce
 PART=${1:?a part: lane-c, lane-d, frontier, stream-a, stream-b, stream, sweep, capacity, smf, \
-  others-a, others-b, others}
+  others-a, others-b, others, capacity-a, capacity-b, capacity-120}
 STREAM="--stream 5 --n-facts 40 --seeds 0 --limit 50 --svf $SVF --out $R"
 
 lane() {  # lane RUN...: each <method>-s<seed> kept epoch by epoch, at the comparison's settings
@@ -50,6 +50,10 @@ fi
 # 4. Capacity and known-fact mixing (the packing study's question): 40, 120 and 240 facts of
 #    facts.jsonl (1,000 would need more facts from data/facts/prepare.py), palora_act and lora, with and
 #    without known facts mixed in. Not run yet: at ~8 CPU-minutes per 40 facts it needs ~6 CPU-hours.
+CAP="--n-facts 120 --seeds 0 --limit 50 --svf $SVF --out runs/capacity/n120"
+if [ "$PART" = capacity-a ]; then python reproduce.py $CAP --methods palora_act; fi  # 120 facts, side
+if [ "$PART" = capacity-b ]; then python reproduce.py $CAP --methods lora; fi        # by side, then
+if [ "$PART" = capacity-120 ]; then python reproduce.py $CAP --methods palora_act,lora; fi  # the table
 if [ "$PART" = capacity ]; then
   for n in 40 120 240; do
     for mix in "" data/known/known_mix.jsonl; do
