@@ -351,8 +351,7 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
         info["interference"] = NAN
         if svf_path:
             z, _ = adapters.load_svf(svf_path, identity, model)
-            palora.add_svf(model, {n: model_svds[n] for n in z}, z)
-            palora.merge_svf(model)
+            palora.merge_expert(model, model_svds, z)
             info["trainable"] = info["added"] = sum(t.numel() for t in z.values())
             if svf_path not in skill:  # the expert's weights and its inputs on the skill
                 skill[svf_path] = skill_inputs(model, tokenizer, data["reasoning_ood"], kinds)

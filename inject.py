@@ -304,8 +304,7 @@ def make_base(model, identity: str, cfg: Config, experts: list, targets: tuple):
     protects)."""
     kinds = sorted(set(targets) | {palora.matrix_kind(n) for z in experts for n in z})
     base = adapters.svds(model, kinds, identity, cfg.svd_cache)
-    palora.add_svf(model, {n: base[n] for n in experts[0]}, experts[0])
-    palora.merge_svf(model)
+    palora.merge_expert(model, base, experts[0])
     names = list(palora.find_targets(model, targets))
     target_svds = {n: base[n] for n in names}
     probes = [{n: z[n] for n in names if n in z} for z in experts]

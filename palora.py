@@ -168,6 +168,13 @@ def add_svf(model: nn.Module, svds: dict, z: dict | None = None) -> dict[str, nn
     return zs
 
 
+def merge_expert(model: nn.Module, svds: dict, z: dict) -> nn.Module:
+    """The trained expert z merged into model's weights in place (add_svf, then merge_svf), from
+    the SVDs of the base weights (any superset of z's names)."""
+    add_svf(model, {n: svds[n] for n in z}, z)
+    return merge_svf(model)
+
+
 @torch.no_grad()
 def merge_svf(model: nn.Module) -> nn.Module:
     """Replace each SVFLinear by a frozen nn.Linear holding W' (float32, stored in U's dtype).

@@ -47,8 +47,7 @@ def main():
     kinds = tuple(palora.MLP_TARGETS)
     svds = adapters.svds(expert, kinds, identity, str(REPO / "cache" / "svd"))
     z, _ = adapters.load_svf(Path(args.svf), identity, expert)
-    palora.add_svf(expert, {n: svds[n] for n in z}, z)
-    palora.merge_svf(expert)
+    palora.merge_expert(expert, svds, z)
     models = {"expert": (expert, 0)}
     for run in map(Path, args.runs):
         model, info = adapters.load_run(copy.deepcopy(expert), run, identity)

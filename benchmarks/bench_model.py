@@ -152,11 +152,16 @@ def bandwidth_ceilings(weight_bytes, repeats):
     return read, matvec
 
 
+def linear_weights(model) -> list:
+    """Every projection's and the head's weight: what a forward multiplies by."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
 def arithmetic_ceiling(model, repeats):
     """Tokens/s of a float32 forward if it did nothing but its matrix products at the speed of one
     large one (2048 x 2048 x 2048): 2 flops per weight of every projection and the head per
     token (attention's own products, a few % at 128 positions, not counted)."""
-    flops = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    flops = 2 * sum(w.numel() for w in linear_weights(model))
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     flop_s = 2 * 2048**3 / best_time(lambda: a @ b, max(repeats, 5))
     return flop_s / flops, flop_s
@@ -165,7 +170,7 @@ def arithmetic_ceiling(model, repeats):
 def step_matmuls(model, rows, repeats):
     """Seconds for the matrix products of one decoding step at `rows` rows (every projection
     and the head, each weight read once), through model.linear (ours) and F.linear (theirs)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = linear_weights(model)
     xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
     return compare(
         lambda: [M.linear(xs[w.shape[1]], w) for w in weights],
@@ -219,8 +224,9 @@ def main():
         print(rows[-1], f"ours: {100 / t_ours / ceiling:.0f}% of the ceiling", flush=True)
 
     # forward: logits for every position, no autograd
-    compute, flop_s = arithmetic_ceiling(ours, args.repeats)
-    print(f"arithmetic ceiling: {compute:.0f} tok/s ({flop_s / 1e9:.0f} GFLOP/s)", flush=True)
+    if args.only is None:
+        compute, flop_s = arithmetic_ceiling(ours, args.repeats)
+        print(f"arithmetic ceiling: {compute:.0f} tok/s ({flop_s / 1e9:.0f} GFLOP/s)", flush=True)
     for dtype in (torch.float32, torch.bfloat16) if args.only is None else ():
         a, _ = M.load(folder, dtype=dtype)
         b = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
