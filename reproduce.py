@@ -69,6 +69,13 @@ class Config:
         },
     )
     lr: float = field(default=5e-3, metadata={"help": "every run's lr (the comparison's)", "gt": 0})
+    recall_target: float = field(
+        default=inject.Config.recall_target,
+        metadata={"help": "every run stops at this recall (0: runs --epochs)", "ge": 0, "le": 1},
+    )
+    epochs: int = field(
+        default=inject.Config.epochs, metadata={"help": "every run's most epochs", "ge": 1}
+    )
     smf_lr: float = field(
         default=2.0,
         metadata={"help": "smf's lr (SparseAdam on memory values: 5e-3 learns nothing)", "gt": 0},
@@ -167,7 +174,13 @@ def inject_one(cfg: Config, svf: Path, facts: Path, seed: int, out: Path, overri
         out=str(out),
         device=cfg.device,
         keep_epochs=cfg.frontier,
-        **{"lr": cfg.lr, "mix_known": cfg.mix_known, **overrides},
+        **{
+            "lr": cfg.lr,
+            "mix_known": cfg.mix_known,
+            "recall_target": cfg.recall_target,
+            "epochs": cfg.epochs,
+            **overrides,
+        },
     )
     if (out / "summary.json").exists():  # inject.py's last write: a finished run
         same_run(out, run)

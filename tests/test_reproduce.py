@@ -68,6 +68,18 @@ def test_an_option_added_since_counts_as_its_default(setup, tmp_path):
     assert (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_epochs_and_recall_target_reach_every_run(setup, tmp_path):
+    """--recall-target 0 --epochs 2: fixed-length runs (the 2026-11-23 comparison's setting)."""
+    reproduce.main(reproduce_config(setup, tmp_path, methods="lora", epochs=2, recall_target=0))
+    config = json.loads((tmp_path / "lora-s0" / "config.json").read_text())
+    assert (config["epochs"], config["recall_target"]) == (2, 0)
+    summary = json.loads((tmp_path / "lora-s0" / "summary.json").read_text())
+    per_epoch = max(1, summary["examples"] // config["batch_size"])
+    assert summary["steps"] == 2 * per_epoch
+    with pytest.raises(cli.ConfigError, match=r"lora-s0: a finished run .*epochs 2 -> 3"):
+        reproduce.main(reproduce_config(setup, tmp_path, methods="lora", epochs=3, recall_target=0))
+
+
 def test_the_same_expert_spelled_another_way_is_the_same_run(setup, tmp_path, monkeypatch):
     reproduce.main(reproduce_config(setup, tmp_path, methods="lora"))
     stamp = (tmp_path / "lora-s0" / "adapter_model.safetensors").stat().st_mtime_ns
