@@ -441,51 +441,86 @@ def sample(logits, temperature: float, top_p: float, generator=None):
     return order.gather(-1, drawn)[:, 0]
 
 
+def sharded(model) -> bool:
+    """Whether model is FSDP2-sharded: each forward all-gathers weights, so every rank must make
+    the same calls."""
+    if not dist.is_initialized():
+        return False
+    from torch.distributed.fsdp import FSDPModule  # under torchrun only: the import takes ~1 s
+
+    return isinstance(model, FSDPModule)
+
+
 def everywhere(flag: bool, model, device) -> bool:
     """flag on every rank (an all_reduce, MIN) when model is FSDP2-sharded: each of its forwards
     all-gathers the weights, so the ranks must stop decoding together; flag itself otherwise."""
-    if not dist.is_initialized():
-        return flag
-    from torch.distributed.fsdp import FSDPModule  # under torchrun only: the import takes ~1 s
-
-    if not isinstance(model, FSDPModule):
+    if not sharded(model):
         return flag
     t = torch.tensor(int(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t)
 
 
+def shared_prefix(prompts, model, window, total) -> int:
+    """How many first tokens every prompt shares (a chat template's system turn), at least one token
+    of each prompt left; 0 for a single prompt, under FSDP2 (a rank's own prompts would decide how
+    many forwards it makes) and when the sequence passes a sliding window (the padding after the
+    prefix would take places in it)."""
+    if len(prompts) == 1 or sharded(model) or (window and total > window):
+        return 0
+    n = min(map(len, prompts)) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0, generator=None):
-    """prompts: lists of token ids, left-padded into one batch -> each row's new tokens, cut
-    before its first eos. Rows that have emitted an eos leave the batch (and the KV cache) once
-    they are an eighth of it, and the loop stops when none is left: evaluation answers end at
-    very different lengths. Every step calls model(...), so hooks of a wrapper (DDP, FSDP) run.
-    Under FSDP2 the loop ends when every rank's rows are done (everywhere): a rank whose rows are
-    all done keeps them and steps on, its extra tokens cut after the eos like any other row's."""
+    """prompts: lists of token ids -> each row's new tokens, cut before its first eos.
+
+    The batch is the prompts' shared first tokens, computed once in one row and copied into every
+    row's KV cache, then each prompt's rest, padded on its left:
+
+        [system turn | pad pad | user turn] [new tokens]     (the mask and positions skip pads)
+
+    Rows that have emitted an eos leave the batch (and the KV cache) once they are an eighth of it,
+    and the loop stops when none is left: evaluation answers end at very different lengths. Every
+    step calls model(...), so hooks of a wrapper (DDP, FSDP) run. Under FSDP2 the loop ends when
+    every rank's rows are done (everywhere): a rank whose rows are all done keeps them and steps
+    on, its extra tokens cut after the eos like any other row's."""
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     device = next(model.parameters()).device
+    core = getattr(model, "module", model)  # DDP and FSDP1 keep the Transformer in .module
     B = len(prompts)
     P = max(map(len, prompts))
     S = P + max_new_tokens
+    shared = shared_prefix(prompts, model, core.args.sliding_window, S)
     pads = [P - len(p) for p in prompts]
-    rows = [[0] * pad + list(p) for pad, p in zip(pads, prompts)]
+    rows = [[*p[:shared], *[0] * pad, *p[shared:]] for pad, p in zip(pads, prompts)]
     tokens = torch.tensor(rows, device=device)  # (B, P)
     mask = None  # (B, S): 1 = the slot holds a real token; None = no padding anywhere
     if any(pads):
-        first = torch.tensor(pads, device=device)[:, None]  # (B, 1)
-        mask = (torch.arange(S, device=device) >= first).long()
-    core = getattr(model, "module", model)  # DDP and FSDP1 keep the Transformer in .module
+        slot = torch.arange(S, device=device)  # (S,)
+        first = torch.tensor(pads, device=device)[:, None] + shared  # (B, 1): rest's first slot
+        mask = ((slot < shared) | (slot >= first)).long()
     cache = core.new_cache(B, S)
+    if shared:  # the shared tokens in row 0's cache, then copied to the others'
+        model(
+            tokens[:1, :shared], None, [(k[:1], v[:1]) for k, v in cache], 0, head=False, last=True
+        )
+        for k, v in cache:
+            k[1:, :, :shared] = k[:1, :, :shared]
+            v[1:, :, :shared] = v[:1, :, :shared]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)  # (b,): the row of `out` each running row fills
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (b,): emitted an eos already
     prompt_mask = None if mask is None else mask[:, :P]
-    logits = model(tokens, prompt_mask, cache, 0, last=True)[:, -1]  # the whole prompt: (B, V)
+    logits = model(tokens[:, shared:], prompt_mask, cache, shared, last=True)[:, -1]  # (B, V)
     for t in range(max_new_tokens):
         next_token = sample(logits, temperature, top_p, generator)  # (b,)
         out[rows, t] = next_token

@@ -153,6 +153,40 @@ def test_greedy_generation_matches_transformers(folders, name):
     )  # alone, with no padding: the same
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_a_shared_prefix_runs_once_with_the_same_answers(folders, name):
+    """Prompts opening with the same 6 tokens (a chat template's system turn): the prefix runs once,
+    in one row, and every answer is still transformers' (left padding, nothing shared) and the one
+    the prompt gets alone. Mistral's sequences pass its 5-slot window: nothing is shared there."""
+    ours, tokenizer = M.load(folders[name])
+    theirs = hf_model(folders[name])
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, 300, (6,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 300, (n,), generator=g).tolist() for n in (1, 4, 2, 7)]
+    P = max(map(len, prompts))
+    sizes = []
+    hook = ours.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape))
+    got = M.generate(ours, prompts, 12, tokenizer.eos_ids)
+    hook.remove()
+    windowed = ours.args.sliding_window is not None
+    assert sizes[:2] == ([(4, P), (4, 1)] if windowed else [(1, 6), (4, P - 6)])
+    tokens = torch.tensor([[0] * (P - len(p)) + p for p in prompts])  # (4, P), left-padded
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    expected = theirs.generate(
+        tokens, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
+    for row, ref in zip(got, expected[:, P:].tolist()):
+        stop = [i for i, t in enumerate(ref) if t in tokenizer.eos_ids]
+        assert row == ref[: stop[0] if stop else 12]
+    assert got == [M.generate(ours, [p], 12, tokenizer.eos_ids)[0] for p in prompts]
+    with torch.no_grad():  # sharp attention: random init's is near uniform, keys barely count
+        for layer in ours.model.layers:
+            layer.self_attn.q_proj.weight *= 30
+            layer.self_attn.k_proj.weight *= 30
+    got = M.generate(ours, prompts, 12, eos_ids=set())
+    assert got == [M.generate(ours, [p], 12, eos_ids=set())[0] for p in prompts]
+
+
 def test_generation_stops_each_row_at_its_eos(folders):
     ours, _ = M.load(folders["llama"])
     tokens, mask = batch()
