@@ -418,6 +418,21 @@ class Transformer(nn.Module):
         like = dict(dtype=w.dtype, device=w.device)
         return [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.model.layers]
 
+    def prefix_cache(self, prefix, batch_size: int, max_len: int):
+        """A cache of batch_size rows whose first n slots hold the keys and values of prefix
+        (1, n), computed once in one row: for prompts that open alike (a chat template's system
+        turn). New tensors, never written in place after use, so a loss can backpropagate
+        through them."""
+        n = prefix.shape[1]
+        one = self.new_cache(1, n)  # (1, Hkv, n, Dh) each
+        self(prefix, cache=one, head=False, last=True)
+        cache = []
+        for k, v in one:
+            empty = k.new_zeros(batch_size, k.shape[1], max_len - n, k.shape[3])
+            k, v = (torch.cat((t.expand(batch_size, -1, -1, -1), empty), dim=2) for t in (k, v))
+            cache.append((k, v))  # (B, Hkv, S_max, Dh) each
+        return cache
+
     @staticmethod
     def keep_rows(cache, keep):
         """The cache of the batch rows `keep` (b',): what generate does when finished rows leave."""
@@ -441,7 +456,7 @@ def sample(logits, temperature: float, top_p: float, generator=None):
     return order.gather(-1, drawn)[:, 0]
 
 
-def sharded(model) -> bool:
+def is_fsdp(model) -> bool:
     """Whether model is FSDP2-sharded: each forward all-gathers weights, so every rank must make
     the same calls."""
     if not dist.is_initialized():
@@ -454,19 +469,23 @@ def sharded(model) -> bool:
 def everywhere(flag: bool, model, device) -> bool:
     """flag on every rank (an all_reduce, MIN) when model is FSDP2-sharded: each of its forwards
     all-gathers the weights, so the ranks must stop decoding together; flag itself otherwise."""
-    if not sharded(model):
+    if not is_fsdp(model):
         return flag
     t = torch.tensor(int(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t)
 
 
-def shared_prefix(prompts, model, window, total) -> int:
+def shared_prefix(prompts, model, total: int) -> int:
     """How many first tokens every prompt shares (a chat template's system turn), at least one token
-    of each prompt left; 0 for a single prompt, under FSDP2 (a rank's own prompts would decide how
-    many forwards it makes) and when the sequence passes a sliding window (the padding after the
-    prefix would take places in it)."""
-    if len(prompts) == 1 or sharded(model) or (window and total > window):
+    of each prompt left. 0 for a single prompt; for a model that is not a Transformer (imsm's
+    Siamese averages over whole prompts); under FSDP2 (a rank's own prompts would decide how many
+    forwards it makes); when the sequence passes a sliding window (the padding after the prefix
+    would take places in it)."""
+    core = getattr(model, "module", model)  # DDP and FSDP1 keep the Transformer in .module
+    if len(prompts) == 1 or not isinstance(core, Transformer) or is_fsdp(model):
+        return 0
+    if core.args.sliding_window and total > core.args.sliding_window:
         return 0
     n = min(map(len, prompts)) - 1
     first = prompts[0]
@@ -498,7 +517,7 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0
     B = len(prompts)
     P = max(map(len, prompts))
     S = P + max_new_tokens
-    shared = shared_prefix(prompts, model, core.args.sliding_window, S)
+    shared = shared_prefix(prompts, model, S)
     pads = [P - len(p) for p in prompts]
     rows = [[*p[:shared], *[0] * pad, *p[shared:]] for pad, p in zip(pads, prompts)]
     tokens = torch.tensor(rows, device=device)  # (B, P)
@@ -507,14 +526,7 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0
         slot = torch.arange(S, device=device)  # (S,)
         first = torch.tensor(pads, device=device)[:, None] + shared  # (B, 1): rest's first slot
         mask = ((slot < shared) | (slot >= first)).long()
-    cache = core.new_cache(B, S)
-    if shared:  # the shared tokens in row 0's cache, then copied to the others'
-        model(
-            tokens[:1, :shared], None, [(k[:1], v[:1]) for k, v in cache], 0, head=False, last=True
-        )
-        for k, v in cache:
-            k[1:, :, :shared] = k[:1, :, :shared]
-            v[1:, :, :shared] = v[:1, :, :shared]
+    cache = core.prefix_cache(tokens[:1, :shared], B, S) if shared else core.new_cache(B, S)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)  # (b,): the row of `out` each running row fills

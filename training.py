@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 import tasks
 from cli import ConfigError
+from model import is_fsdp
 from tasks import IGNORE_INDEX, DataError, atomic_save_file, atomic_write_json, atomic_write_text
 
 # -----------------------------------------------------------------------------
@@ -212,15 +213,34 @@ def step_generator(seed: int, step: int, device, rank: int = 0) -> torch.Generat
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step + 2**40 + rank * 2**32)
 
 
-def answer_loss(model, tokens, labels, attention_mask, total=None):
+def shared_columns(tokens, attention_mask, keep) -> int:
+    """How many first columns of a batch of 2+ rows hold the same real token in every row and
+    predict no answer token (a chat template's system turn): those a prefix cache can hold."""
+    if tokens.shape[0] < 2:
+        return 0
+    same = (tokens == tokens[:1]).all(0) & attention_mask.bool().all(0) & ~keep.any(0)  # (T,)
+    return min(int(same.long().cumprod(0).sum()), tokens.shape[1] - 1)
+
+
+def answer_loss(model, tokens, labels, attention_mask, total=None, prefix=False):
     """Mean next-token cross-entropy over the answer tokens only (labels = IGNORE_INDEX on the
     prompt and padding). tokens, labels, attention_mask: (B, T). Logits at t predict token t+1.
     total: divide the summed loss by this instead of the batch's answer-token count (under
-    torchrun, shard_total's: the global batch's mean, whatever the process count)."""
+    torchrun, shard_total's: the global batch's mean, whatever the process count).
+    prefix=True: the columns every row opens with run once, in one row (model.prefix_cache), and
+    every row attends to them: the same loss to float rounding, less work. Not under FSDP2, where
+    every rank must make the same forwards."""
     target = labels.roll(-1, dims=1)  # target[:, t] = labels[:, t + 1]: the token t predicts
     target[:, -1] = IGNORE_INDEX  # the last position predicts nothing
     keep = target != IGNORE_INDEX  # (B, T): the N positions that predict an answer token
-    logits = model(tokens, attention_mask=attention_mask, keep=keep).float()  # (N, V)
+    n = shared_columns(tokens, attention_mask, keep) if prefix and not is_fsdp(model) else 0
+    if n:
+        core = getattr(model, "module", model)  # DDP keeps the Transformer in .module
+        cache = core.prefix_cache(tokens[:1, :n], *tokens.shape)
+        logits = model(tokens[:, n:], attention_mask, cache, n, keep=keep[:, n:])
+    else:
+        logits = model(tokens, attention_mask=attention_mask, keep=keep)
+    logits = logits.float()  # (N, V)
     loss = F.cross_entropy(logits, target[keep], reduction="sum")
     return loss / (keep.sum() if total is None else total)
 

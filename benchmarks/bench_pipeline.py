@@ -4,8 +4,9 @@ Phases: loading the checkpoint; the SVD of every MLP matrix (computed into an em
 read back from it, checksums verified); batched greedy answering of --limit reasoning questions
 (data/reasoning/test.jsonl, 96 new tokens, batch 64, as evaluate.py) and of --limit facts
 (data/facts/facts.jsonl, 16 new tokens); --steps injection training steps with a LoRA on the MLPs
-(adapters.attach, batch 8 from the facts and half as many replayed skill examples, Adam), with the
-output head on every position (the loss before) and on the answer positions alone (now). One table
+(adapters.attach, batch 8 from the facts and half as many replayed skill examples, Adam): the
+output head on every position (the loss before 2026-12-01), on the answer positions alone, and
+with the system turn every example opens with computed once per batch (now). One table
 of seconds and items/s, with the date, the load average and the CPU flags that matter (avx2,
 avx512, amx).
 
@@ -16,6 +17,7 @@ Run:  python benchmarks/bench_pipeline.py --limit 64            (smollm2_135m, a
 import argparse
 import copy
 import datetime
+import functools
 import os
 import sys
 import tempfile
@@ -116,10 +118,14 @@ def main():
     examples = [
         tasks.encode_example(tokenizer, r["question"], r["answer"], 256) for r in facts + replay
     ]  # inject.py's default mix: half a replayed skill example per fact
-    for name, loss_fn in (("all positions", full_head_loss), ("answer positions", None)):
-        loss_fn = loss_fn or training.answer_loss
+    losses = {
+        "head on every position": full_head_loss,
+        "head on answers": training.answer_loss,
+        "head on answers, prefix once": functools.partial(training.answer_loss, prefix=True),
+    }
+    for name, loss_fn in losses.items():
         trained = copy.deepcopy(model)
-        with phases(f"injection steps, batch 8, head on {name}", args.steps, "steps"):
+        with phases(f"injection steps, batch 8, {name}", args.steps, "steps"):
             injection_steps(trained, examples, tokenizer.pad_id, svds, args.steps, loss_fn)
 
     cpu = next(
@@ -132,11 +138,11 @@ def main():
         f"{os.getloadavg()[0]:.1f}, checkpoint {folder.name}"
     )
     print(f"cpu flags: {cpu_flags()}")
-    print(f"{'phase':52s} {'seconds':>8s} {'items/s':>9s}")
+    print(f"{'phase':56s} {'seconds':>8s} {'items/s':>9s}")
     total = sum(seconds for _, seconds, _, _ in phases.rows)
     for name, seconds, items, unit in phases.rows:
-        print(f"{name:52s} {seconds:8.1f} {items / seconds:9.2f} {unit}/s")
-    print(f"{'total':52s} {total:8.1f}")
+        print(f"{name:56s} {seconds:8.1f} {items / seconds:9.2f} {unit}/s")
+    print(f"{'total':56s} {total:8.1f}")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,50 @@ def test_answer_loss_is_the_full_logits_loss(tiny_ckpt):
     assert summed.item() == pytest.approx(want.item() * 7 / 3)  # 7 answer tokens predicted
 
 
+def test_shared_columns_by_hand():
+    tokens = torch.tensor([[5, 6, 7, 1], [5, 6, 8, 2]])
+    ones = torch.ones(2, 4, dtype=torch.long)
+    answers_from = lambda c: (torch.arange(4) >= c).expand(2, 4)  # noqa: E731
+    assert training.shared_columns(tokens, ones, answers_from(3)) == 2  # rows differ at column 2
+    assert training.shared_columns(tokens, ones, answers_from(1)) == 1  # column 1 predicts
+    padded = ones.clone()
+    padded[1, 0] = 0
+    assert training.shared_columns(tokens, padded, answers_from(3)) == 0  # a pad is not shared
+    assert training.shared_columns(tokens[:1], ones[:1], answers_from(3)[:1]) == 0  # one row
+    same = tokens[:1].expand(2, 4)
+    assert training.shared_columns(same, ones, torch.zeros(2, 4, dtype=torch.bool)) == 3
+
+
+def test_answer_loss_with_a_shared_prefix_is_the_same_loss_and_gradients(tiny_ckpt):
+    """Three right-padded rows opening with the same 5 tokens: the prefix runs once, in one row,
+    and the loss and every parameter's gradient are the full batch's (float64 weights; RMSNorm
+    normalises in float32, as HF's, hence the gradients' tolerance)."""
+    model, _ = model_lib.load(tiny_ckpt, dtype=torch.float64)
+    tokens = torch.randint(0, model.args.vocab_size, (3, 11))
+    tokens[:, :5] = tokens[0, :5]
+    labels = tokens.clone()
+    labels[:, :7] = IGNORE_INDEX  # prompts: the shared 5 tokens, then 2 of each row's own
+    lengths = torch.tensor([[11], [9], [10]])
+    mask = (torch.arange(11) < lengths).long()
+    labels[mask == 0] = IGNORE_INDEX
+    results = []
+    for prefix in (False, True):
+        model.zero_grad()
+        sizes = []
+        hook = model.register_forward_pre_hook(
+            lambda m, args, seen=sizes: seen.append(args[0].shape)
+        )
+        loss = training.answer_loss(model, tokens, labels, mask, prefix=prefix)
+        hook.remove()
+        loss.backward()
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}, sizes))
+    (full, full_grads, full_sizes), (shared, shared_grads, shared_sizes) = results
+    assert full_sizes == [(3, 11)] and shared_sizes == [(1, 5), (3, 6)]
+    torch.testing.assert_close(shared, full, rtol=1e-12, atol=0)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
 def test_answer_loss_counts_answer_tokens_only():
     V = 7
 
