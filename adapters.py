@@ -458,7 +458,7 @@ def step(method: str, module, opt, tokens, labels, mask, memory=None, total=None
     if method == "imsm":
         loss = imsm.loss(module, tokens, labels, mask)
     else:
-        loss = answer_loss(module, tokens, labels, mask, total, prefix=True)
+        loss = answer_loss(module, tokens, labels, mask, total, pack=True)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -410,28 +410,27 @@ class Transformer(nn.Module):
         h = self.model.norm(h)
         return self.lm_head(h) if head else h  # (B, T, V) or (B, T, D)
 
-    def new_cache(self, batch_size: int, max_len: int):
+    def new_cache(self, batch_size: int, max_len: int, prefix=None):
         """Per layer a (key, value) pair of (B, Hkv, S_max, Dh) buffers, in the model's device and
-        dtype."""
+        dtype. prefix (prefix_cache's, n slots) opens every row: its keys and values, then zeros.
+        Built by concatenation, so a loss can backpropagate through the prefix."""
         shape = (batch_size, self.args.num_key_value_heads, max_len, self.args.head_dim)
         w = self.model.embed_tokens.weight
         like = dict(dtype=w.dtype, device=w.device)
-        return [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.model.layers]
+        if prefix is None:
+            return [
+                (torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.model.layers
+            ]
+        empty = torch.zeros(*shape[:2], max_len - prefix[0][0].shape[2], shape[3], **like)
+        rows = (batch_size, -1, -1, -1)
+        return [tuple(torch.cat((t.expand(rows), empty), dim=2) for t in kv) for kv in prefix]
 
-    def prefix_cache(self, prefix, batch_size: int, max_len: int):
-        """A cache of batch_size rows whose first n slots hold the keys and values of prefix
-        (1, n), computed once in one row: for prompts that open alike (a chat template's system
-        turn). New tensors, never written in place after use, so a loss can backpropagate
-        through them."""
-        n = prefix.shape[1]
-        one = self.new_cache(1, n)  # (1, Hkv, n, Dh) each
+    def prefix_cache(self, prefix):
+        """prefix (1, n) -> a one-row cache of n slots holding its keys and values: computed once
+        for prompts that open alike (a chat template's system turn), then new_cache(..., prefix)."""
+        one = self.new_cache(1, prefix.shape[1])  # (1, Hkv, n, Dh) each
         self(prefix, cache=one, head=False, last=True)
-        cache = []
-        for k, v in one:
-            empty = k.new_zeros(batch_size, k.shape[1], max_len - n, k.shape[3])
-            k, v = (torch.cat((t.expand(batch_size, -1, -1, -1), empty), dim=2) for t in (k, v))
-            cache.append((k, v))  # (B, Hkv, S_max, Dh) each
-        return cache
+        return one
 
     @staticmethod
     def keep_rows(cache, keep):
@@ -526,7 +525,10 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0
         slot = torch.arange(S, device=device)  # (S,)
         first = torch.tensor(pads, device=device)[:, None] + shared  # (B, 1): rest's first slot
         mask = ((slot < shared) | (slot >= first)).long()
-    cache = core.prefix_cache(tokens[:1, :shared], B, S) if shared else core.new_cache(B, S)
+    if shared:  # computed once, in one row
+        cache = core.new_cache(B, S, core.prefix_cache(tokens[:1, :shared]))
+    else:
+        cache = core.new_cache(B, S)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)  # (b,): the row of `out` each running row fills

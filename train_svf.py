@@ -192,7 +192,7 @@ def held_out_accuracy(model, tokenizer, held_out, cfg: Config, desc: str) -> dic
 def sft_loss(model, batch: list[tuple], pad_id: int, device):
     """batch: (ids, labels) pairs -> (answer-token cross-entropy, number of answer tokens)."""
     tokens, labels, mask = (t.to(device) for t in tasks.collate(batch, pad_id))
-    loss = answer_loss(model, tokens, labels, mask, shard_total(labels), prefix=True)  # global mean
+    loss = answer_loss(model, tokens, labels, mask, shard_total(labels), pack=True)  # global mean
     return loss, int((labels != tasks.IGNORE_INDEX).sum())
 
 

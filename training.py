@@ -215,34 +215,61 @@ def step_generator(seed: int, step: int, device, rank: int = 0) -> torch.Generat
 
 def shared_columns(tokens, attention_mask, keep) -> int:
     """How many first columns of a batch of 2+ rows hold the same real token in every row and
-    predict no answer token (a chat template's system turn): those a prefix cache can hold."""
+    predict no answer token (a chat template's system turn), at least one token of each row left:
+    those a prefix cache can hold."""
     if tokens.shape[0] < 2:
         return 0
     same = (tokens == tokens[:1]).all(0) & attention_mask.bool().all(0) & ~keep.any(0)  # (T,)
-    return min(int(same.long().cumprod(0).sum()), tokens.shape[1] - 1)
+    shortest = int(attention_mask.sum(1).min())
+    return max(0, min(int(same.long().cumprod(0).sum()), shortest - 1))
 
 
-def answer_loss(model, tokens, labels, attention_mask, total=None, prefix=False):
+def length_groups(lengths) -> list:
+    """Row indices in at most two groups by length, split where the padded area (rows x longest
+    row, summed) is least: a batch of short facts and long replayed examples pads less."""
+    order = lengths.argsort()
+    L = lengths[order].tolist()
+    B = len(L)
+    area = [k * L[k - 1] + (B - k) * L[-1] for k in range(1, B + 1)]  # first group: k rows
+    k = max(k for k in range(1, B + 1) if area[k - 1] == min(area))  # a tie: one group
+    return [order[:k], order[k:]] if k < B else [order]
+
+
+def answer_loss(model, tokens, labels, attention_mask, total=None, pack=False):
     """Mean next-token cross-entropy over the answer tokens only (labels = IGNORE_INDEX on the
-    prompt and padding). tokens, labels, attention_mask: (B, T). Logits at t predict token t+1.
-    total: divide the summed loss by this instead of the batch's answer-token count (under
-    torchrun, shard_total's: the global batch's mean, whatever the process count).
-    prefix=True: the columns every row opens with run once, in one row (model.prefix_cache), and
-    every row attends to them: the same loss to float rounding, less work. Not under FSDP2, where
-    every rank must make the same forwards."""
+    prompt and padding). tokens, labels, attention_mask: (B, T), right-padded (mask None: no
+    padding). Logits at t predict token t+1. total: divide the summed loss by this instead of the
+    batch's answer-token count (under torchrun, shard_total's: the global batch's mean, whatever
+    the process count).
+    pack=True: less padding and less repeated work, the same loss to float rounding. The columns
+    every row opens with (a chat template's system turn) run once, in one row (prefix_cache), and
+    the rows run in two length groups (length_groups), each cut to its longest row. Not under
+    FSDP2, where every rank must make the same forwards, nor on a batch padded on the left."""
     target = labels.roll(-1, dims=1)  # target[:, t] = labels[:, t + 1]: the token t predicts
     target[:, -1] = IGNORE_INDEX  # the last position predicts nothing
     keep = target != IGNORE_INDEX  # (B, T): the N positions that predict an answer token
-    n = shared_columns(tokens, attention_mask, keep) if prefix and not is_fsdp(model) else 0
-    if n:
-        core = getattr(model, "module", model)  # DDP keeps the Transformer in .module
-        cache = core.prefix_cache(tokens[:1, :n], *tokens.shape)
-        logits = model(tokens[:, n:], attention_mask, cache, n, keep=keep[:, n:])
-    else:
-        logits = model(tokens, attention_mask=attention_mask, keep=keep)
-    logits = logits.float()  # (N, V)
-    loss = F.cross_entropy(logits, target[keep], reduction="sum")
-    return loss / (keep.sum() if total is None else total)
+    count = keep.sum() if total is None else total
+    if attention_mask is None:
+        attention_mask = torch.ones_like(tokens)
+    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    if not pack or is_fsdp(model) or not right_padded:
+        logits = model(tokens, attention_mask=attention_mask, keep=keep).float()  # (N, V)
+        return F.cross_entropy(logits, target[keep], reduction="sum") / count
+    core = getattr(model, "module", model)  # DDP keeps the Transformer in .module
+    n = shared_columns(tokens, attention_mask, keep)
+    prefix = core.prefix_cache(tokens[:1, :n]) if n else None
+    lengths = attention_mask.sum(1)  # right padding: row b's tokens are columns 0..lengths[b]-1
+    loss = 0
+    for rows in length_groups(lengths):
+        T = int(lengths[rows].max())
+        cache = core.new_cache(len(rows), T, prefix) if n else None
+        cols = slice(n, T)
+        group_keep = keep[rows, cols]  # (b, T - n)
+        logits = model(tokens[rows, cols], attention_mask[rows, :T], cache, n, keep=group_keep)
+        loss = loss + F.cross_entropy(
+            logits.float(), target[rows, cols][group_keep], reduction="sum"
+        )
+    return loss / count
 
 
 def check_finite(loss: torch.Tensor, step: int, params: dict | None = None):

@@ -6,9 +6,9 @@ read back from it, checksums verified); batched greedy answering of --limit reas
 (data/facts/facts.jsonl, 16 new tokens); --steps injection training steps with a LoRA on the MLPs
 (adapters.attach, batch 8 from the facts and half as many replayed skill examples, Adam): the
 output head on every position (the loss before 2026-12-01), on the answer positions alone, and
-with the system turn every example opens with computed once per batch (now). One table
-of seconds and items/s, with the date, the load average and the CPU flags that matter (avx2,
-avx512, amx).
+packed (the system turn every example opens with run once per batch, the rows in two length
+groups: now). One table of seconds and items/s, with the date, the load average and the CPU
+flags that matter (avx2, avx512, amx).
 
 Run:  python benchmarks/bench_pipeline.py --limit 64            (smollm2_135m, a few minutes)
       python benchmarks/bench_pipeline.py --ckpt path/to/folder --limit 300 --steps 20
@@ -121,7 +121,7 @@ def main():
     losses = {
         "head on every position": full_head_loss,
         "head on answers": training.answer_loss,
-        "head on answers, prefix once": functools.partial(training.answer_loss, prefix=True),
+        "head on answers, packed": functools.partial(training.answer_loss, pack=True),
     }
     for name, loss_fn in losses.items():
         trained = copy.deepcopy(model)

@@ -220,31 +220,38 @@ def test_shared_columns_by_hand():
     assert training.shared_columns(same, ones, torch.zeros(2, 4, dtype=torch.bool)) == 3
 
 
-def test_answer_loss_with_a_shared_prefix_is_the_same_loss_and_gradients(tiny_ckpt):
-    """Three right-padded rows opening with the same 5 tokens: the prefix runs once, in one row,
-    and the loss and every parameter's gradient are the full batch's (float64 weights; RMSNorm
-    normalises in float32, as HF's, hence the gradients' tolerance)."""
+def test_length_groups_by_hand():
+    groups = training.length_groups(torch.tensor([14, 13, 8, 7]))  # areas 49, 44, 53, 56
+    assert [g.tolist() for g in groups] == [[3, 2], [1, 0]]
+    assert [g.tolist() for g in training.length_groups(torch.tensor([5, 5, 5]))] == [[0, 1, 2]]
+    assert [g.tolist() for g in training.length_groups(torch.tensor([10, 3]))] == [[1], [0]]
+
+
+def test_packed_answer_loss_is_the_same_loss_and_gradients(tiny_ckpt):
+    """Four right-padded rows (14, 13, 8 and 7 tokens) opening with the same 5 tokens: packed, the
+    prefix runs once in one row and the rows in two groups cut to 8 and 14 columns; the loss and
+    every parameter's gradient are the full batch's (float64 weights; RMSNorm normalises in
+    float32, as HF's, hence the gradients' tolerance)."""
     model, _ = model_lib.load(tiny_ckpt, dtype=torch.float64)
-    tokens = torch.randint(0, model.args.vocab_size, (3, 11))
+    tokens = torch.randint(0, model.args.vocab_size, (4, 14))
     tokens[:, :5] = tokens[0, :5]
     labels = tokens.clone()
-    labels[:, :7] = IGNORE_INDEX  # prompts: the shared 5 tokens, then 2 of each row's own
-    lengths = torch.tensor([[11], [9], [10]])
-    mask = (torch.arange(11) < lengths).long()
+    labels[:, :6] = IGNORE_INDEX  # prompts: the shared 5 tokens, then 1 of each row's own
+    mask = (torch.arange(14) < torch.tensor([[14], [13], [8], [7]])).long()
     labels[mask == 0] = IGNORE_INDEX
     results = []
-    for prefix in (False, True):
+    for pack in (False, True):
         model.zero_grad()
         sizes = []
         hook = model.register_forward_pre_hook(
             lambda m, args, seen=sizes: seen.append(args[0].shape)
         )
-        loss = training.answer_loss(model, tokens, labels, mask, prefix=prefix)
+        loss = training.answer_loss(model, tokens, labels, mask, pack=pack)
         hook.remove()
         loss.backward()
         results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}, sizes))
     (full, full_grads, full_sizes), (shared, shared_grads, shared_sizes) = results
-    assert full_sizes == [(3, 11)] and shared_sizes == [(1, 5), (3, 6)]
+    assert full_sizes == [(4, 14)] and shared_sizes == [(1, 5), (2, 3), (2, 9)]
     torch.testing.assert_close(shared, full, rtol=1e-12, atol=0)
     for name, grad in full_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-7)
