@@ -247,23 +247,23 @@ def main():
         del a, b
 
     # greedy generation, float32: 64 new tokens after a 42-token prompt; eos is disabled so all 64
-    # are made
+    # are made. Each row asks for another story: the rows share the chat template's system turn
+    # (generate computes it once, as in evaluation), not the whole prompt.
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    text = tokenizer.apply_chat_template(
-        [
-            {
-                "role": "user",
-                "content": "Write a long story about a lighthouse keeper "
-                "who finds a message in a bottle on a stormy winter night by the sea.",
-            }
-        ]
-    )
-    prompt = (tokenizer.encode(text, add_special_tokens=False) * 2)[:PROMPT_LEN]
+
+    def prompt(row: int) -> list[int]:
+        story = "a long story about a lighthouse keeper who finds a message in a bottle"
+        content = f"Story {row + 1}: write {story} on a stormy winter night by the sea."
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}])
+        return (tokenizer.encode(text, add_special_tokens=False) * 2)[:PROMPT_LEN]
+
     no_eos = GenerationConfig(
         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
     )
     for B in (1, 8):
-        prompts = torch.tensor([prompt] * B)
+        prompts = torch.tensor([prompt(b) for b in range(B)])
+        shared = M.shared_prefix(prompts.tolist(), ours, PROMPT_LEN + NEW_TOKENS)
+        print(f"batch {B}: {shared} of the {PROMPT_LEN} prompt tokens shared by every row")
 
         def run_ours(prompts=prompts):
             out = M.generate(ours, prompts.tolist(), NEW_TOKENS, eos_ids=set())
