@@ -321,8 +321,8 @@ def test_trainable_and_linear_layers_called_as_modules(folders):
     seed=st.integers(0, 2**16),
 )
 def test_linear_is_F_linear_in_every_form(lead, shape, seed):
-    """The (w xᵀ)ᵀ forms (one row, a few, SMALL) and F.linear above it: the same values and
-    gradients as x @ wᵀ, for any leading shape."""
+    """The (w xᵀ)ᵀ forms (one row as two half-products or as two rows, a few, SMALL) and F.linear
+    above it: the same values and gradients as x @ wᵀ, for any leading shape."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
     x = torch.randn(*lead, shape[1], dtype=torch.float64, generator=g, requires_grad=True)
