@@ -263,11 +263,11 @@ SMALL = 256  # up to this many rows of x, linear() takes the (w xᵀ)ᵀ form (b
 
 def linear(x, w):
     """x (..., in) @ wᵀ -> (..., out), bias-free: F.linear, but on a CPU for up to SMALL rows of
-    x (decoding, small batches) computed as (w xᵀ)ᵀ, one row as two, and made contiguous (the
-    attention kernel needs it). The same numbers to float rounding; MKL reads w 1.3-1.6x faster
-    in that form (benchmarks/bench_model.py, the matmul rows). A single row goes as a batch of
-    two half-products: MKL's matrix-vector product runs on one thread whatever the count (15
-    GB/s here), the batched one on two (26 GB/s)."""
+    x (decoding, small batches) computed as (w xᵀ)ᵀ and made contiguous (the attention kernel
+    needs it). The same numbers to float rounding; MKL reads w 1.3-1.6x faster in that form
+    (benchmarks/bench_model.py, the matmul rows). A single row goes as a batch of two
+    half-products: MKL's matrix-vector product runs on one thread whatever the count (15 GB/s
+    here), the batched one on two (23-26 GB/s; benchmarks/bench_gemv.py)."""
     rows = x.reshape(-1, x.shape[-1])  # (M, in)
     M, out = rows.shape[0], w.shape[0]
     if not x.is_cpu or M > SMALL:

@@ -249,23 +249,22 @@ def answer_loss(model, tokens, labels, attention_mask, total=None, pack=False):
     target[:, -1] = IGNORE_INDEX  # the last position predicts nothing
     keep = target != IGNORE_INDEX  # (B, T): the N positions that predict an answer token
     count = keep.sum() if total is None else total
-    if attention_mask is None:
-        attention_mask = torch.ones_like(tokens)
-    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
     if not pack or is_fsdp(model) or not right_padded:
         logits = model(tokens, attention_mask=attention_mask, keep=keep).float()  # (N, V)
         return F.cross_entropy(logits, target[keep], reduction="sum") / count
     core = getattr(model, "module", model)  # DDP keeps the Transformer in .module
-    n = shared_columns(tokens, attention_mask, keep)
+    n = shared_columns(tokens, mask, keep)
     prefix = core.prefix_cache(tokens[:1, :n]) if n else None
-    lengths = attention_mask.sum(1)  # right padding: row b's tokens are columns 0..lengths[b]-1
+    lengths = mask.sum(1)  # right padding: row b's tokens are columns 0..lengths[b]-1
     loss = 0
     for rows in length_groups(lengths):
         T = int(lengths[rows].max())
         cache = core.new_cache(len(rows), T, prefix) if n else None
         cols = slice(n, T)
         group_keep = keep[rows, cols]  # (b, T - n)
-        logits = model(tokens[rows, cols], attention_mask[rows, :T], cache, n, keep=group_keep)
+        logits = model(tokens[rows, cols], mask[rows, :T], cache, n, keep=group_keep)
         loss = loss + F.cross_entropy(
             logits.float(), target[rows, cols][group_keep], reduction="sum"
         )
