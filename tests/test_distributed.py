@@ -27,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
 REPO = Path(__file__).resolve().parent.parent
 PEFT = "adapter_model.safetensors"
-# a script's (train_svf.py's, inject.py's) command line with instruments: palora.svd calls and file
+# a script's (train_svf.py's, inject.py's) command line, as its __main__ runs it (cli.run, then
+# training.teardown on success), with instruments: palora.svd calls and file
 # writes counted per rank (in COUNTS, outside the run folder), and an optional stop inside step
 # CRASH (0-based), after the state of an earlier step
 DRIVER = """
@@ -47,8 +48,9 @@ def check(loss, step, params=None):
 script.check_finite = check
 try:
     cli.run(script.main, cli.parse_config(script.Config))
+    training.teardown()  # as the scripts' __main__ does
 finally:
-    with open(os.path.join(os.environ["COUNTS"], f"rank{{training.rank()}}"), "w") as f:
+    with open(os.path.join(os.environ["COUNTS"], f"rank{{os.environ['RANK']}}"), "w") as f:
         f.write(f"{{len(calls)}} {{len(writes)}}")
 """
 
