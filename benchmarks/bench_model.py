@@ -287,6 +287,36 @@ def main():
         )
         steps = NEW_TOKENS / t_ours  # decoding steps/s, each reading every weight once
         print(rows[-1], f"ours: {100 * steps / ceiling:.0f}% of the ceiling's steps/s", flush=True)
+        if B == 1:
+            theirs_b1, prompts_b1 = run_theirs, prompts.tolist()
+
+    # batch 1 with our model compiled (inductor, its C++ wrapper: no Python between the kernels;
+    # dynamic shapes, one compilation for every step), the compile time printed apart, the greedy
+    # tokens compared with eager's; not what the scripts use
+    import torch._inductor.config as inductor
+
+    with inductor.patch(cpp_wrapper=True):
+        compiled = torch.compile(ours, dynamic=True)
+        start = time.perf_counter()
+        first = M.generate(compiled, prompts_b1, NEW_TOKENS, eos_ids=set())
+        seconds = time.perf_counter() - start
+        same = first == M.generate(ours, prompts_b1, NEW_TOKENS, eos_ids=set())
+        print(f"compiled: first call {seconds:.0f} s; the same greedy tokens as eager: {same}")
+
+        def run_compiled():
+            M.generate(compiled, prompts_b1, NEW_TOKENS, eos_ids=set())
+
+        t_ours, t_theirs = compare(run_compiled, theirs_b1, args.repeats)
+    rows.append(
+        (
+            "generate greedy batch 1, compiled (tok/s)",
+            NEW_TOKENS / t_ours,
+            NEW_TOKENS / t_theirs,
+            True,
+        )
+    )
+    steps = NEW_TOKENS / t_ours
+    print(rows[-1], f"ours: {100 * steps / ceiling:.0f}% of the ceiling's steps/s", flush=True)
     rows.append(("bandwidth ceiling, read (tok/s at batch 1)", ceiling, ceiling, True))
     if args.only is None:
         rows.append(("arithmetic ceiling, float32 forward (tok/s)", compute, compute, True))
