@@ -350,6 +350,22 @@ def test_command_line_answers_through_the_chat_template(folders, capsys):
     )
 
 
+def test_compiled_command_line_gives_the_same_answer(folders, capsys, monkeypatch):
+    """--compile: torch.compile with dynamic shapes under inductor's C++ wrapper, the same greedy
+    answer as eager."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "cpp_wrapper", False)  # restored after the test: main sets it
+    real, calls = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or real(m, **kw))
+    args = ["--ckpt", str(folders["llama"]), "--max-new-tokens", "6", "Hello"]
+    M.main(args)
+    eager = capsys.readouterr().out
+    M.main(["--compile", *args])
+    assert capsys.readouterr().out == eager
+    assert calls == [{"dynamic": True}] and inductor.cpp_wrapper
+
+
 # -----------------------------------------------------------------------------
 # bad input: one clear error naming the file and the problem
 
