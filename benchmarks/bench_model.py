@@ -4,8 +4,9 @@ run.
 Prints one table with the ratio ours/theirs for: forward tokens/s (batch 8x128, float32 and
 bfloat16), one training step with only a small vector trainable (a per-channel scale on each MLP
 output, batch 8x64), greedy generation tokens/s (64 new tokens after a 42-token prompt, batch 1
-and 8), and peak RSS while loading (each load in a fresh subprocess, /proc VmHWM after loading
-minus before, divided by the weights' bytes).
+and 8, and batch 1 with our model compiled as `model.py --compile` does), and peak RSS while
+loading (each load in a fresh subprocess, /proc VmHWM after loading minus before, divided by the
+weights' bytes).
 Goals (issue 11): greedy batch 1 at >= 90% of the memory-bandwidth ceiling, batch 8 >= 1.5x
 transformers. The ceiling is measured in the same run: a streaming read of as many float32 bytes
 as the weights (what a batch-1 decoding step must read), as tokens/s; each generation figure is
@@ -292,7 +293,7 @@ def main():
 
     # batch 1 with our model compiled (inductor, its C++ wrapper: no Python between the kernels;
     # dynamic shapes, one compilation for every step), the compile time printed apart, the greedy
-    # tokens compared with eager's; not what the scripts use
+    # tokens compared with eager's: what `model.py --compile` does
     import torch._inductor.config as inductor
 
     with inductor.patch(cpp_wrapper=True):
