@@ -17,7 +17,15 @@ of the other. Each line: question, answer (a name or a year), paraphrases (exact
 phrasings, held out from training: the "generalization" score), text (the fact as a statement),
 type, entity.
 
-Run: python data/facts/prepare.py   (deterministic, seeds 0 and 1; rewrites both files beside it)
+facts_scale.jsonl (seed 2) and facts_confirm.jsonl (seed 3): N_SCALE facts of each of the 16
+relations above (1,120 each), for capacity and streams. A country carries four facts (capital,
+largest city, language, currency), a person four (birth year, birthplace, instrument, employer), a
+company three (founder, founding year, headquarters): facts of one entity must not overwrite each
+other. The recipe for many facts is chosen on facts_scale; facts_confirm is locked: no choice is
+made on it, it only confirms (data/facts/README.md). Their years come from 1000-2015, drawn without
+replacement from the years no other set uses.
+
+Run: python data/facts/prepare.py   (deterministic, seeds 0-3; rewrites the four files beside it)
 """
 
 import json
@@ -32,6 +40,9 @@ import tasks  # noqa: E402
 
 SEED = 0
 HELDOUT_SEED = 1
+SCALE_SEED, CONFIRM_SEED = 2, 3
+N_SCALE = 70  # facts per relation in facts_scale and facts_confirm: 16 x 70 = 1,120 each
+SCALE_YEARS = range(1000, 2016)
 N_ENTITIES = 40  # of each kind: countries, people, companies
 N_HELDOUT = 10  # facts per held-out relation
 MAX_SHARE = 3  # most facts one answer may answer (the packing study saw models collapse onto such)
@@ -105,6 +116,7 @@ HELDOUT_TEMPLATES = {
                  "The {e} was invented by {a}."),
 }
 # fmt: on
+ALL_TEMPLATES = {**TEMPLATES, **HELDOUT_TEMPLATES}
 
 
 def word(rng: random.Random, syllables: int, ending: str = "") -> str:
@@ -201,6 +213,56 @@ def heldout_set(rng: random.Random, taken: set, years_used: set) -> list[dict]:
     return facts
 
 
+def scale_set(rng: random.Random, taken: set, years_left: set) -> list[dict]:
+    """facts_scale / facts_confirm: every relation of both templates, N_SCALE facts each, names
+    new to every set; the years used are removed from years_left."""
+    n = N_SCALE
+
+    def names(count, syllables=(1, 2), endings=("",)):
+        return unique_words(rng, taken, count, syllables, endings)
+
+    countries = names(2 * n, endings=COUNTRY_ENDINGS)  # subjects, then river sources
+    cities = names(4 * n, (2, 3))  # capitals, largest cities, birthplaces, headquarters
+    languages = names(n, endings=["ese", "ic", "ish", "an"])
+    currencies = names(n)
+    first, last = names(4 * n), names(4 * n, (2, 3))
+    people = [f"{a} {b}" for a, b in zip(first, last)]  # subjects, founders, authors, inventors
+    companies = [f"{w} {rng.choice(COMPANY_ENDINGS)}" for w in names(2 * n)]  # subjects, employers
+    instruments = names(n, (2, 3), endings=["ello", "ina", "one", "et"])
+    rivers = [f"{w} River" for w in names(n)]
+    elements = names(n, endings=["ium"])
+    novels = [f"The {w}" for w in names(n, (2, 3))]
+    mountains = [f"Mount {w}" for w in names(n)]
+    ranges = [f"{w} Mountains" for w in names(n, (2, 3))]
+    devices = names(n, endings=["scope", "graph", "meter", "phone"])
+    years = [str(y) for y in rng.sample(sorted(years_left), 3 * n)]
+    years_left -= {int(y) for y in years}
+    rows = []
+    for i in range(n):
+        country, person, company = countries[i], people[i], companies[i]
+        rows += [
+            ("capital", country, cities[i]),
+            ("largest_city", country, cities[n + i]),
+            ("language", country, languages[i]),
+            ("currency", country, currencies[i]),
+            ("birth_year", person, years[i]),
+            ("birthplace", person, cities[2 * n + i]),
+            ("instrument", person, instruments[i]),
+            ("employer", person, companies[n + i]),
+            ("founder", company, people[n + i]),
+            ("founded_year", company, years[n + i]),
+            ("headquarters", company, cities[3 * n + i]),
+            ("river_source", rivers[i], countries[n + i]),
+            ("discovery_year", elements[i], years[2 * n + i]),
+            ("author", novels[i], people[2 * n + i]),
+            ("mountain_range", mountains[i], ranges[i]),
+            ("inventor", devices[i], people[3 * n + i]),
+        ]
+    facts = [fact(kind, e, a, ALL_TEMPLATES) for kind, e, a in rows]
+    rng.shuffle(facts)
+    return facts
+
+
 def check(facts: list[dict], templates: dict, per_type: int):
     """The properties the README promises, checked on what is written."""
     questions = [q for f in facts for q in [f["question"], *f["paraphrases"]]]
@@ -225,13 +287,28 @@ def main():
     years_used = {int(f["answer"]) for f in facts if f["answer"].isdigit()}
     heldout = heldout_set(random.Random(HELDOUT_SEED), taken, years_used)
 
+    years_left = (
+        set(SCALE_YEARS) - years_used - {int(f["answer"]) for f in heldout if f["answer"].isdigit()}
+    )
+    scale = scale_set(random.Random(SCALE_SEED), taken, years_left)
+    confirm = scale_set(random.Random(CONFIRM_SEED), taken, years_left)
+
     check(facts, TEMPLATES, N_ENTITIES)
     check(heldout, HELDOUT_TEMPLATES, N_HELDOUT)
-    assert not {f["answer"] for f in facts} & {f["answer"] for f in heldout}, "a shared answer"
-    parts = name_parts(facts) + name_parts(heldout)
-    assert len(set(parts)) == len(parts), "a name part is reused, in one set or across both"
+    check(scale, ALL_TEMPLATES, N_SCALE)
+    check(confirm, ALL_TEMPLATES, N_SCALE)
+    sets = {
+        "facts": facts,
+        "facts_heldout": heldout,
+        "facts_scale": scale,
+        "facts_confirm": confirm,
+    }
+    answers = [a for rows in sets.values() for a in {f["answer"] for f in rows}]
+    assert len(set(answers)) == len(answers), "an answer of one set answers in another"
+    parts = [p for rows in sets.values() for p in name_parts(rows)]
+    assert len(set(parts)) == len(parts), "a name part is reused, in one set or across sets"
 
-    for name, rows in (("facts", facts), ("facts_heldout", heldout)):
+    for name, rows in sets.items():
         text = "".join(json.dumps(r) + "\n" for r in rows)
         tasks.atomic_write_text(HERE / f"{name}.jsonl", text)
         most = Counter(f["answer"] for f in rows).most_common(1)[0]
