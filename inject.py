@@ -64,12 +64,15 @@ from training import (
     answer_all,
     batch_indices,
     check_finite,
+    full,
     is_main,
     load_state,
+    lr_factor,
     main_first,
     open_run,
     option,
     parse_targets,
+    placed,
     resolve_device,
     resolve_dtype,
     restart_metrics,
@@ -138,6 +141,12 @@ class Config:
     )
     epochs: int = option(20, "most passes over the facts (plus mixed-in examples)", ge=1)
     lr: float = option(2e-3, "Adam learning rate for A and B (smf: SparseAdam's, for V)", gt=0)
+    schedule: str = option(
+        "cosine",
+        "lr over the planned steps: cosine (warmup, then down to 0.1 lr) or constant",
+        choices=["cosine", "constant"],
+    )
+    warmup: float = option(0.05, "cosine: share of the planned steps the lr rises over", ge=0, lt=1)
     gate_lr: float = option(
         5e-3,
         ("imsm: the gate's Adam lr, stated (the reference code's gate silently gets 1e-3)"),
@@ -199,7 +208,10 @@ class Config:
         ),
     )
     act_examples: int = option(64, "palora_act: examples run to estimate each covariance", ge=1)
-    fact_tokens: int = option(16, "answer length when checking recall", ge=1)
+    fact_tokens: int = option(16, "answer length when checking recall", ge=1, le=256)
+    recall_sample: int = option(
+        256, "check recall on a seeded sample of this many trained facts (0: all)", ge=0
+    )
     save_every: int = option(25, "steps between resumable checkpoints", ge=1)
     keep_epochs: bool = option(
         False, "also keep each epoch's adapter, in --out/epochs/ (a frontier from one run)"
@@ -208,6 +220,16 @@ class Config:
         "",
         "a finished run (LoRA family) to continue a stream from: its model, merged, is this "
         "run's base; the probe stays the expert's",
+    )
+    mix_earlier: float = option(
+        0.0, "with --after: facts of the earlier rounds replayed per new fact", ge=0, le=16
+    )
+    act_earlier: int = option(
+        32,
+        "palora_act with --after: input directions protected per earlier round, the top of its "
+        "facts' activations (0: none)",
+        ge=0,
+        le=4096,
     )
     max_len: int = option(256, "longest prompt + answer in tokens", ge=8)
     svd_cache: str = option(adapters.SVD_CACHE, "folder of cached SVD factors ('': none)")
@@ -275,6 +297,9 @@ def encode(tokenizer, data: dict, cfg: Config) -> list:
     n_mix = round(cfg.mix_ratio * len(data["facts"]))
     groups = [("facts", data["facts"])]
     groups += [(k, mixed(data[k], n_mix, cfg.seed)) for k in ("known", "skill") if k in data]
+    if data.get("earlier"):  # a stream's replay of the rounds before
+        n_earlier = round(cfg.mix_earlier * len(data["facts"]))
+        groups.append(("earlier", mixed(data["earlier"], n_earlier, cfg.seed)))
     examples, skipped = [], 0
     for kind, records in groups:
         for r in records:
@@ -314,9 +339,12 @@ def make_base(model, identity: str, cfg: Config, experts: list, targets: tuple):
     return expert, S, palora.same_count(cfg.method, S, expert, cfg.seed)
 
 
-def input_bases(model, tokenizer, cfg: Config, counts: dict) -> dict:
+def input_bases(model, tokenizer, cfg: Config, counts: dict, earlier: list) -> dict:
     """palora_act: V_act (in, k) per weight, the top-k directions of the skill's inputs (and, with
-    --act-known, of the known facts' inputs too: covariances scaled to unit trace, then added)."""
+    --act-known, of the known facts' inputs too: covariances scaled to unit trace, then added). In
+    a stream, extended by --act-earlier directions per earlier round: the top of the earlier
+    rounds' facts' inputs outside that span, run through this model (the rounds merged), as
+    AlphaEdit protects the keys of the facts it edited before."""
 
     def covariances(path):
         records = mixed(tasks.read_jsonl(path), cfg.act_examples, cfg.seed)
@@ -326,7 +354,34 @@ def input_bases(model, tokenizer, cfg: Config, counts: dict) -> dict:
     if cfg.act_known:
         known = covariances(cfg.act_known)
         covs = {n: C / C.trace() + known[n] / known[n].trace() for n, C in covs.items()}
-    return palora.activation_bases(covs, counts)
+    bases = palora.activation_bases(covs, counts)
+    if not (earlier and cfg.act_earlier):
+        return bases
+    facts = [f for facts in earlier for f in facts]
+    covs = tasks.input_covariances(model, tokenizer, facts, list(counts), cfg.max_len)
+    extra = {n: cfg.act_earlier * len(earlier) for n in counts}
+    bases = palora.extend_bases(bases, covs, extra, free=cfg.rank)
+    if is_main():
+        room = {n: f"{V.shape[1]} of {V.shape[0]}" for n, V in bases.items()}
+        print(f"input directions protected: {dict(list(room.items())[:3])} ...", file=sys.stderr)
+    return bases
+
+
+def earlier_rounds(after: str) -> list[list]:
+    """The facts of every round of the stream that ends with run `after`, oldest first: each
+    run's config.json names its facts file and the run it followed."""
+    rounds, seen = [], set()
+    while after:
+        config = Path(after) / "config.json"
+        if Path(after).resolve() in seen:
+            raise cli.ConfigError(f"{config}: the stream's chain loops back to {after}")
+        seen.add(Path(after).resolve())
+        run = adapters.run_config(Path(after))
+        facts, after = run["facts"], run.get("after", "")
+        if not Path(facts).is_file():
+            raise cli.ConfigError(f"{config}: the round's facts {facts} are gone")
+        rounds.insert(0, tasks.read_jsonl(facts))
+    return rounds
 
 
 def merged_folder(model, ckpt_folder: Path, svf: Path) -> Path:
@@ -359,6 +414,14 @@ def recall(model, tokenizer, facts: list, cfg: Config) -> float:
     return sum(tasks.fact_correct(a, r["answer"]) for a, r in zip(answers, facts)) / len(facts)
 
 
+def checked_facts(facts: list, cfg: Config) -> list:
+    """The facts recall is checked on after every epoch: all, or --recall-sample of them (seeded),
+    so that a check costs the same at 100 facts as at 10,000."""
+    if not cfg.recall_sample or cfg.recall_sample >= len(facts):
+        return facts
+    return mixed(facts, cfg.recall_sample, cfg.seed)  # n < len: one pass, no repeats
+
+
 def train(
     model,
     tokenizer,
@@ -369,23 +432,30 @@ def train(
     out: Path,
     memory=None,
     snapshot=None,
-):
-    """adapters.optimizer on params, adapters.step per batch (model: what attach returned). The
-    data order is a function of (seed, step) and the state is saved every --save-every steps and
-    at every recall check, so --resume ends with the same adapter as an uninterrupted run.
-    snapshot(epoch, steps, loss, recall), if given, is called at every recall check. Returns (steps
-    run, last loss, last recall or None)."""
+) -> dict:
+    """adapters.optimizer on params, adapters.step per batch (model: what attach returned), the lr
+    following --schedule over the planned steps. The data order and the lr are functions of (seed,
+    step) and the state (with the best checked epoch's parameters) is saved every --save-every steps
+    and at every recall check, so --resume ends with the same adapter as an uninterrupted run.
+    snapshot(epoch, steps, loss, recall), if given, is called at every recall check. When the target
+    is missed, params end as the best checked epoch's, not the last's. Returns the steps run, the
+    last loss, the kept parameters' recall and epoch (None without checks) and whether the target
+    was reached."""
     optimizer = adapters.optimizer(cfg.method, params, cfg.lr, cfg.gate_lr)
+    peak = [g["lr"] for g in optimizer.param_groups]  # imsm's gate has an lr of its own
     device = next(model.parameters()).device  # no autocast: LoRALinear runs in the input's dtype
     per_epoch = max(1, len(examples) // cfg.batch_size)  # batch_indices' epoch length
     steps = cfg.epochs * per_epoch
+    best = {f"best/{n}": full(p).detach().clone() for n, p in params.items()}  # whole, on rank 0
     start, extra = 0, {}
     if cfg.resume:
-        start, extra = load_state(out / "state.safetensors", params, optimizer)
+        start, extra = load_state(out / "state.safetensors", {**params, **best}, optimizer)
     restart_metrics(out / "metrics.jsonl", start)
     loss, last = extra.get("loss", math.nan), extra.get("recall")
+    kept = {"recall": extra.get("best_recall"), "epoch": extra.get("best_epoch")}
     if extra.get("stopped"):
-        return start, loss, last
+        return {"steps": start, "loss": loss, **kept, "reached": True}
+    check = checked_facts(facts, cfg)
     t0, tokens_seen = time.time(), 0
     bar = tqdm(
         range(start, steps),
@@ -395,6 +465,9 @@ def train(
         disable=not is_main(),
     )
     for step in bar:
+        factor = lr_factor(step, steps, cfg.warmup, cfg.schedule)
+        for group, lr in zip(optimizer.param_groups, peak):
+            group["lr"] = lr * factor
         idx = shard(batch_indices(len(examples), cfg.batch_size, step, cfg.seed))  # rank's slice
         batch = tasks.collate([examples[i] for i in idx], tokenizer.pad_id)
         tokens, labels, mask = (t.to(device) for t in batch)
@@ -407,12 +480,16 @@ def train(
         tokens_seen += int(all_sum(int((labels != tasks.IGNORE_INDEX).sum())))
         tok_s = tokens_seen / (time.time() - t0)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}")
-        row = {"step": step + 1, "loss": loss, "tokens_per_s": tok_s}
+        row = {"step": step + 1, "loss": loss, "lr": lr * factor, "tokens_per_s": tok_s}
         checked = cfg.recall_target and (step + 1) % per_epoch == 0
         if checked:
-            row["recall"] = last = recall(model, tokenizer, facts, cfg)
+            row["recall"] = last = recall(model, tokenizer, check, cfg)
             if is_main():
                 bar.write(f"epoch {(step + 1) // per_epoch}: recall {last:.3f}")
+            if kept["recall"] is None or last > kept["recall"]:  # every rank: full() gathers
+                kept = {"recall": last, "epoch": (step + 1) // per_epoch}
+                for n, p in params.items():
+                    best[f"best/{n}"] = full(p).detach().clone()
         if is_main():  # rank 0 alone writes; every rank holds the same A, B and moments
             tasks.append_jsonl(out / "metrics.jsonl", row)
         if checked and snapshot:
@@ -421,10 +498,16 @@ def train(
         saving = (step + 1) % cfg.save_every == 0 or checked or step + 1 == steps
         if saving:  # every rank: FSDP2 gathers the state; rank 0 writes it
             state = {"loss": loss, "recall": last, "stopped": stopped}
-            save_state(out / "state.safetensors", params, optimizer, step + 1, state, cfg)
+            state |= {"best_recall": kept["recall"], "best_epoch": kept["epoch"]}
+            saved = {**params, **best}
+            save_state(out / "state.safetensors", saved, optimizer, step + 1, state, cfg)
         if stopped:
-            return step + 1, loss, last
-    return steps, loss, last
+            return {"steps": step + 1, "loss": loss, **kept, "reached": True}
+    if kept["recall"] is not None and kept["recall"] > last:  # the target missed: the best epoch
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(placed(best[f"best/{n}"], p))
+    return {"steps": steps, "loss": loss, **kept, "reached": not cfg.recall_target}
 
 
 # -----------------------------------------------------------------------------
@@ -448,8 +531,12 @@ def main(cfg: Config) -> dict:
     folder = checkpoints.resolve(cfg.ckpt)
     identity = checkpoints.identity(folder)
     svf_paths = [Path(p) for p in cfg.svf] or [latest_svf(identity, cfg.ckpt)]
+    earlier = []
     if cfg.after:
         check_after(Path(cfg.after), cfg.method, svf_paths[0], out)
+        earlier = earlier_rounds(cfg.after)
+        if cfg.mix_earlier:
+            data["earlier"] = [f for facts in earlier for f in facts]
     if cfg.parallel == "fsdp" and cfg.method not in palora.METHODS:
         raise cli.ConfigError(
             f"--parallel fsdp: the LoRA family only; {cfg.method} runs in one process or with ddp"
@@ -499,7 +586,9 @@ def main(cfg: Config) -> dict:
     if cfg.after:  # a stream: the earlier rounds merged in; what is protected stays the expert's
         model, _ = adapters.load_run(model, Path(cfg.after), identity)
     counts = {n: len(s) for n, s in S.items()}
-    bases = input_bases(model, tokenizer, resolved, counts) if cfg.method == "palora_act" else None
+    bases = None
+    if cfg.method == "palora_act":
+        bases = input_bases(model, tokenizer, resolved, counts, earlier)
     meta = {
         "method": cfg.method,
         "svf": json.dumps([str(p) for p in svf_paths]),
@@ -527,14 +616,16 @@ def main(cfg: Config) -> dict:
     if cfg.parallel == "fsdp":  # fully_shard replaced the parameters by shards: train those
         params = palora.lora_params(trained)
 
-    def finish(folder: Path, steps: int, loss: float, last) -> dict:
+    def finish(folder: Path, result: dict) -> dict:
         """The trained part and summary.json in folder (rank 0): the run's, or an epoch's."""
         summary = {
             "method": cfg.method,
-            "steps": steps,
+            "steps": result["steps"],
             "examples": len(examples),
-            "final_loss": loss,
-            "recall": last,
+            "final_loss": result["loss"],
+            "recall": result["recall"],  # of the kept parameters, on the checked facts
+            "epoch": result["epoch"],
+            "target_reached": result["reached"],
             "trainable": n_trainable,
             "model_parameters": n_model,
             "share": n_trainable / n_model,
@@ -553,9 +644,13 @@ def main(cfg: Config) -> dict:
         if is_main():
             for name in ("config.json", "probe.safetensors"):
                 tasks.atomic_write_bytes(folder / name, (out / name).read_bytes())
-        finish(folder, steps, loss, last)
+        reached = last >= cfg.recall_target
+        finish(
+            folder,
+            {"steps": steps, "loss": loss, "recall": last, "epoch": epoch, "reached": reached},
+        )
 
-    steps, loss, last = train(
+    result = train(
         trained,
         tokenizer,
         params,
@@ -566,7 +661,13 @@ def main(cfg: Config) -> dict:
         memory,
         snapshot if cfg.keep_epochs else None,
     )
-    return finish(out, steps, loss, last)
+    if not result["reached"] and is_main():  # said plainly, and in summary.json
+        print(
+            f"warning: recall {result['recall']:.3f} < --recall-target {cfg.recall_target} after "
+            f"{cfg.epochs} epochs; kept epoch {result['epoch']}, the best checked",
+            file=sys.stderr,
+        )
+    return finish(out, result)
 
 
 if __name__ == "__main__":

@@ -490,6 +490,26 @@ def activation_bases(covs: dict, counts: dict) -> dict[str, torch.Tensor]:
     return bases
 
 
+def extend_bases(bases: dict, covs: dict, extra: dict, free: int) -> dict[str, torch.Tensor]:
+    """name -> [V | V_new] (in, k + k_new): V_new = the top k_new eigenvectors of C restricted to
+    the complement of span(V), P C P with P = I - V Vᵀ, so that dW x ≈ 0 on further inputs (an
+    earlier round's facts) too, none of V given up. k_new = extra[name], capped so that at least
+    `free` input directions stay unprotected (the LoRA's room)."""
+    out = {}
+    for n, V in bases.items():
+        V, C = V.double(), covs[n].double()  # (in, k), (in, in)
+        k_new = min(extra[n], C.shape[0] - V.shape[1] - free)
+        if k_new <= 0:
+            out[n] = V.float()
+            continue
+        CV = C @ V  # (in, in) @ (in, k) -> (in, k)
+        PCP = C - V @ CV.T - CV @ V.T + V @ (V.T @ CV) @ V.T  # P C P, P never formed
+        W = torch.linalg.eigh(PCP)[1][:, -k_new:].flip(-1)  # (in, k_new), largest first
+        W = torch.linalg.qr(W - V @ (V.T @ W))[0]  # exactly outside span(V), orthonormal
+        out[n] = torch.cat([V, W], dim=1).float().contiguous()
+    return out
+
+
 def interference(dW: torch.Tensor, W: torch.Tensor, C: torch.Tensor) -> float:
     """E‖dW x‖² / E‖W x‖² over inputs x whose second moment is C = Σ x xᵀ (in, in): how much of the
     layer's output on those inputs the update changes. tr(dW C dWᵀ) / tr(W C Wᵀ), float64; 0

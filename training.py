@@ -206,6 +206,20 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
     return order[i * batch_size : (i + 1) * batch_size].tolist()
 
 
+def lr_factor(step: int, steps: int, warmup: float, schedule: str) -> float:
+    """The learning rate's multiplier at 0-based `step` of the `steps` planned: 'cosine' rises
+    linearly over the first `warmup` share of them, then falls along a half cosine to 0.1 at the
+    last; 'constant' is 1 throughout. A pure function of the step, like batch_indices: a resumed
+    run follows the same schedule with no saved state."""
+    if schedule == "constant":
+        return 1.0
+    n_warm = max(1, round(warmup * steps))
+    if step < n_warm:
+        return (step + 1) / n_warm
+    progress = (step - n_warm) / max(1, steps - n_warm)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
 def step_generator(seed: int, step: int, device, rank: int = 0) -> torch.Generator:
     """The random stream of step `step` on `device`, a pure function of (seed, step) like
     batch_indices: sampling resumes exactly on CUDA as on the CPU, with no RNG state saved.

@@ -7,6 +7,7 @@ the file (and line). CPU, seconds.
 """
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -479,3 +480,68 @@ def test_stream_bad_after_fails_before_training(setup, tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             inject.main(config(setup, tmp_path / "out", **overrides))
         assert not (tmp_path / "out").exists()
+
+
+def test_a_missed_target_keeps_the_best_checked_epoch(setup, tmp_path, monkeypatch, capsys):
+    """Recall 0.25, 0.75, 0.5 against a target of 0.9 in 3 epochs: the run keeps epoch 2's adapter
+    (the best checked), not the last, records it in summary.json and says so in one line."""
+    checks = iter([0.25, 0.75, 0.5])
+    monkeypatch.setattr(inject, "recall", lambda *args: next(checks))
+    run = tmp_path / "run"
+    summary = inject.main(config(setup, run, recall_target=0.9, epochs=3, keep_epochs=True))
+    assert (summary["recall"], summary["epoch"], summary["target_reached"]) == (0.75, 2, False)
+    assert "warning: recall 0.750 < --recall-target 0.9 after 3 epochs; kept epoch 2" in (
+        capsys.readouterr().err
+    )
+    final = load_file(run / "adapter_model.safetensors")
+    kept, last = (
+        load_file(run / "epochs" / f"run-e0{e}" / "adapter_model.safetensors") for e in (2, 3)
+    )
+    assert all(torch.equal(kept[k], final[k]) for k in final)
+    assert any(not torch.equal(last[k], final[k]) for k in final)
+
+
+def test_the_lr_follows_the_schedule(setup, tmp_path):
+    """metrics.jsonl's lr is --lr times training.lr_factor at every step: a warmup from --lr/n, a
+    cosine down to 0.1 --lr at the last planned step; constant: --lr throughout."""
+    summary = inject.main(config(setup, tmp_path / "c", epochs=4, lr=1e-3, warmup=0.25))
+    rows = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    steps = summary["steps"]
+    assert steps == 4 * (len(FACTS) // 4) and steps >= 8
+    n_warm = round(0.25 * steps)
+    assert rows[0]["lr"] == pytest.approx(1e-3 / n_warm)
+    assert rows[n_warm - 1]["lr"] == pytest.approx(1e-3)
+    assert rows[-1]["lr"] == pytest.approx(
+        1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (steps - 1 - n_warm) / (steps - n_warm)))
+    )
+    assert all(a["lr"] >= b["lr"] for a, b in zip(rows[n_warm - 1 :], rows[n_warm:]))
+    inject.main(config(setup, tmp_path / "k", epochs=2, lr=1e-3, schedule="constant"))
+    rows = [json.loads(x) for x in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["lr"] for r in rows} == {1e-3}
+
+
+def test_stream_replays_and_protects_the_earlier_rounds(setup, tmp_path, monkeypatch):
+    """Round 3 of a stream: --mix-earlier 0.5 adds half as many of rounds 1-2's facts as it has new
+    ones; palora_act's input basis grows by --act-earlier directions per earlier round, each
+    outside the skill's and orthonormal; --act-earlier 0 keeps the skill's basis alone."""
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    inject.main(config(setup, r1, epochs=1, method="palora_act"))
+    inject.main(config(setup, r2, epochs=1, method="palora_act", after=str(r1)))
+    assert [len(r) for r in inject.earlier_rounds(str(r2))] == [len(FACTS), len(FACTS)]
+    widths, seen, train = {}, {}, inject.train
+
+    def spy(model, *args, **kwargs):
+        layers = [m for m in model.modules() if isinstance(m, palora.LoRALinear)]
+        seen["V"] = [m.V_S.detach().double() for m in layers]
+        return train(model, *args, **kwargs)
+
+    monkeypatch.setattr(inject, "train", spy)
+    for extra in (0, 2):
+        settings = dict(epochs=1, method="palora_act", after=str(r2), act_earlier=extra)
+        summary = inject.main(config(setup, tmp_path / f"r3-{extra}", mix_earlier=0.5, **settings))
+        assert summary["examples"] == len(FACTS) + round(0.5 * len(FACTS))
+        widths[extra] = [V.shape[1] for V in seen["V"]]
+        for V in seen["V"]:
+            eye = torch.eye(V.shape[1], dtype=V.dtype)
+            assert torch.allclose(V.T @ V, eye, atol=1e-5)
+    assert [b - a for a, b in zip(widths[0], widths[2])] == [2 * 2] * len(widths[0])

@@ -543,3 +543,18 @@ def test_unknown_target_and_method():
             palora.add_lora(model, method, 2, 4.0, svds)
     with pytest.raises(PaloraError, match="palora_act needs the input basis V_act"):
         palora.add_lora(model, "palora_act", 2, 4.0, svds, {"up_proj": torch.tensor([0])})
+
+
+def test_extend_bases_adds_the_top_inputs_outside_the_span():
+    """V = e0; C weighs e0 most, then e3, then e1: the extension adds e3 then e1 (the top of C
+    outside span(V), e0 not twice); the cap leaves `free` directions unprotected."""
+    C = torch.diag(torch.tensor([9.0, 2.0, 0.5, 4.0, 0.1], dtype=torch.float64))
+    V = torch.eye(5)[:, :1]  # (in, k) = (5, 1)
+    out = palora.extend_bases({"w": V}, {"w": C}, {"w": 2}, free=1)["w"]
+    assert out.shape == (5, 3)
+    assert torch.allclose(out[:, 0], V[:, 0])
+    assert torch.allclose(out[:, 1].abs(), torch.eye(5)[:, 3], atol=1e-6)
+    assert torch.allclose(out[:, 2].abs(), torch.eye(5)[:, 1], atol=1e-6)
+    capped = palora.extend_bases({"w": V}, {"w": C}, {"w": 9}, free=2)["w"]
+    assert capped.shape == (5, 3)  # 5 inputs - 1 protected - 2 free = 2 new
+    assert torch.allclose(capped.T @ capped, torch.eye(3), atol=1e-6)
