@@ -21,7 +21,11 @@ project. How many candles remain in the jar?"), with operand pairs from the test
 the same layout, so that it measures the skill rather than its phrasing. Its own RNG stream
 (OOD_SEED) leaves train and test as they were. All these properties are asserted before writing.
 
-Run: python data/reasoning/prepare.py   (deterministic, seeds 0 and 1; rewrites the three files)
+confirm.jsonl and confirm_ood.jsonl are the locked confirmation splits: test rows 101-300 and
+test_ood rows 101-150, items no choice was ever made on (selection scores the first 100 of each, as
+`--limit 100` reads them). Headline figures are scored on them; nothing is chosen on them.
+
+Run: python data/reasoning/prepare.py   (deterministic, seeds 0 and 1; rewrites the five files)
 """
 
 import hashlib
@@ -264,6 +268,9 @@ def frame_of(question: str) -> str:
     return " ".join("N" if w.isdigit() else "X" if w.lower() in vocab else w for w in words)
 
 
+N_SELECT = 100  # the first items of test and test_ood: the selection split (--limit 100)
+
+
 def main():
     rng = random.Random(SEED)
     train, test = [], []
@@ -297,7 +304,9 @@ def main():
         assert len(steps) == 2 and final == f"#### {z}", r
         assert OPS[op](int(x), int(y)) == (int(z), 0), r
 
-    for name, rows in (("train", train), ("test", test), ("test_ood", test_ood)):
+    splits = {"train": train, "test": test, "test_ood": test_ood}
+    splits |= {"confirm": test[N_SELECT:], "confirm_ood": test_ood[N_SELECT:]}
+    for name, rows in splits.items():
         text = "".join(json.dumps(r) + "\n" for r in rows)
         tasks.atomic_write_text(HERE / f"{name}.jsonl", text)
         kinds = dict(sorted(Counter(r["type"] for r in rows).items()))
