@@ -221,6 +221,10 @@ def main(cfg: Config) -> dict:
                 f"--sweep: unknown setting {name!r}: all, or some of "
                 f"{', '.join(sweep_variants(cfg.lr))}"
             )
+    locked = [p for p in (cfg.facts, cfg.reasoning, cfg.reasoning_ood, cfg.known, cfg.mix_known)]
+    locked = [p for p in locked if Path(p).name in tasks.LOCKED]
+    if cfg.sweep and locked:  # a sweep chooses: never on the confirmation files
+        raise cli.ConfigError(f"--sweep: {locked[0]} is a locked confirmation file (tasks.LOCKED)")
     if cfg.plot:  # before hours of training, not after
         evaluate.pyplot()
     if cfg.stream and (cfg.frontier or cfg.sweep or not cfg.n_facts):

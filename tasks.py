@@ -26,6 +26,9 @@ from model import generate
 
 # label of the tokens that carry no loss (prompt, padding): cross_entropy's ignore_index
 IGNORE_INDEX = -100
+# The locked confirmation files: headline figures are scored on them and no choice is ever made
+# on them (a selection run, reproduce.py --sweep, refuses them: tests/test_reproduce.py).
+LOCKED = ("facts_confirm.jsonl", "confirm.jsonl", "confirm_ood.jsonl", "known_confirm.jsonl")
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 # lm-eval's regexes_to_ignore, applied in this order

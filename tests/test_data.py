@@ -36,7 +36,10 @@ def read(name: str, split: str) -> list[dict]:
 
 @pytest.mark.parametrize(
     "name, files",
-    [("reasoning", ["train", "test", "test_ood"]), ("facts", ["facts", "facts_heldout"])],
+    [
+        ("reasoning", ["train", "test", "test_ood", "confirm", "confirm_ood"]),
+        ("facts", ["facts", "facts_heldout", "facts_scale", "facts_confirm"]),
+    ],
 )
 def test_prepare_reproduces_the_committed_files(name, files, tmp_path, monkeypatch):
     prepare = load_prepare(name)

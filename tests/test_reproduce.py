@@ -11,6 +11,7 @@ import pytest
 
 import cli
 import reproduce
+import tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,6 +131,21 @@ def test_sweep_runs_the_named_settings_beside_the_comparisons_palora(setup, tmp_
     assert saved["probe_fraction"] == 0.1 and saved["method"] == "palora"
     with pytest.raises(cli.ConfigError, match="--sweep: unknown setting 'fraction-0.3'"):
         reproduce.main(reproduce_config(setup, tmp_path, sweep="fraction-0.3"))
+
+
+@pytest.mark.parametrize("field", ["facts", "reasoning", "reasoning_ood", "known", "mix_known"])
+def test_a_sweep_never_reads_a_locked_confirmation_file(setup, tmp_path, monkeypatch, field):
+    """Every file in tasks.LOCKED is refused to a sweep (a selection run), whichever role it has,
+    before anything runs; a run that is no sweep may read it."""
+    calls = recorders(monkeypatch)
+    for name in tasks.LOCKED:
+        locked = tmp_path / "data" / name
+        locked.parent.mkdir(exist_ok=True)
+        locked.write_bytes(setup.facts.read_bytes())
+        cfg = reproduce_config(setup, tmp_path / "out", sweep="energy", **{field: str(locked)})
+        with pytest.raises(cli.ConfigError, match=f"--sweep: {locked} is a locked confirmation"):
+            reproduce.main(cfg)
+    assert calls == [] and not (tmp_path / "out").exists()
 
 
 def recorders(monkeypatch) -> list:
