@@ -208,6 +208,22 @@ def test_known_split_is_disjoint_and_keeps_capitals_for_locality():
     assert {r["type"] for r in mix} >= {"language", "general"}
 
 
+def test_known_mix_and_eval_share_no_frame_with_an_answer():
+    """Issue 25: "What is the official language of X?" -> Spanish was trained in known_mix and
+    reported in known_eval; no (question frame, answer) pair may be on both sides."""
+    prepare = load_prepare("known")
+
+    def pairs(split):
+        return {
+            (prepare.frame(r["question"]), tasks.normalize_answer(r["answer"]))
+            for r in read("known", split)
+        }
+
+    assert prepare.frame("What is the official language of Chile?") == prepare.QUESTION["language"]
+    shared = pairs("known_mix") & pairs("known_eval")
+    assert not shared, shared
+
+
 def test_known_new_only_keeps_the_earlier_lines_byte_for_byte(tmp_path, monkeypatch):
     """--new-only adds the second round's kept facts after the file's own lines, untouched (no
     model: loading and labelling are replaced by stand-ins)."""
