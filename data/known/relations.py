@@ -18,10 +18,11 @@ same subject with the same answer across relations (France -> Paris as capital a
 city); a unit that repeats a fact of known_mix.jsonl goes to protect, one that repeats a fact of
 known_eval.jsonl goes to confirm (same relation and answer, or the same subject named in the old
 question with the same answer: "Who wrote the novel 1984?" is in known_mix). The other units are
-taken in the order of the sha256 of their first question and each goes to the side that holds
-fewer base-correct facts of its relations so far (ties: the hash's parity). known_confirm keeps
-the base-correct facts of its side only; known_protect keeps every candidate of its side, right or
-wrong, with the gold as `answer` and the base's own answer as `base_answer`.
+taken in the order of the sha256 of their first question: a unit the base answers none of goes to
+protect, any other to the side that holds fewer base-correct facts of its relations so far (ties:
+the hash's parity). known_confirm keeps the base-correct facts of its side only; known_protect keeps
+every candidate of its side, right or wrong, with the gold as `answer` and the base's own answer as
+`base_answer`.
 
 Run: python data/known/relations.py [--ckpt smollm2_135m]   (labels, writes known_relations.jsonl,
      then the split; greedy, so a function of the checkpoint)
@@ -380,6 +381,8 @@ def split(facts: list[dict], mix: list[dict], evaluation: list[dict]):
     for unit, sides in bound + free:
         if sides:
             pick = sides.pop()
+        elif not any(facts[i]["base_correct"] for i in unit):
+            pick = "protect"  # confirm would drop it; protect keeps it with the model's own answer
         else:
             load = {s: sum(correct[s][facts[i]["type"]] for i in unit) for s in correct}
             if load["protect"] == load["confirm"]:
