@@ -132,6 +132,16 @@ RELATIONS = {
         "Queen Elizabeth II": "1926", "Charles Dickens": "1812", "Jane Austen": "1775",
         "Mark Twain": "1835", "Leo Tolstoy": "1828", "Stephen Hawking": "1942",
         "Alexander Graham Bell": "1847",
+        # second batch
+        "Walt Disney": "1901", "Neil Armstrong": "1930", "Muhammad Ali": "1942",
+        "Princess Diana": "1961", "John Lennon": "1940", "Freddie Mercury": "1946",
+        "Bob Marley": "1945", "Marilyn Monroe": "1926", "Pope Francis": "1936",
+        "Donald Trump": "1946", "Joe Biden": "1942", "Taylor Swift": "1989",
+        "Cristiano Ronaldo": "1985", "Lionel Messi": "1987", "Michael Jordan": "1963",
+        "Vladimir Lenin": "1870", "Theodore Roosevelt": "1858", "Franklin D. Roosevelt": "1882",
+        "Ronald Reagan": "1911", "Richard Nixon": "1913", "Thomas Jefferson": "1743",
+        "Benjamin Franklin": "1706", "Alfred Nobel": "1833", "Ernest Hemingway": "1899",
+        "Agatha Christie": "1890", "J.K. Rowling": "1965", "Warren Buffett": "1930",
     },
     "birthplace": {
         "Albert Einstein": "Ulm", "Wolfgang Amadeus Mozart": "Salzburg",
@@ -150,6 +160,16 @@ RELATIONS = {
         "Louis Armstrong": "New Orleans", "Marilyn Monroe": "Los Angeles",
         "Charlie Chaplin": "London", "Alfred Hitchcock": "London", "Joseph Stalin": "Gori",
         "Mao Zedong": "Shaoshan", "Nikola Tesla": "Smiljan",
+        # second batch
+        "Queen Elizabeth II": "London", "Winston Churchill": "Blenheim",
+        "Pope Francis": "Buenos Aires", "Joe Biden": "Scranton", "Beyonce": "Houston",
+        "Michael Jordan": "Brooklyn", "LeBron James": "Akron", "John Lennon": "Liverpool",
+        "Paul McCartney": "Liverpool", "Freddie Mercury": "Zanzibar", "Franz Schubert": "Vienna",
+        "Frank Sinatra": "Hoboken", "Amelia Earhart": "Atchison", "Kylian Mbappe": "Paris",
+        "Zinedine Zidane": "Marseille", "Rafael Nadal": "Manacor", "Roger Federer": "Basel",
+        "Novak Djokovic": "Belgrade", "Rembrandt": "Leiden", "Victor Hugo": "Besancon",
+        "Jules Verne": "Nantes", "Immanuel Kant": "Konigsberg", "Nicolaus Copernicus": "Torun",
+        "Raphael": "Urbino", "Antonio Vivaldi": "Venice",
     },
     "founder": {
         "Microsoft": "Gates", "Apple": "Jobs", "Amazon": "Bezos", "Facebook": "Zuckerberg",
@@ -161,6 +181,13 @@ RELATIONS = {
         "the Mongol Empire": "Genghis", "Alexandria": "Alexander", "Pennsylvania": "Penn",
         "the Salvation Army": "Booth", "the Ottoman Empire": "Osman", "Spotify": "Ek",
         "Zara": "Ortega",
+        # second batch
+        "the Mughal Empire": "Babur", "the Persian Empire": "Cyrus", "the Jesuits": "Loyola",
+        "the Methodist Church": "Wesley", "psychoanalysis": "Freud", "Sikhism": "Nanak",
+        "the Church of England": "Henry VIII", "the Republic of Turkey": "Ataturk",
+        "the Soviet Union": "Lenin", "the People's Republic of China": "Mao",
+        "Pakistan": "Jinnah", "CNN": "Turner", "Playboy": "Hefner",
+        "the International Olympic Committee": "Coubertin",
     },
     "founded_year": {
         "Microsoft": "1975", "Apple": "1976", "Google": "1998", "Amazon": "1994",
@@ -205,6 +232,15 @@ RELATIONS = {
         "Dniester": "Ukraine", "Don": "Russia", "Lena": "Russia", "Irrawaddy": "Myanmar",
         "Salween": "China", "Orange River": "Lesotho", "Parana": "Brazil",
         "Mackenzie": "Canada",
+        # second batch
+        "Hudson": "United States", "Missouri": "United States", "Columbia River": "Canada",
+        "Main": "Germany", "Neckar": "Germany", "Moselle": "France", "Meuse": "France",
+        "Scheldt": "France", "Dnieper": "Russia", "Pearl River": "China",
+        "Godavari": "India", "Narmada": "India", "Yamuna": "India", "Chao Phraya": "Thailand",
+        "Darling": "Australia", "Waikato": "New Zealand", "Clyde": "Scotland", "Tay": "Scotland",
+        "Mersey": "England", "Trent": "England", "Liffey": "Ireland", "Guadalquivir": "Spain",
+        "Douro": "Spain", "Adige": "Italy", "Vltava": "Czech", "Tisza": "Ukraine",
+        "Okavango": "Angola", "Magdalena": "Colombia", "Fraser": "Canada",
     },
     "discovery_year": {
         "hydrogen": "1766", "helium": "1868", "radium": "1898", "polonium": "1898",
@@ -217,6 +253,10 @@ RELATIONS = {
         "Uranus": "1781", "penicillin": "1928", "America": "1492", "the electron": "1897",
         "the neutron": "1932", "X-rays": "1895", "insulin": "1921", "radioactivity": "1896",
         "Ceres": "1801", "Tutankhamun's tomb": "1922",
+        # second batch
+        "the wreck of the Titanic": "1985", "the Rosetta Stone": "1799",
+        "the Higgs boson": "2012", "the Terracotta Army": "1974", "the positron": "1932",
+        "the structure of DNA": "1953", "Eris": "2005", "Charon": "1978",
     },
     "instrument": {
         "Yo-Yo Ma": "cello", "Lang Lang": "piano", "Itzhak Perlman": "violin",
@@ -234,6 +274,14 @@ RELATIONS = {
         "Herbie Hancock": "piano", "Thelonious Monk": "piano", "Jaco Pastorius": "bass",
         "Benny Goodman": "clarinet", "Sonny Rollins": "saxophone",
         "Clarence Clemons": "saxophone", "James Galway": "flute", "Lindsey Stirling": "violin",
+        # second batch
+        "Kurt Cobain": "guitar", "Keith Richards": "guitar", "Chuck Berry": "guitar",
+        "Angus Young": "guitar", "Duke Ellington": "piano", "Liberace": "piano",
+        "Dave Brubeck": "piano", "Franz Liszt": "piano", "Frederic Chopin": "piano",
+        "Lars Ulrich": "drums", "Mark Knopfler": "guitar", "David Gilmour": "guitar",
+        "Sid Vicious": "bass", "Ginger Baker": "drums", "Charlie Watts": "drums",
+        "Chet Baker": "trumpet", "Stan Getz": "saxophone", "Jascha Heifetz": "violin",
+        "Mstislav Rostropovich": "cello", "Martha Argerich": "piano",
     },
     "employer": {
         "Tim Cook": "Apple", "Satya Nadella": "Microsoft", "Sundar Pichai": "Google",
@@ -291,6 +339,10 @@ RELATIONS = {
         "Linux kernel": "Torvalds", "kaleidoscope": "Brewster", "seed drill": "Tull",
         "spinning jenny": "Hargreaves", "flying shuttle": "Kay", "safety elevator": "Otis",
         "AK-47": "Kalashnikov", "hovercraft": "Cockerell",
+        # second batch
+        "periodic table": "Mendeleev", "polio vaccine": "Salk", "gramophone": "Berliner",
+        "dishwasher": "Cochrane", "smallpox vaccine": "Jenner", "Analytical Engine": "Babbage",
+        "microwave oven": "Spencer", "Java programming language": "Gosling",
     },
 }
 
