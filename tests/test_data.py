@@ -247,7 +247,8 @@ def test_known_new_only_keeps_the_earlier_lines_byte_for_byte(tmp_path, monkeypa
 
 
 def load_relations():
-    spec = importlib.util.spec_from_file_location("known_relations", DATA / "known" / "relations.py")
+    path = DATA / "known" / "relations.py"
+    spec = importlib.util.spec_from_file_location("known_relations", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -29,6 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repo root, for model.py and tasks.py
+import checkpoints  # noqa: E402
 import model  # noqa: E402
 import tasks  # noqa: E402
 
@@ -413,7 +414,7 @@ def label(net, tokenizer, facts: list[dict], batch_size: int) -> list[dict]:
     print(
         f"kept {len(kept)} of {len(facts)} candidates (correct under all {len(DEMOS)} prompts); "
         f"zero-shot chat correct: {sum(r['chat_correct'] for r in kept)} of the kept, "
-        f"{sum(chat_right)} of all; checkpoint {net.identity}"
+        f"{sum(chat_right)} of all"
     )
     return kept
 
@@ -443,7 +444,8 @@ def main(argv=None):
             text = out.read_text() + text
             kept = read(out) + kept
         tasks.atomic_write_text(out, text)
-        print(f"{out}: {len(kept)} facts")
+        identity = checkpoints.identity(checkpoints.resolve(args.ckpt))
+        print(f"{out}: {len(kept)} facts; checkpoint {identity}")
     write_split(out)
 
 

@@ -69,6 +69,7 @@ FRAMES = {
 # Chinese, Napoleon's Ajaccio/Corsica), contested ones (the Nile's source, who invented the light
 # bulb or the radio), golds the question itself contains (Ford Motor Company -> Ford), and
 # employers or headquarters that changed recently.
+# fmt: off
 RELATIONS = {
     "capital": None,  # prepare.CAPITALS, the 80 countries labelled before
     "currency": {
@@ -345,6 +346,7 @@ RELATIONS = {
         "microwave oven": "Spencer", "Java programming language": "Gosling",
     },
 }
+# fmt: on
 
 
 def candidates() -> list[dict]:
@@ -357,8 +359,12 @@ def candidates() -> list[dict]:
         table = prepare.CAPITALS if table is None else table
         for entity, gold in table.items():
             out.append(
-                {"question": FRAMES[kind].format(e=entity), "answer": gold, "type": kind,
-                 "entity": entity}
+                {
+                    "question": FRAMES[kind].format(e=entity),
+                    "answer": gold,
+                    "type": kind,
+                    "entity": entity,
+                }
             )
     assert len({c["question"] for c in out}) == len(out), "a candidate repeats"
     assert all(tasks.normalize_answer(c["answer"]) for c in out)
@@ -406,8 +412,10 @@ def units(facts: list[dict]) -> list[list[int]]:
 
     first = {}
     for i, f in enumerate(facts):
-        for key in (("relation", f["type"], norm(f["answer"])),
-                    ("subject", norm(f["entity"]), norm(f["answer"]))):
+        for key in (
+            ("relation", f["type"], norm(f["answer"])),
+            ("subject", norm(f["entity"]), norm(f["answer"])),
+        ):
             j = first.setdefault(key, i)
             parent[root(i)] = root(j)
     groups = {}
@@ -449,9 +457,9 @@ def split(facts: list[dict], mix: list[dict], evaluation: list[dict]):
     return protect, confirm
 
 
-def frame(question: str, frames=FRAMES.values()) -> str:
-    """The frame a question is asked in: the first of `frames` it fills, else the question itself."""
-    for f in frames:
+def frame(question: str) -> str:
+    """The frame a question is asked in: the first of FRAMES it fills, else the question itself."""
+    for f in FRAMES.values():
         head, tail = f.split("{e}")
         if question.startswith(head) and question.endswith(tail) and len(question) > len(f) - 3:
             return f
@@ -465,13 +473,16 @@ def write_split(path: Path):
     protect, confirm = split(facts, old["mix"], old["eval"])
     # the properties the README promises, checked on what is written
     assert not {r["question"] for r in protect} & {r["question"] for r in confirm}
-    pairs = [{(frame(r["question"]), norm(r["answer"])) for r in rows} for rows in (protect, confirm)]
+    pairs = [
+        {(frame(r["question"]), norm(r["answer"])) for r in rows} for rows in (protect, confirm)
+    ]
     assert not pairs[0] & pairs[1], pairs[0] & pairs[1]
     assert all(r["base_correct"] for r in confirm)
     for name, rows in (("known_protect", protect), ("known_confirm", confirm)):
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         tasks.atomic_write_text(path.parent / f"{name}.jsonl", text)
-        print(f"{name}.jsonl: {len(rows)} facts, {sum(r['base_correct'] for r in rows)} base-correct")
+        right = sum(r["base_correct"] for r in rows)
+        print(f"{name}.jsonl: {len(rows)} facts, {right} base-correct")
     print(f"{'relation':15} {'candidates':>10} {'correct':>8} {'protect':>8} {'confirm':>8}")
     for kind in FRAMES:
         n = [sum(r["type"] == kind for r in rows) for rows in (facts, protect, confirm)]
@@ -489,7 +500,7 @@ def main(argv=None):
     parser.add_argument(
         "--split-only",
         action="store_true",
-        help="no model: rewrite known_protect.jsonl and known_confirm.jsonl beside --out from --out",
+        help="no model: rewrite known_protect.jsonl and known_confirm.jsonl beside --out",
     )
     args = parser.parse_args(argv)
     out = Path(args.out)
