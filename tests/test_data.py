@@ -211,6 +211,22 @@ def test_known_split_is_disjoint_and_keeps_capitals_for_locality():
     assert {r["type"] for r in mix} >= {"language", "general"}
 
 
+def test_known_mix_and_eval_share_no_frame_with_an_answer():
+    """Issue 25: "What is the official language of X?" -> Spanish was trained in known_mix and
+    reported in known_eval; no (question frame, answer) pair may be on both sides."""
+    prepare = load_prepare("known")
+
+    def pairs(split):
+        return {
+            (prepare.frame(r["question"]), tasks.normalize_answer(r["answer"]))
+            for r in read("known", split)
+        }
+
+    assert prepare.frame("What is the official language of Chile?") == prepare.QUESTION["language"]
+    shared = pairs("known_mix") & pairs("known_eval")
+    assert not shared, shared
+
+
 def test_known_new_only_keeps_the_earlier_lines_byte_for_byte(tmp_path, monkeypatch):
     """--new-only adds the second round's kept facts after the file's own lines, untouched (no
     model: loading and labelling are replaced by stand-ins)."""
@@ -227,3 +243,65 @@ def test_known_new_only_keeps_the_earlier_lines_byte_for_byte(tmp_path, monkeypa
         tmp_path / "known_mix.jsonl"
     ).read_text()
     assert sorted(halves.splitlines()) == sorted(out.read_text().splitlines())
+
+
+# -----------------------------------------------------------------------------
+# known facts of the injected relations (data/known/relations.py)
+
+
+def load_relations():
+    path = DATA / "known" / "relations.py"
+    spec = importlib.util.spec_from_file_location("known_relations", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_known_relations_split_reproduces_the_committed_files(tmp_path):
+    """known_protect/known_confirm follow from the labelled candidates (and the older split they
+    keep clear of) without a model, byte for byte."""
+    relations = load_relations()
+    for f in ("known_relations", "known_mix", "known_eval"):
+        (tmp_path / f"{f}.jsonl").write_bytes((DATA / "known" / f"{f}.jsonl").read_bytes())
+    relations.main(["--split-only", "--out", str(tmp_path / "known_relations.jsonl")])
+    for f in ("known_protect", "known_confirm"):
+        made, committed = tmp_path / f"{f}.jsonl", DATA / "known" / f"{f}.jsonl"
+        assert made.read_bytes() == committed.read_bytes(), f"known/{f}.jsonl differs"
+
+
+def test_known_relations_are_asked_in_the_injected_frames():
+    relations, facts = load_relations(), load_prepare("facts")
+    injected = {k: v[0] for k, v in {**facts.TEMPLATES, **facts.HELDOUT_TEMPLATES}.items()}
+    assert relations.FRAMES == injected
+    labelled = read("known", "known_relations")
+    assert [{k: r[k] for k in ("question", "answer", "type", "entity")} for r in labelled] == (
+        relations.candidates()
+    )
+    for r in labelled:
+        assert r["question"] == relations.FRAMES[r["type"]].format(e=r["entity"])
+        assert r["base_correct"] == tasks.fact_correct(r["base_answer"], r["answer"])
+
+
+def test_known_protect_and_confirm_share_no_question_and_no_frame_with_an_answer():
+    relations = load_relations()
+    protect, confirm = read("known", "known_protect"), read("known", "known_confirm")
+
+    def pairs(rows, by=lambda r: relations.frame(r["question"])):
+        return {(by(r), tasks.normalize_answer(r["answer"])) for r in rows}
+
+    assert not {r["question"] for r in protect} & {r["question"] for r in confirm}
+    assert not pairs(protect) & pairs(confirm), pairs(protect) & pairs(confirm)
+    assert all(r["base_correct"] for r in confirm)
+    # every relation in both, where the base answers any of it (employer: none of 25)
+    answered = {r["type"] for r in read("known", "known_relations") if r["base_correct"]}
+    assert {r["type"] for r in protect} == set(relations.FRAMES)
+    assert {r["type"] for r in confirm} == answered and len(answered) >= 15
+    assert answered <= {r["type"] for r in protect if r["base_correct"]}
+    # and clear of the older split: nothing reported here is trained by known_mix, nothing
+    # protected here is reported by known_eval (same relation and answer, or the same question)
+    mix, evaluation = read("known", "known_mix"), read("known", "known_eval")
+    by_type = lambda r: r["type"]  # noqa: E731
+    assert not pairs(confirm, by_type) & pairs(mix, by_type)
+    assert not pairs(protect, by_type) & pairs(evaluation, by_type)
+    assert not {r["question"] for r in confirm} & {r["question"] for r in mix}
+    assert not {r["question"] for r in protect} & {r["question"] for r in evaluation}

@@ -29,6 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repo root, for model.py and tasks.py
+import checkpoints  # noqa: E402
 import model  # noqa: E402
 import tasks  # noqa: E402
 
@@ -320,21 +321,38 @@ def candidates(new_only: bool = False) -> list[dict]:
     return out
 
 
+def frame(question: str) -> str:
+    """The frame a question is asked in: its QUESTION template, else (general facts) itself."""
+    for template in QUESTION.values():
+        head, tail = template.split("{}")
+        if question.startswith(head) and question.endswith(tail):
+            return template
+    return question
+
+
 def split(known: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(eval, mix): disjoint, each in file order. Every capital question goes to eval (the injected
-    facts are capital-like, and interference is worst on the same relation); the other facts are
-    ranked within their type by sha256 of the question and dealt round-robin across types, eval
-    taking the first until it holds half of all (so both halves have every relation)."""
+    """(eval, mix): disjoint, each in file order, sharing no (question frame, answer) pair: facts
+    with the same frame and answer ("What is the official language of X?" -> Spanish) form one unit
+    that goes whole to one side. Every capital question goes to eval (the injected facts are
+    capital-like, and interference is worst on the same relation); the other units are ranked
+    within their type by sha256 of their first question and dealt round-robin across types, eval
+    taking them until it holds half of all (so both halves have every relation)."""
+    units = {}
+    for i, r in enumerate(known):
+        units.setdefault((frame(r["question"]), tasks.normalize_answer(r["answer"])), []).append(i)
     is_capital = ["capital" in r["question"].lower() for r in known]
     rest = {}
-    for i, r in enumerate(known):
-        if not is_capital[i]:
-            rest.setdefault(r["type"], []).append(i)
-    for ids in rest.values():
-        ids.sort(key=lambda i: hashlib.sha256(known[i]["question"].encode()).hexdigest())
-    dealt = [i for rank in zip_longest(*rest.values()) for i in rank if i is not None]
+    for ids in units.values():
+        if not any(is_capital[i] for i in ids):
+            rest.setdefault(known[ids[0]]["type"], []).append(ids)
+    for kind in rest.values():
+        kind.sort(key=lambda ids: hashlib.sha256(known[ids[0]]["question"].encode()).hexdigest())
+    dealt = [ids for rank in zip_longest(*rest.values()) for ids in rank if ids is not None]
     to_eval = {i for i, c in enumerate(is_capital) if c}
-    to_eval |= set(dealt[: max(0, len(known) // 2 - len(to_eval))])
+    for ids in dealt:
+        if len(to_eval) >= len(known) // 2:
+            break
+        to_eval |= set(ids)
     evaluation = [r for i, r in enumerate(known) if i in to_eval]
     mix = [r for i, r in enumerate(known) if i not in to_eval]
     return evaluation, mix
@@ -351,6 +369,11 @@ def write_split(path: Path):
     assert not {r["question"] for r in evaluation} & {r["question"] for r in mix}
     assert len(evaluation) + len(mix) == len(known)
     assert all("capital" not in r["question"].lower() for r in mix), "a capital question is mixed"
+    pairs = [
+        {(frame(r["question"]), tasks.normalize_answer(r["answer"])) for r in rows}
+        for rows in (evaluation, mix)
+    ]
+    assert not pairs[0] & pairs[1], f"a (frame, answer) pair on both sides: {pairs[0] & pairs[1]}"
     for name, rows in (("known_eval", evaluation), ("known_mix", mix)):
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         tasks.atomic_write_text(path.parent / f"{name}.jsonl", text)
@@ -391,7 +414,7 @@ def label(net, tokenizer, facts: list[dict], batch_size: int) -> list[dict]:
     print(
         f"kept {len(kept)} of {len(facts)} candidates (correct under all {len(DEMOS)} prompts); "
         f"zero-shot chat correct: {sum(r['chat_correct'] for r in kept)} of the kept, "
-        f"{sum(chat_right)} of all; checkpoint {net.identity}"
+        f"{sum(chat_right)} of all"
     )
     return kept
 
@@ -421,7 +444,8 @@ def main(argv=None):
             text = out.read_text() + text
             kept = read(out) + kept
         tasks.atomic_write_text(out, text)
-        print(f"{out}: {len(kept)} facts")
+        identity = checkpoints.identity(checkpoints.resolve(args.ckpt))
+        print(f"{out}: {len(kept)} facts; checkpoint {identity}")
     write_split(out)
 
 
