@@ -264,7 +264,7 @@ def test_known_relations_split_reproduces_the_committed_files(tmp_path):
     for f in ("known_relations", "known_mix", "known_eval"):
         (tmp_path / f"{f}.jsonl").write_bytes((DATA / "known" / f"{f}.jsonl").read_bytes())
     relations.main(["--split-only", "--out", str(tmp_path / "known_relations.jsonl")])
-    for f in ("known_protect", "known_confirm"):
+    for f in ("known_protect", "known_confirm", "known_keep"):
         made, committed = tmp_path / f"{f}.jsonl", DATA / "known" / f"{f}.jsonl"
         assert made.read_bytes() == committed.read_bytes(), f"known/{f}.jsonl differs"
 

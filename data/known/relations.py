@@ -478,7 +478,9 @@ def write_split(path: Path):
     ]
     assert not pairs[0] & pairs[1], pairs[0] & pairs[1]
     assert all(r["base_correct"] for r in confirm)
-    for name, rows in (("known_protect", protect), ("known_confirm", confirm)):
+    keep = [r for r in protect if r["base_correct"]]  # mixed in with their gold: what the base says
+    splits = {"known_protect": protect, "known_confirm": confirm, "known_keep": keep}
+    for name, rows in splits.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         tasks.atomic_write_text(path.parent / f"{name}.jsonl", text)
         right = sum(r["base_correct"] for r in rows)
