@@ -181,7 +181,7 @@ class Config:
         },
     )
     mix_known: str = option(
-        "data/known/known_mix.jsonl",
+        "data/known/known_keep.jsonl",
         "JSONL of facts the model knows, mixed into training (2502.14502; '': none)",
     )
     mix_skill: str = option(
