@@ -8,7 +8,6 @@ one round at a time so that each round's model is made once.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
