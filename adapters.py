@@ -272,7 +272,8 @@ def load_peft(model: nn.Module, folder, identity: str) -> tuple[dict, dict]:
         if not fits or B.shape != (layer.out_features, r):
             raise PaloraError(f"{folder}: {name}: the adapter does not fit the model")
         W = layer.weight
-        new[name] = palora.LoRALinear(W, A.to(W.device), B.to(W.device), config["lora_alpha"])
+        A, B = A.to(W.device), B.to(W.device)
+        new[name] = palora.LoRALinear(W, A, B, config["lora_alpha"], like=type(layer))
         palora.replace(model, name, new[name])
     if not new:
         raise PaloraError(f"{folder}: the adapter holds no LoRA layer")

@@ -157,7 +157,8 @@ class Siamese(nn.Module):
         for name, layer in palora.find_targets(model, targets).items():
             target = palora.Target(layer.weight.detach(), None, None, None)
             A, B = palora.lora_factors(target, r, generator)
-            palora.replace(model, name, LoRALinear(layer.weight, A, B, alpha))
+            new = LoRALinear(layer.weight, A, B, alpha, like=type(layer))
+            palora.replace(model, name, new)
         self.model, self.targets, self.r, self.alpha = model, tuple(targets), r, alpha
         device = model.lm_head.weight.device
         self.gate = Gate(model.args.hidden_size, gate_rank, generator, device)

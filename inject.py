@@ -5,7 +5,7 @@ the expert moved furthest from 1 (indices in the base weight's spectrum). Severa
 the first is the base, all are probes (their S united).
 Training stops when greedy answers recall --recall-target of the trained facts (checked after every
 epoch), or after --epochs. The defaults are the setting that measured best on facts it was not
-chosen on (README, "Stage two on facts it never saw"): palora_act (the probe's output side, the
+chosen on (docs/results.md, "facts it never saw"): palora_act (the probe's output side, the
 skill's input directions), known facts mixed in and their input directions protected, lr 2e-3. The
 baselines and what each protects: adapters.METHODS, palora.METHODS; imsm (a frozen and a LoRA stream
 mixed by a gate) and smf (memory layers, sparse slot updates) are the other answers to the same

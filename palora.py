@@ -26,8 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Linear, linear
-
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")  # the one place default targets are named
 # float32 unit roundoff: merge checks and the float32 leakage bound are multiples of it
 U32 = 2.0**-24
@@ -76,10 +74,11 @@ def replace(model: nn.Module, name: str, module: nn.Module):
     setattr(model.get_submodule(parent), child, module)
 
 
-def frozen_linear(W: torch.Tensor) -> nn.Linear:
-    """A frozen bias-free model.Linear holding W (out, in): a merged weight, the next stage's
-    base."""
-    layer = Linear(W.shape[1], W.shape[0], bias=False, device="meta")
+def frozen_linear(W: torch.Tensor, like: type = nn.Linear) -> nn.Linear:
+    """A frozen bias-free linear layer holding W (out, in): a merged weight, the next stage's
+    base. Of class `like`, nn.Linear or a subclass with its constructor: the class of the layer
+    it stands in for, so that a model's own forward (model.Linear's CPU fast path) stays."""
+    layer = like(W.shape[1], W.shape[0], bias=False, device="meta")
     layer.weight = nn.Parameter(W, requires_grad=False)
     return layer
 
@@ -131,11 +130,13 @@ class SVFLinear(nn.Module):
     in) R numbers against W's out · in, 1.375x for SmolLM2's 576 x 1536); parameters, not buffers,
     so that FSDP2 shards them as it shards W. z (R,), initialised at 1 (W' = W), is the only trained
     one. U and Vh may be bfloat16 (CUDA autocast); s and z stay float32.
+    `like` is the class merge_svf gives W' (the replaced layer's: frozen_linear).
     """
 
-    def __init__(self, U, s, Vh, z=None):
+    def __init__(self, U, s, Vh, z=None, like: type = nn.Linear):
         super().__init__()
         self.out_features, self.in_features = U.shape[0], Vh.shape[1]
+        self.like = like
         self.U = nn.Parameter(U, requires_grad=False)
         self.s = nn.Parameter(wide(s), requires_grad=False)
         self.Vh = nn.Parameter(Vh, requires_grad=False)
@@ -162,7 +163,7 @@ def add_svf(model: nn.Module, svds: dict, z: dict | None = None) -> dict[str, nn
                 f"{name}: z has shape {tuple(z[name].shape)}, the weight has R = {len(s)}"
             )
         U, s, Vh = U.to(W.device, W.dtype), s.to(W.device), Vh.to(W.device, W.dtype)
-        new = SVFLinear(U, s, Vh, None if z is None else z[name])
+        new = SVFLinear(U, s, Vh, None if z is None else z[name], like=type(layer))
         replace(model, name, new)
         zs[name] = new.z
     return zs
@@ -189,7 +190,7 @@ def merge_svf(model: nn.Module) -> nn.Module:
         factored = ((x @ Vh.T) * sm) @ U.T  # (8, in) -> (8, R) -> (8, out)
         err = (x @ W.T - factored).norm() / (x.norm() * sm.abs().max())
         assert err <= 2 * (len(sm) + W.shape[1]) * U32, f"{name}: merged W' is {err:.1e} off"
-        replace(model, name, frozen_linear(W.to(layer.U.dtype)))
+        replace(model, name, frozen_linear(W.to(layer.U.dtype), layer.like))
     return model
 
 
@@ -296,25 +297,31 @@ class LoRALinear(nn.Module):
     """y = x Wᵀ + (alpha/r) (x A_pᵀ) B_pᵀ: dW = (alpha/r) B_p A_p = (I - U_S U_Sᵀ) B A (I - V_S
     V_Sᵀ) alpha/r.
 
-    W (out, in) frozen; A (r, in), B (out, r) trained; U_S (out, k), V_S (in, k) frozen orthonormal
-    (None = unprotected), parameters so that FSDP2 shards them. B_p, A_p are recomputed from A, B
-    at every forward, so U_Sᵀ dW = 0 = dW V_S whatever the optimizer does; the dense projectors are
-    never formed.
+    W (out, in) frozen, in `base`, a frozen_linear of class `like` (the replaced layer's, so x Wᵀ
+    runs through the model's own forward); A (r, in), B (out, r) trained; U_S (out, k), V_S (in,
+    k) frozen orthonormal (None = unprotected), parameters so that FSDP2 shards them. B_p, A_p
+    are recomputed from A, B at every forward, so U_Sᵀ dW = 0 = dW V_S whatever the optimizer
+    does; the dense projectors are never formed.
     `moved` = (A0, B0) when the init took (alpha/r) B0 A0 out of W (PiSSA, MiLoRA), for the export.
     """
 
-    def __init__(self, weight, A, B, alpha: float, U_S=None, V_S=None, moved=None):
+    def __init__(self, weight, A, B, alpha: float, U_S=None, V_S=None, moved=None, like=nn.Linear):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.r, self.alpha = A.shape[0], alpha
         self.scale = alpha / self.r
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.base = frozen_linear(weight.detach(), like)
         self.A = nn.Parameter(A.detach().clone())
         self.B = nn.Parameter(B.detach().clone())
         A0, B0 = moved if moved else (None, None)
         for name, t in (("U_S", U_S), ("V_S", V_S), ("A0", A0), ("B0", B0)):
             t = None if t is None else nn.Parameter(t.detach().to(A).clone(), requires_grad=False)
             self.register_parameter(name, t)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """W (out, in), the frozen base weight."""
+        return self.base.weight
 
     def projected(self):
         """(A_p, B_p) in the factors' precision: autocast off (a bfloat16 projection leaks 1e-2)."""
@@ -325,7 +332,7 @@ class LoRALinear(nn.Module):
         A, B = self.projected()
         h = F.linear(x, A.to(x.dtype))  # x A_pᵀ: (..., in) @ (in, r) -> (..., r)
         dh = F.linear(h, B.to(x.dtype))  # (..., r) @ (r, out) -> (..., out)
-        return linear(x, self.weight) + self.scale * dh
+        return self.base(x) + self.scale * dh
 
 
 def delta_weight(layer: LoRALinear) -> torch.Tensor:
@@ -349,12 +356,14 @@ def leakage(dW: torch.Tensor, U_S=None, V_S=None) -> tuple[float, float]:
 
 
 class Target(NamedTuple):
-    """What an initialisation may use for one weight: W (out, in), its SVD, protected S, V_act."""
+    """What an initialisation may use for one weight: W (out, in), its SVD, protected S, V_act,
+    and the class of its layer (the LoRALinear's base keeps it: frozen_linear)."""
 
     W: torch.Tensor
     svd: tuple | None
     S: torch.Tensor | None
     V_act: torch.Tensor | None
+    like: type = nn.Linear
 
 
 def lora_factors(t: Target, r: int, generator):
@@ -367,18 +376,19 @@ def lora_factors(t: Target, r: int, generator):
 
 def init_lora(t: Target, r, alpha, generator):
     """Plain LoRA: nothing protected."""
-    return LoRALinear(t.W, *lora_factors(t, r, generator), alpha)
+    return LoRALinear(t.W, *lora_factors(t, r, generator), alpha, like=t.like)
 
 
 def init_protected(t: Target, r, alpha, generator):
     """PALoRA (S = the probe's), top-k and random (S = same_count's): S protected on both sides."""
-    return LoRALinear(t.W, *lora_factors(t, r, generator), alpha, *protected_bases(t.svd, t.S))
+    bases = protected_bases(t.svd, t.S)
+    return LoRALinear(t.W, *lora_factors(t, r, generator), alpha, *bases, like=t.like)
 
 
 def init_palora_act(t: Target, r, alpha, generator):
     """Ours: output side from the probe (U_S), input side from the skill's activations (V_act)."""
     U_S = protected_bases(t.svd, t.S)[0]
-    return LoRALinear(t.W, *lora_factors(t, r, generator), alpha, U_S, t.V_act)
+    return LoRALinear(t.W, *lora_factors(t, r, generator), alpha, U_S, t.V_act, like=t.like)
 
 
 def init_spectral(t: Target, r, alpha, generator, top: bool):
@@ -395,7 +405,7 @@ def init_spectral(t: Target, r, alpha, generator, top: bool):
     A = root[:, None] * Vh[idx]  # (r, in)
     B = U[:, idx] * (root * s[idx].sign())  # (out, r)
     W0 = wide(t.W) - (alpha / r) * (B @ A).to(wide(t.W))  # (out, r) @ (r, in) -> (out, in)
-    return LoRALinear(W0.to(t.W.dtype), A, B, alpha, moved=(A, B))
+    return LoRALinear(W0.to(t.W.dtype), A, B, alpha, moved=(A, B), like=t.like)
 
 
 METHODS = {
@@ -437,7 +447,8 @@ def add_lora(
     layers = {n: m for n, m in model.named_modules() if n in svds and isinstance(m, nn.Linear)}
     for name, layer in layers.items():
         S = (protected or {}).get(name)
-        t = Target(layer.weight.detach(), svds[name], S, (input_bases or {}).get(name))
+        V_act = (input_bases or {}).get(name)
+        t = Target(layer.weight.detach(), svds[name], S, V_act, type(layer))
         replace(model, name, METHODS[method](t, r, alpha, generator))
     return lora_params(model)
 
@@ -447,7 +458,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Replace each LoRALinear by a frozen nn.Linear holding W + dW, summed in float32 or wider."""
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
         W = wide(layer.weight) + delta_weight(layer)
-        replace(model, name, frozen_linear(W.to(layer.weight.dtype)))
+        replace(model, name, frozen_linear(W.to(layer.weight.dtype), type(layer.base)))
     return model
 
 

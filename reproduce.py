@@ -197,7 +197,7 @@ def inject_one(cfg: Config, svf: Path, facts: Path, seed: int, out: Path, overri
 def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
     """Every (setting, seed) run."""
     settings = {m: {"method": m} for m in parse_targets(cfg.methods)}
-    if "smf" in settings:  # its own lr, from a probe on 8 facts (README, "SMF at a learning rate")
+    if "smf" in settings:  # its own lr: docs/results.md, "SMF at a learning rate of its own"
         settings["smf"]["lr"] = cfg.smf_lr
     if cfg.sweep:
         variants = sweep_variants(cfg.lr)

@@ -1,4 +1,4 @@
-"""Benchmark palora.py on the default checkpoint: the costs the README's table quotes, as ratios.
+"""Benchmark palora.py on the default checkpoint: the costs docs/performance.md quotes, as ratios.
 
 1. an SVF training step in factored form (palora.SVFLinear: y = ((x Vhᵀ) ⊙ s ⊙ m) Uᵀ) against
    rebuilding W' = U diag(s ⊙ m) Vh for every target at every step, as Transformer²'s code does;

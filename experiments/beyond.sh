@@ -63,7 +63,7 @@ if [ "$PART" = capacity ]; then
   done
 fi
 
-# 5. SMF at a learning rate of its own (issue 12; the README's SMF paragraph): a probe on the first 8
+# 5. SMF at a learning rate of its own (issue 12; docs/results.md's SMF paragraph): a probe on the first 8
 #    facts without replay, 12 one-step epochs at lr 0.02, 0.2 and 2.0; then lr 2.0 on the comparison's
 #    40 facts (its replay and stopping rule) and its row beside IMSM and LoRA. That run is now
 #    $R/smf-s0 (reproduce.py's name for it, --smf-lr 2.0 its default); lr 5e-3's is smf-lr0.005-s0.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage-two experiments of the README, in priority order; each step reuses finished runs (reproduce.py
+# Stage-two experiments of docs/results.md, in priority order; each step reuses finished runs (reproduce.py
 # and inject.py refuse a folder holding another run), so a killed script continues where it stopped.
 #   nohup bash experiments/stage2.sh [all|heldout|methods|known|seed1|heldout-known|lane-a|lane-b] \
 #     > runs/stage2.log 2>&1 &

@@ -1,4 +1,4 @@
-"""Print an evaluate.py results.json as the README's markdown table and its paired intervals; with
+"""Print an evaluate.py results.json as docs/results.md's tables and its paired intervals; with
 --by-layer, where each method's update reaches the skill's inputs (interference per matrix kind and
 third of the depth, mean over seeds) and, with a file name, a plot of it per layer.
 

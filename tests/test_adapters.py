@@ -232,6 +232,8 @@ def test_peft_loads_our_adapter(tmp_path, ckpt, method):
     fresh, _ = model_lib.load(folder)  # and back: our load_peft on an untouched model
     layers, meta = adapters.load_peft(fresh, tmp_path / "adapter", identity)
     assert len(layers) == 6 and meta["method"] == method and meta["checkpoint"] == identity
+    # x Wᵀ still through the model's own linear (its CPU fast path), as before the adapter
+    assert all(type(layer.base) is model_lib.Linear for layer in layers.values())
     with torch.no_grad():
         assert torch.allclose(fresh(ids), expected, atol=1e-5)
     with pytest.raises(PaloraError, match="made for checkpoint"):

@@ -75,6 +75,8 @@ def test_starts_as_the_model(folder):
         siamese = imsm.Siamese(model, r=4, alpha=8.0, gate_rank=4)
         got = siamese(tokens, attention_mask=mask)
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    layers = imsm.lora_layers(model)  # x Wᵀ still through the model's own linear (fast path)
+    assert layers and all(type(layer.base) is model_lib.Linear for layer in layers)
     assert not any(
         p.requires_grad for n, p in model.named_parameters() if n[-2:] not in (".A", ".B")
     )

@@ -9,6 +9,9 @@ formula they factor, selections with the components the test itself moved.
 """
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from hypothesis import strategies as st
 import palora
 from palora import LoRALinear, PaloraError
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = settings(max_examples=15, deadline=None)
 # float64: ||U_Sᵀ dW|| / ||dW|| stays within a few hundred unit roundoffs (2^-53 ≈ 1.1e-16) for
 # these sizes; 1e-10 is ~10^6 u, loose enough for any shape here and far below any real leak.
@@ -433,6 +437,50 @@ def test_methods_start_at_the_base(method):
     assert torch.allclose(layer(x), y, atol=1e-5)
     if method == "topk":  # the 2 largest components of the adapted weight, not the probe's [1, 5]
         assert torch.allclose(layer.U_S.abs(), svds["gate_proj"][0][:, :2].abs())
+
+
+class Counted(nn.Linear):
+    """A model's own linear class (as model.Linear, whose forward is a CPU fast path): counts its
+    forward calls, so a test sees whether a layer palora built still runs through it."""
+
+    calls = 0
+
+    def forward(self, x):
+        Counted.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("method", list(palora.METHODS))
+def test_layers_palora_builds_keep_the_models_linear_class(method):
+    """The expert merge, every method's LoRALinear base and the merged layer are of the replaced
+    layer's class, and x Wᵀ runs through its forward: a model's fast path survives every stage."""
+    W = torch.randn(8, 12, generator=seeded(0))
+    model = nn.ModuleDict({"gate_proj": palora.frozen_linear(W, Counted)})
+    svds = palora.svds(model, ("gate_proj",))
+    palora.merge_expert(model, svds, {"gate_proj": torch.linspace(0.5, 1.5, 8)})
+    assert type(model["gate_proj"]) is Counted
+    svds = palora.svds(model, ("gate_proj",))
+    protected = palora.same_count(method, {"gate_proj": torch.tensor([1, 5])}, svds, seed=0)
+    bases = {"gate_proj": orthonormal(12, 2, seed=2).float()}
+    palora.add_lora(model, method, 3, 6.0, svds, protected, bases, seed=0)
+    assert type(model["gate_proj"].base) is Counted
+    calls = Counted.calls
+    model["gate_proj"](torch.randn(2, 12, generator=seeded(1)))
+    assert Counted.calls == calls + 1
+    palora.merge_lora(model)
+    assert type(model["gate_proj"]) is Counted
+
+
+def test_import_palora_loads_no_project_module():
+    """palora.py is the method in torch alone: importing it loads none of the repository's
+    modules (model.py would bring checkpoints, cli, tokenizer, jinja2, tokenizers)."""
+    code = "import palora, sys; print(sorted(sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    project = {p.stem for p in REPO.glob("*.py")}
+    assert len(project) > 10  # the repository's top-level modules were found
+    assert project & set(done.stdout.split("'")) == {"palora"}
 
 
 def test_add_lora_is_seeded():
