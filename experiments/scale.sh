@@ -29,7 +29,7 @@ inject() {  # inject OUT [flags...]: a run, skipped when finished, resumed when 
   local out=$1; shift
   if [ -f "$out/summary.json" ]; then return; fi
   local resume=--overwrite; [ -f "$out/state.safetensors" ] && resume=--resume
-  /usr/bin/time -v python inject.py --svf "$SVF" --out "$out" $resume "$@" 2> >(tee "$out.time" >&2)
+  /usr/bin/time -v -o "$out.time" python inject.py --svf "$SVF" --out "$out" $resume "$@"
 }
 
 select_eval() {  # select_eval OUT FACTS RUN...: scored on the selection items
