@@ -1,0 +1,100 @@
+"""Tables of experiments/scale.sh from its results: evaluate.py's results.json (each row's metrics
+with a 95% interval on every share, Wilson's, and locality per relation of the known facts the base
+answers) and stream_recall.py's recall matrices.
+
+    python experiments/scale_table.py runs/scale/eval-c1000/results.json --known FILE
+    python experiments/scale_table.py --stream runs/scale/cs-protect-recall.json
+"""
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+import tasks  # noqa: E402
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of k successes in n (exact at the ends, unlike the normal one)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def share(oks: list) -> str:
+    k, n = sum(oks), len(oks)
+    lo, hi = wilson(k, n)
+    return f"{k / n:.3f} ({k}/{n}; {lo:.2f}-{hi:.2f})" if n else "-"
+
+
+def rows_table(path: Path, known: Path):
+    """One line per row: strict and held-out-template accuracy, retention, recall, paraphrases,
+    locality; then locality per relation over the known facts the base answers."""
+    result = json.loads(path.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    base = next(r for r in result["rows"] if r["group"] == "base")
+    kinds = [r.get("type", "general") for r in tasks.read_jsonl(known)]
+    answered = [i for i, ok in enumerate(base["items"]["known_ok"]) if ok]
+    print(
+        "| row | strict | strict, held-out templates | retention | retention_ood | recall | "
+        "paraphrases | locality |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        items = r["items"]
+        kept = [items["known_ok"][i] for i in answered]
+        cells = [
+            share(items["reasoning_strict"]),
+            share(items["reasoning_ood_strict"]),
+            f"{r.get('retention', math.nan):.3f}",
+            f"{r.get('retention_ood', math.nan):.3f}",
+            share(items["facts_ok"]),
+            share(items["paraphrases_ok"]),
+            share(kept),
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nlocality per relation (known facts the base answers):\n")
+    names = list(rows)
+    print("| relation | n | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    by_kind = defaultdict(list)
+    for i in answered:
+        by_kind[kinds[i]].append(i)
+    for kind, idx in sorted(by_kind.items()):
+        cells = [f"{sum(rows[n]['items']['known_ok'][i] for i in idx)}/{len(idx)}" for n in names]
+        print(f"| {kind} | {len(idx)} | " + " | ".join(cells) + " |")
+
+
+def stream_table(path: Path):
+    """recall[k][j]: round j's facts after round k, and the mean over every earlier round."""
+    result = json.loads(path.read_text())
+    matrix = result["recall"]
+    rounds = len(matrix)
+    print("| after round | " + " | ".join(f"r{j + 1}" for j in range(rounds)) + " | earlier |")
+    print("|---|" + "---|" * (rounds + 1))
+    for k, row in enumerate(matrix):
+        earlier = sum(row[:k]) / k if k else math.nan
+        cells = [f"{x:.2f}" for x in row] + ["-"] * (rounds - len(row))
+        print(f"| {k + 1} | " + " | ".join(cells) + f" | {earlier:.3f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="?", help="evaluate.py's results.json")
+    parser.add_argument("--known", default="data/known/known_confirm.jsonl")
+    parser.add_argument("--stream", help="stream_recall.py's JSON")
+    args = parser.parse_args()
+    if args.results:
+        rows_table(Path(args.results), Path(args.known))
+    if args.stream:
+        stream_table(Path(args.stream))
+
+
+if __name__ == "__main__":
+    main()
