@@ -48,6 +48,7 @@ confirm_eval() {  # confirm_eval OUT FACTS RUN...: scored on the locked confirma
 
 PART=${1:?part}
 FAST="--mix-skill none --batch-size 16"  # the levers under test; see each part
+RECIPE="--mix-skill none --batch-size 16 --recall-target 0.95"  # for many facts (part 2 measures it)
 
 # 1. Throughput: one epoch of 200 selection facts, the defaults against each lever.
 if [ "$PART" = throughput ]; then
@@ -95,19 +96,23 @@ fi
 # 4. The headline: the shipped defaults on 1,000 facts none of the choices was made on.
 if [ "$PART" = headline ]; then
   F=$(facts confirm 1000)
-  inject $S/c1000 --facts "$F"
+  inject $S/c1000 --facts "$F" $RECIPE
   confirm_eval $S/eval-c1000 "$F" $S/c1000
 fi
 
 # 5. The stream on confirmation facts: 10 rounds of 100, VARIANT=protect (the shipped defaults)
-#    or VARIANT=none (no earlier round protected: the control), side by side.
+#    or VARIANT=none (no earlier round protected: the control), side by side. Start protect first:
+#    round 1 is shared (the other variant waits for it).
 if [ "$PART" = stream ]; then
   variant=${VARIANT:?VARIANT}
   flags=""; [ "$variant" = none ] && flags="--act-earlier 0 --mix-earlier 0"
   after=""; runs=()
   for k in $(seq 1 10); do
+    while [ "$k" = 1 ] && [ "$variant" = none ] && [ ! -f $S/cs-r01/summary.json ]; do sleep 30; done
     out=$S/cs-$variant-r$(printf %02d $k)
-    inject $out --facts "$(slice confirm $(((k - 1) * 100)) 100)" $flags ${after:+--after $after}
+    [ "$k" = 1 ] && out=$S/cs-r01  # round 1 has no earlier round: one run for both variants
+    inject $out --facts "$(slice confirm $(((k - 1) * 100)) 100)" $RECIPE $flags \
+      ${after:+--after $after}
     after=$out; runs+=("$out")
   done
   python experiments/stream_recall.py --svf "$SVF" --out $S/cs-$variant-recall.json "${runs[@]}"
