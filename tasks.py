@@ -185,12 +185,21 @@ def encode_example(tokenizer, question: str, answer: str, max_len: int):
 
 def input_covariances(model, tokenizer, records: list, names, max_len: int) -> dict:
     """palora.activation_covariances of each named linear over the examples (prompt + answer),
-    run one at a time so that no padding row counts; an example longer than max_len is skipped."""
+    examples of one length run as one batch, so that no padding row counts and a thousand short
+    facts take a few forwards, not a thousand; an example longer than max_len is skipped."""
     device = next(model.parameters()).device
     ids = [encode_example(tokenizer, r["question"], r["answer"], max_len)[0] for r in records]
-    ids = [x for x in ids if x]
-    bar = lambda: tqdm(ids, desc="input covariances", unit="example", file=sys.stderr, leave=None)
-    run = lambda: [model(torch.tensor([x], device=device)) for x in bar()]
+    by_length = {}
+    for x in ids:
+        if x:
+            by_length.setdefault(len(x), []).append(x)
+    batches = [  # at most 64 rows a batch: the memory of one forward stays bounded
+        torch.tensor(rows[i : i + 64], device=device)
+        for _, rows in sorted(by_length.items())
+        for i in range(0, len(rows), 64)
+    ]
+    bar = lambda: tqdm(batches, desc="input covariances", unit="batch", file=sys.stderr, leave=None)
+    run = lambda: [model(x) for x in bar()]  # (b, T) of one length: no padding
     return palora.activation_covariances(model, names, run)
 
 

@@ -380,3 +380,29 @@ def test_answering_shows_progress_on_stderr_unless_quiet(tokenizer, capsys):
     assert shown.out == ""
     tasks.answer(net, tokenizer, ["Hi"], max_new_tokens=2, desc="scoring x", quiet=True)
     assert capsys.readouterr().err == ""
+
+
+def test_input_covariances_batch_by_length_as_one_at_a_time(setup):
+    """Examples of one length run as one batch: every covariance equals the sum of x xᵀ over each
+    example run alone (float64 sums, float32 forwards), and no padding row counts."""
+    import palora
+
+    model, tokenizer = M.load(setup.ckpt)
+    records = [
+        {"question": q, "answer": a}
+        for q, a in [
+            ("Hi?", "Yes"),
+            ("Who?", "Ann"),
+            ("What is it?", "A long answer"),
+            ("Ok?", "No"),
+        ]
+    ]
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.gate_proj"]
+    got = tasks.input_covariances(model, tokenizer, records, names, 512)
+    ids = [tasks.encode_example(tokenizer, r["question"], r["answer"], 512)[0] for r in records]
+    assert len({len(x) for x in ids}) < len(ids)  # some share a length: a batch of 2+ rows
+    alone = palora.activation_covariances(
+        model, names, lambda: [model(torch.tensor([x])) for x in ids]
+    )
+    for n in names:
+        assert torch.allclose(got[n], alone[n], rtol=1e-5, atol=1e-5 * alone[n].abs().max())
