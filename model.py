@@ -731,9 +731,11 @@ def answer(model, tokenizer, question: str, args, generator):
 
 
 def model_args(model) -> ModelArgs:
-    """The ModelArgs of a Transformer, compiled or wrapped (imsm's Siamese holds one as .model)."""
+    """The ModelArgs of a Transformer, compiled or wrapped (imsm's Siamese holds one as .model).
+    Not isinstance: run as a script this file is __main__, and adapters builds the model from
+    the module `model`, whose Transformer is another class."""
     core = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    return core.args if isinstance(core, Transformer) else core.model.args
+    return core.args if hasattr(core, "args") else core.model.args
 
 
 def main(argv=None):

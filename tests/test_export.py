@@ -7,9 +7,10 @@ takes); CPU, seconds. llama.cpp itself answers from a GGUF of the real model in
 tests/test_llama_cpp.py.
 """
 
-import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +28,7 @@ from convert_gguf import convert_gguf
 from runs import FACTS, SKILL, config, make_expert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parent.parent
 
 SMOLLM_PRE = {  # SmolLM2's tokenizer.json pre_tokenizer: llama.cpp's `smollm`
     "type": "Sequence",
@@ -129,13 +131,20 @@ def test_model_cli_answers_with_a_run_and_an_expert(runs, capsys):
     assert capsys.readouterr().out == greedy(expert, tokenizer, question, 8) + "\n"
 
 
-def test_model_cli_reads_questions_until_end_of_input(runs, capsys, monkeypatch):
+def test_model_cli_reads_questions_until_end_of_input(runs):
+    """As a script (model.py is __main__ there, and adapters imports it again as `model`)."""
     questions = [FACTS[0]["question"], FACTS[5]["question"]]
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"{questions[0]}\n\n{questions[1]}\n"))
-    model_lib.main(["--run", str(runs.root / "second"), "--max-new-tokens", "6"])
+    run = ["--run", str(runs.root / "second"), "--svd-cache", runs.cache, "--max-new-tokens", "6"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "model.py"), *run],
+        input=f"{questions[0]}\n\n{questions[1]}\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
     model, tokenizer, _ = adapters.run_model(runs.root / "second", svd_cache=runs.cache)
-    want = "".join(greedy(model, tokenizer, q, 6) + "\n" for q in questions)
-    assert capsys.readouterr().out == want
+    assert done.stdout == "".join(greedy(model, tokenizer, q, 6) + "\n" for q in questions)
 
 
 def test_answers_are_written_token_by_token(runs):
