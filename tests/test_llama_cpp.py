@@ -22,6 +22,7 @@ import export
 import inject
 import model as model_lib
 import tasks
+from convert_gguf import smollm2_gguf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,11 +84,30 @@ def inject_facts(root: Path) -> Path:
     return root / "run"
 
 
+def model_keys(path: Path) -> dict:
+    """A GGUF's architecture and tokenizer metadata (not general.*: name, file type): key ->
+    (value types, values: strings as bytes, numbers as lists)."""
+    from gguf import GGUFReader
+
+    keys = {}
+    for key, field in GGUFReader(path).fields.items():
+        if not key.startswith(("llama.", "tokenizer.")):
+            continue
+        strings = field.types[-1].name == "STRING"
+        values = []
+        for i in field.data:  # the parts holding the value (a list's items)
+            values.append(bytes(field.parts[i]) if strings else field.parts[i].tolist())
+        keys[key] = ([t.name for t in field.types], values)
+    return keys
+
+
 def test_llama_cpp_recalls_the_injected_facts_from_the_f16_gguf(tmp_path):
     require_llama_cpp()  # before two minutes of work
     run = inject_facts(tmp_path)
     gguf = tmp_path / "facts-f16.gguf"
     export.main([str(run), str(gguf), "--to", "gguf", "--svd-cache", str(tmp_path / "cache")])
+    original = smollm2_gguf(checkpoints.CHECKPOINTS_DIR / ".downloads")  # llama.cpp's own file
+    assert model_keys(gguf) == model_keys(original)  # every llama.* and tokenizer.* key and value
     questions = [f["question"] for f in FACTS]
     theirs = llama_cpp_answers(gguf, questions)
     model, tokenizer, _ = adapters.run_model(run, svd_cache=str(tmp_path / "cache"))
