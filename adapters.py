@@ -12,6 +12,8 @@ explicitly: a file made for another checkpoint is refused, naming it.
 The dispatch: METHODS; attach (put a method on a model, get the module that trains and answers and
 its name -> trainable Parameter); optimizer and step (what inject.py's loop does per method);
 save_run and load_run. One if/elif on the method in each; a new method is a module plus one branch.
+expert_model and run_model: the model a user asks (model.py --svf, --run) or exports (export.py),
+built as evaluate.py builds its rows.
 """
 
 import hashlib
