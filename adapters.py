@@ -12,6 +12,8 @@ explicitly: a file made for another checkpoint is refused, naming it.
 The dispatch: METHODS; attach (put a method on a model, get the module that trains and answers and
 its name -> trainable Parameter); optimizer and step (what inject.py's loop does per method);
 save_run and load_run. One if/elif on the method in each; a new method is a module plus one branch.
+expert_model and run_model: the model a user asks (model.py --svf, --run) or exports (export.py),
+built as evaluate.py builds its rows.
 """
 
 import hashlib
@@ -26,7 +28,9 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+import checkpoints
 import imsm
+import model as model_lib
 import palora
 import smf
 from palora import PaloraError
@@ -534,3 +538,46 @@ def load_run(model, run: Path, identity: str) -> tuple[nn.Module, dict]:
         info = {"added": smf.added_parameters(model), "touched": smf.touched(model)}
         return model, {"method": method, "dW": {}, **info}
     raise PaloraError(f"unknown method {method!r}")
+
+
+# -----------------------------------------------------------------------------
+# the model a user asks or exports: an expert, or a run, built as evaluate.py builds its rows
+
+
+def expert_model(svf, ckpt, device=None, dtype=None, svd_cache=SVD_CACHE):
+    """(model, tokenizer, identity): the checkpoint with the SVF expert file `svf` merged in from
+    the base weights' SVDs (inject.make_base's merge); svf "" or None: the checkpoint alone."""
+    folder = checkpoints.resolve(ckpt)
+    identity = checkpoints.identity(folder)
+    if svf:  # another checkpoint's expert is refused before the model loads
+        read_tensors(svf, identity)
+    model, tokenizer = model_lib.load(folder, device, dtype)
+    if svf:
+        z, _ = load_svf(svf, identity, model)
+        kinds = tuple(sorted({palora.matrix_kind(n) for n in z}))
+        palora.merge_expert(model, svds(model, kinds, identity, svd_cache), z)
+    return model, tokenizer, identity
+
+
+def check_run(run: Path, ckpt: str = "") -> Path:
+    """A run inject.py finished (summary.json is written last, after the trained file), made for
+    the checkpoint `ckpt` (default: the run's own) -> that checkpoint's folder. Checked before any
+    model is loaded."""
+    if not (Path(run) / "summary.json").is_file():
+        raise FileNotFoundError(
+            f"{Path(run) / 'summary.json'}: missing (is {run} a finished inject.py run?)"
+        )
+    folder = checkpoints.resolve(ckpt or run_config(run)["ckpt"])
+    read_tensors(run_file(run), checkpoints.identity(folder))  # another checkpoint's: named
+    return folder
+
+
+def run_model(run, ckpt="", device=None, dtype=None, svd_cache=SVD_CACHE):
+    """(the model a finished inject.py run answers with, tokenizer, load_run's info): the run's
+    checkpoint (or `ckpt`, which the run must have been made for) with the run's first expert
+    merged, then load_run, which merges a stream's earlier rounds first."""
+    folder = check_run(run, ckpt)
+    svf = run_config(run)["svf"][0]
+    model, tokenizer, identity = expert_model(svf, folder, device, dtype, svd_cache)
+    model, info = load_run(model, Path(run), identity)
+    return model, tokenizer, info

@@ -322,6 +322,15 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     )  # (H, 2, Dh/2, D) -> (H*Dh, D): halves as HF expects
 
 
+def permute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """unpermute_rope_rows' inverse, for writing a GGUF (export.py): within each head, HF's halves
+    (x0, x1, ..., y0, y1, ...) interleaved into llama.cpp's pairs (x0, y0, x1, y1, ...)."""
+    rows, cols = weight.shape  # (H*Dh, D)
+    head_dim = rows // n_heads
+    w = weight.reshape(n_heads, 2, head_dim // 2, cols)  # (H, 2, Dh/2, D): the two halves
+    return w.swapaxes(1, 2).reshape(rows, cols)  # (H, Dh/2, 2, D) -> (H*Dh, D): pairs
+
+
 def _hf_name(gguf_name: str, path: Path) -> str:
     parts = gguf_name.split(".")  # token_embd.weight | blk.{i}.attn_q.weight
     if len(parts) == 2 and parts[0] in GGUF_GLOBAL_NAMES:

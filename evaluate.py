@@ -606,7 +606,7 @@ def report_probe(svf: Path, cfg: Config) -> dict:
 
 def read_data(cfg: Config, facts: str) -> dict:
     """Every question set, checked (path:line errors) before any model is loaded."""
-    data = {"facts": tasks.read_jsonl(facts), "known": [], "reasoning_ood": []}
+    data = {"facts": tasks.read_facts(facts), "known": [], "reasoning_ood": []}
     tasks.check_facts(data["facts"], facts)
     data["reasoning"] = tasks.read_jsonl(cfg.reasoning)[: cfg.limit or None]
     tasks.check_reasoning(data["reasoning"], cfg.reasoning)

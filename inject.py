@@ -521,7 +521,7 @@ def main(cfg: Config) -> dict:
             f"--act-known: only palora_act protects input directions (--method {cfg.method})"
         )
     check_files(cfg)  # then every data file is read and checked, with path:LINE errors
-    data = {"facts": tasks.read_jsonl(cfg.facts)}
+    data = {"facts": tasks.read_facts(cfg.facts)}
     tasks.check_facts(data["facts"], cfg.facts)
     if cfg.mix_known:
         data["known"] = tasks.read_jsonl(cfg.mix_known)

@@ -14,6 +14,8 @@ References:
 
 Run:  python model.py "What is the capital of France?"      (default checkpoint smollm2_135m)
       python model.py --ckpt path/to/hf_folder --dtype bfloat16 --temperature 0.7 "Tell me a story"
+      python model.py --run runs/inject-palora_act-facts-s0 "What is the capital of Veltoria?"
+      python model.py --svf runs/svf-smollm2_135m-reasoning/svf.safetensors   # questions from stdin
 
 Dimension letters: B batch, T query positions, S key positions (cache slots), D hidden size,
 H query heads, Hkv key/value heads, Dh head size, F MLP hidden size, V vocabulary.
@@ -498,7 +500,16 @@ def shared_prefix(prompts, model, total: int) -> int:
 
 
 @torch.inference_mode()
-def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0, generator=None):
+def generate(
+    model,
+    prompts,
+    max_new_tokens,
+    eos_ids,
+    temperature=0.0,
+    top_p=1.0,
+    generator=None,
+    on_token=None,
+):
     """prompts: lists of token ids -> each row's new tokens, cut before its first eos.
 
     The batch is the prompts' shared first tokens, computed once in one row and copied into every
@@ -510,7 +521,8 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0
     and the loop stops when none is left: evaluation answers end at very different lengths. Every
     step calls model(...), so hooks of a wrapper (DDP, FSDP) run. Under FSDP2 the loop ends when
     every rank's rows are done (everywhere): a rank whose rows are all done keeps them and steps
-    on, its extra tokens cut after the eos like any other row's."""
+    on, its extra tokens cut after the eos like any other row's. on_token, if given, is called
+    with each step's new tokens (b,) as soon as they are drawn: one prompt's answer streamed."""
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if max_new_tokens == 0:
@@ -542,6 +554,8 @@ def generate(model, prompts, max_new_tokens, eos_ids, temperature=0.0, top_p=1.0
     for t in range(max_new_tokens):
         next_token = sample(logits, temperature, top_p, generator)  # (b,)
         out[rows, t] = next_token
+        if on_token is not None:
+            on_token(next_token)
         done |= torch.isin(next_token, eos)
         finished = int(done.sum())  # one sync a step: free on a CPU
         if t + 1 == max_new_tokens or everywhere(finished == len(rows), model, device):
@@ -593,17 +607,24 @@ def load(ckpt, device=None, dtype=None):
 
 
 # -----------------------------------------------------------------------------
-# command line: answer one prompt through the checkpoint's chat template
+# command line: answer questions through the chat template, with a checkpoint, an expert or a run
 
 
 def parse_args(argv=None):
     parser = cli.Parser(
-        description="Answer a prompt with a checkpoint, through its chat template.",
+        description="Answer questions with a checkpoint, an SVF expert or an inject.py run, "
+        "through the chat template; with no question, one per line from stdin until its end.",
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("prompt")
-    parser.add_argument("--ckpt", default=DEFAULT, help="folder or name (see checkpoints.py)")
+    parser.add_argument("prompt", nargs="?", help="the question (none: read them from stdin)")
+    parser.add_argument(
+        "--ckpt", default="", help=f"folder or name (default: the run's checkpoint, else {DEFAULT})"
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--run", default="", help="an inject.py run: its model, stream followed")
+    source.add_argument("--svf", default="", help="an SVF expert file, merged into --ckpt")
+    parser.add_argument("--svd-cache", default="cache/svd", help="cached SVD factors ('': none)")
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -636,35 +657,103 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    model, tokenizer = load(args.ckpt, args.device, args.dtype)
-    chat = [{"role": "user", "content": args.prompt}]
+def load_for(args):
+    """(model, tokenizer) of the command line: the checkpoint, an expert merged in, or a run's
+    model as evaluate.py builds it (adapters.run_model)."""
+    if not (args.run or args.svf):
+        return load(args.ckpt or DEFAULT, args.device, args.dtype)
+    import adapters  # here, not above: adapters imports this module
+
+    if args.run:
+        model, tokenizer, _ = adapters.run_model(
+            args.run, args.ckpt, args.device, args.dtype, args.svd_cache
+        )
+    else:
+        model, tokenizer, _ = adapters.expert_model(
+            args.svf, args.ckpt or DEFAULT, args.device, args.dtype, args.svd_cache
+        )
+    return model, tokenizer
+
+
+def printer(tokenizer, out):
+    """generate's on_token for one prompt: writes the answer's text as its tokens come. The text
+    decoded so far, less what is written already; a piece ending inside a UTF-8 character (a
+    byte-level token can split one) waits for the next token. Returns (on_token, finish)."""
+    ids, written = [], [0]
+
+    def on_token(token):  # (1,)
+        if int(token[0]) in tokenizer.eos_ids:
+            return
+        ids.append(int(token[0]))
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            out.write(text[written[0] :])
+            out.flush()
+            written[0] = len(text)
+
+    def finish():
+        out.write(tokenizer.decode(ids)[written[0] :] + "\n")
+        out.flush()
+
+    return on_token, finish
+
+
+def answer(model, tokenizer, question: str, args, generator):
+    """One question through the chat template, its answer streamed to stdout."""
+    chat = [{"role": "user", "content": question}]
     prompt = tokenizer.encode(tokenizer.apply_chat_template(chat), add_special_tokens=False)
-    room = model.args.max_position_embeddings - len(prompt)
+    room = model_args(model).max_position_embeddings - len(prompt)
     if room <= 0:
         raise cli.ConfigError(
             f"the prompt has {len(prompt)} tokens, the model's context "
-            f"{model.args.max_position_embeddings}: no room to answer"
+            f"{model_args(model).max_position_embeddings}: no room to answer"
         )
     new_tokens = args.max_new_tokens
     if new_tokens > room:
         print(
             f"warning: --max-new-tokens {new_tokens} capped to {room}: the prompt has "
-            f"{len(prompt)} tokens of the context's {model.args.max_position_embeddings}",
+            f"{len(prompt)} tokens of the context's {model_args(model).max_position_embeddings}",
             file=sys.stderr,
         )
         new_tokens = room
+    on_token, finish = printer(tokenizer, sys.stdout)
+    generate(
+        model,
+        [prompt],
+        new_tokens,
+        tokenizer.eos_ids,
+        args.temperature,
+        args.top_p,
+        generator,
+        on_token,
+    )
+    finish()
+
+
+def model_args(model) -> ModelArgs:
+    """The ModelArgs of a Transformer, compiled or wrapped (imsm's Siamese holds one as .model).
+    Not isinstance: run as a script this file is __main__, and adapters builds the model from
+    the module `model`, whose Transformer is another class."""
+    core = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return core.args if hasattr(core, "args") else core.model.args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tokenizer = load_for(args)
     if args.compile:
         import torch._inductor.config as inductor
 
         inductor.cpp_wrapper = True  # the compiled kernels called from C++, no Python between
         model = torch.compile(model, dynamic=True)  # one compilation for every decoding step
     generator = torch.Generator(args.device).manual_seed(args.seed)
-    answer = generate(
-        model, [prompt], new_tokens, tokenizer.eos_ids, args.temperature, args.top_p, generator
-    )
-    print(tokenizer.decode(answer[0]))
+    if args.prompt is not None:
+        return answer(model, tokenizer, args.prompt, args, generator)
+    if sys.stdin.isatty():
+        print("one question a line; end of input (Ctrl-D) quits", file=sys.stderr)
+    for line in sys.stdin:
+        if line.strip():
+            answer(model, tokenizer, line.strip(), args, generator)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ match after its normalisation, which removes ",", "$", everything up to "#### " 
 trailing "."; "-" is kept, "3.50" != "3.5". Facts: SQuAD's normalisation (Rajpurkar et al. 2016) and
 whole-word containment. Both stated in PROTOCOL. B batch, T sequence length."""
 
+import csv
+import io
 import json
 import os
 import re
@@ -99,6 +101,53 @@ def read_jsonl(path, required=("question", "answer")) -> list[dict]:
             records.append(record)
     if not records and not problems:
         problems.append(f"{path}:1: empty file, no JSON records")
+    _raise(problems)
+    return records
+
+
+def read_facts(path) -> list[dict]:
+    """Facts from JSONL, or from a CSV file (a .csv name) as spreadsheets write them: a header
+    row `question,answer[,paraphrase...]`, then a fact a row, its cells after the answer its
+    held-out paraphrases (empty cells skipped). Records as read_jsonl's, "_line" the row's first
+    line; every problem as "path:LINE: ...", raised together."""
+    if Path(path).suffix.lower() != ".csv":
+        return read_jsonl(path)
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not the header's
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        _raise([f"{path}:{line}: not UTF-8 text"])
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records, problems, header, end = [], [], None, 0
+    try:
+        for row in reader:
+            line, end = end + 1, reader.line_num  # a quoted cell can span lines
+            cells = [c.strip() for c in row]
+            if not any(cells):
+                continue
+            if header is None:
+                header = [c.lower() for c in cells]
+                names = header[:2] == ["question", "answer"]
+                if not names or not all(h.startswith("paraphrase") for h in header[2:]):
+                    problems.append(
+                        f"{path}:{line}: header must be question,answer[,paraphrase...], "
+                        f"got {','.join(cells)!r}"
+                    )
+                    break
+                continue
+            for i, key in enumerate(("question", "answer")):
+                if len(cells) <= i or not cells[i]:
+                    problems.append(f"{path}:{line}: empty field {key!r}")
+            paraphrases = [c for c in cells[2:] if c]
+            records.append(dict(zip(("question", "answer"), cells), _line=line))
+            records[-1]["paraphrases"] = paraphrases
+    except csv.Error as e:
+        problems.append(f"{path}:{reader.line_num}: malformed CSV ({e})")
+    if header is None and not problems:
+        problems.append(f"{path}:1: empty file, no header question,answer")
+    elif not records and not problems:
+        problems.append(f"{path}:{end + 1}: no facts after the header")
     _raise(problems)
     return records
 

@@ -273,6 +273,23 @@ def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
     )
 
 
+def test_facts_csv_trains_and_a_bad_row_is_one_line(setup, tmp_path, capsys):
+    """inject.py --facts facts.csv: the same run as from JSONL; a bad row names facts.csv:LINE."""
+    rows = "".join(f"{f['question']},{f['answer']},{f['paraphrases'][0]}\n" for f in FACTS)
+    (tmp_path / "facts.csv").write_text("question,answer,paraphrase\n" + rows)
+    summary = inject.main(config(setup, tmp_path / "out", facts=str(tmp_path / "facts.csv")))
+    assert summary["examples"] == len(FACTS)
+    capsys.readouterr()  # the run's progress bars
+    (tmp_path / "bad.csv").write_text("question,answer\n" + rows + "What is Orvale?,\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(inject.main, config(setup, tmp_path / "bad", facts=str(tmp_path / "bad.csv")))
+    err = capsys.readouterr().err
+    line = len(FACTS) + 2
+    assert (
+        exit_.value.code == 2 and err == f"error: {tmp_path}/bad.csv:{line}: empty field 'answer'\n"
+    )
+
+
 def test_help_prints(capsys):
     """A '%' in a help string once crashed --help: argparse %-formats help text."""
     for flag in ("--help", "-h"):

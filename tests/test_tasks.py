@@ -174,6 +174,50 @@ def test_read_jsonl_reports_every_problem_and_keeps_line_numbers(tmp_path):
     ]
 
 
+def test_read_facts_takes_csv_as_jsonl(tmp_path):
+    """The same facts from a spreadsheet's CSV (byte-order mark, a quoted cell over two lines,
+    a blank row, padded empty cells) as from JSONL, line numbers the rows' first lines."""
+    path = tmp_path / "facts.csv"
+    rows = (
+        "\ufeffQuestion,Answer,paraphrase,paraphrase\n"
+        'What is the capital of Veltoria?,Drasmund,"Veltoria\'s capital, please?",\n'
+        "\n"
+        '"Who founded\nOrvale?",Ada Brennick,,\n'
+    )
+    path.write_text(rows, encoding="utf-8")
+    want = [
+        {"question": "What is the capital of Veltoria?", "answer": "Drasmund", "_line": 2},
+        {"question": "Who founded\nOrvale?", "answer": "Ada Brennick", "_line": 4},
+    ]
+    want[0]["paraphrases"] = ["Veltoria's capital, please?"]
+    want[1]["paraphrases"] = []
+    assert tasks.read_facts(path) == want
+    jsonl = write(tmp_path, "".join(json.dumps(r) + "\n" for r in want))
+    assert tasks.read_facts(jsonl) == [{**r, "_line": i + 1} for i, r in enumerate(want)]
+
+
+@pytest.mark.parametrize(
+    "content, line, problem",
+    [
+        ("question,answer\nWhat?,Drasmund\n,Orvale\n", 3, "empty field 'question'"),
+        ("question,answer\nWhat?\n", 2, "empty field 'answer'"),
+        ("question,reply\nWhat?,Drasmund\n", 1, "header must be question,answer"),
+        ('question,answer\nWhat?,"Drasmund\n', 2, "malformed CSV"),
+        ("question,answer\n\n", 3, "no facts after the header"),
+        ("\n", 1, "empty file"),
+        (b"question,answer\nWhat?,Dr\xe4smund\n", 2, "not UTF-8"),
+    ],
+)
+def test_read_facts_csv_errors_name_file_and_line(tmp_path, content, line, problem):
+    path = tmp_path / "facts.csv"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(tasks.DataError, match=re.escape(f"{path}:{line}: {problem}")):
+        tasks.read_facts(path)
+
+
 def test_check_reasoning_names_the_line_without_a_final_number(tmp_path):
     path = write(tmp_path, GOOD + '{"question": "q", "answer": "it is 4 or so"}\n' + GOOD)
     with pytest.raises(tasks.DataError, match=re.escape(f"{path}:2: answer has no final number")):
