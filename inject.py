@@ -4,9 +4,12 @@ dW = (I - U_S U_Sᵀ) B A (I - V_S V_Sᵀ) · alpha/r. S = the components whose 
 the expert moved furthest from 1 (indices in the base weight's spectrum). Several --svf experts:
 the first is the base, all are probes (their S united).
 Training stops when greedy answers recall --recall-target of the trained facts (checked after every
-epoch), or after --epochs. The defaults are the setting that measured best on facts it was not
-chosen on (docs/results.md, "facts it never saw"): palora_act (the probe's output side, the
-skill's input directions), known facts mixed in and their input directions protected, lr 2e-3. The
+epoch on --recall-sample of them), or after --epochs; a run that misses the target keeps its best
+checked epoch and says so. The defaults (docs/facts-at-scale.md): palora_act (the probe's output
+side, the skill's input directions), known facts of the injected relations mixed in and their input
+directions protected, no replay of the skill's examples (its inputs are protected structurally),
+batch 16, lr 3e-3 on a cosine schedule, target 0.95; in a stream (--after), every earlier round's
+facts' input directions protected too (--act-earlier). The
 baselines and what each protects: adapters.METHODS, palora.METHODS; imsm (a frozen and a LoRA stream
 mixed by a gate) and smf (memory layers, sparse slot updates) are the other answers to the same
 problem, trained on the same facts, replay and stopping rule.
@@ -134,13 +137,13 @@ class Config:
         0.0, "protect this share of all components pooled (0: off)", ge=0, lt=1
     )
     recall_target: float = option(
-        0.9,
+        0.95,
         "stop once greedy answers recall this share of the trained facts (0: run --epochs)",
         ge=0,
         le=1,
     )
     epochs: int = option(20, "most passes over the facts (plus mixed-in examples)", ge=1)
-    lr: float = option(2e-3, "Adam learning rate for A and B (smf: SparseAdam's, for V)", gt=0)
+    lr: float = option(3e-3, "Adam learning rate for A and B (smf: SparseAdam's, for V)", gt=0)
     schedule: str = option(
         "cosine",
         "lr over the planned steps: cosine (warmup, then down to 0.1 lr) or constant",
@@ -162,7 +165,7 @@ class Config:
     smf_background: int = option(
         128, "smf: skill (and --mix-known) examples in the background corpus", ge=1
     )
-    batch_size: int = option(8, "examples per step", ge=1)
+    batch_size: int = option(16, "examples per step", ge=1, le=65536)
     seed: int = option(0, "seed for A's initialisation, data order, mixing and random protection")
     out: str = option("", "output folder (default runs/inject-<method>-<facts>-s<seed>)")
     overwrite: bool = option(False, "empty a non-empty --out first")
@@ -185,7 +188,7 @@ class Config:
         "JSONL of facts the model knows, mixed into training (2502.14502; '': none)",
     )
     mix_skill: str = option(
-        "expert",
+        "none",
         (
             "JSONL of the skill's examples mixed in (replay); 'expert': the SVF expert's training "
             "data, from its metadata; 'none': no replay"
