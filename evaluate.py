@@ -544,7 +544,7 @@ def verify(run: Path, cfg: Config) -> dict:
     for n, d in loaded["dW"].items():
         U_S, V_S = palora.protected_bases(model_svds[n], protected[n])
         leak[n] = palora.leakage(d, U_S.double(), V_S.double())
-    sides = {"palora_act": (0,)}.get(method, (0, 1) if method in palora.PROTECTING else ())
+    sides = adapters.record(method).protects  # the method's guarantee: what is checked
     name = max(leak, key=lambda n: max(leak[n][i] for i in sides) if sides else max(leak[n]))
     worst = max(leak[name][i] for i in sides) if sides else max(leak[name])
     ok = worst <= cfg.tolerance or not sides

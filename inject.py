@@ -247,12 +247,12 @@ def check_files(cfg: Config):
 
 def check_after(after: Path, method: str, svf: Path, out: Path):
     """--after: a finished run of the LoRA family (a weight update to merge) on the same expert."""
-    if method not in palora.METHODS:
+    if not adapters.record(method).weight_update:
         raise cli.ConfigError(f"--after: only the LoRA family continues a stream, not {method}")
     if after.resolve() == out.resolve():
         raise cli.ConfigError(f"--after {after}: the same folder as --out")
     before = adapters.run_method(after)  # a missing or unfinished run names its folder
-    if before not in palora.METHODS:
+    if not adapters.record(before).weight_update:
         raise cli.ConfigError(f"{adapters.run_file(after)}: {before} makes no update to merge")
     first = adapters.run_config(after)["svf"][0]
     if Path(first).resolve() != svf.resolve():
@@ -541,6 +541,7 @@ class Plan:
     records), the data read and checked, where the run reads from and writes to."""
 
     cfg: Config
+    method: adapters.Method  # what --method attaches, trains, saves and protects
     rule: tuple  # the probe's selection rule (palora.probe_rule)
     memory: adapters.Memory  # smf's settings; its corpus is filled once a tokenizer is loaded
     data: dict  # "facts", and the mixed-in "known", "skill", "earlier" records
@@ -569,7 +570,8 @@ def resolve(cfg: Config) -> Plan:
     or anything written: a bad input fails in seconds, naming itself."""
     rule = palora.probe_rule(cfg.probe_fraction, cfg.probe_threshold, cfg.probe_global_fraction)
     memory = adapters.Memory(cfg.smf_slots, cfg.smf_topk, cfg.smf_top_t, cfg.smf_score)  # checked
-    if cfg.act_known not in ("auto", "") and cfg.method != "palora_act":
+    method = adapters.record(cfg.method)
+    if cfg.act_known not in ("auto", "") and not method.input_bases:
         raise cli.ConfigError(
             f"--act-known: only palora_act protects input directions (--method {cfg.method})"
         )
@@ -585,7 +587,7 @@ def resolve(cfg: Config) -> Plan:
         earlier = earlier_rounds(cfg.after)
         if cfg.mix_earlier:
             data["earlier"] = [f for facts in earlier for f in facts]
-    if cfg.parallel == "fsdp" and cfg.method not in palora.METHODS:
+    if cfg.parallel == "fsdp" and method.fsdp_params is None:
         raise cli.ConfigError(
             f"--parallel fsdp: the LoRA family only; {cfg.method} runs in one process or with ddp"
         )
@@ -596,14 +598,15 @@ def resolve(cfg: Config) -> Plan:
         data["skill"] = skill_examples(resolved.mix_skill)
     skill = skill_examples(resolved.skill_data) if resolved.skill_data else []
     places = (out, folder, identity, svf_paths, targets, earlier)
-    return Plan(resolved, rule, memory, data, skill, *places)
+    return Plan(resolved, method, rule, memory, data, skill, *places)
 
 
 def resolved_config(cfg: Config, out: Path, svf: list, targets: tuple, expert_data) -> Config:
     """cfg with every default that depends on the files made explicit: the experts, the targets,
     the output folder, the skill's data (the expert's, from its metadata), the known facts whose
     inputs palora_act protects."""
-    skilled = cfg.method in ("palora_act", "smf")  # an input basis, a background corpus
+    method = adapters.record(cfg.method)
+    skilled = method.input_bases or method.background  # both are built from the skill's data
     needs_data = cfg.mix_skill == "expert" or (skilled and not cfg.skill_data)
     if expert_data is None and needs_data:
         raise cli.ConfigError(
@@ -612,7 +615,7 @@ def resolved_config(cfg: Config, out: Path, svf: list, targets: tuple, expert_da
         )
     act_known = cfg.act_known
     if act_known == "auto":  # the known facts mixed in have their inputs protected too
-        act_known = cfg.mix_known if cfg.method == "palora_act" else ""
+        act_known = cfg.mix_known if method.input_bases else ""
     return dataclasses.replace(
         cfg,
         svf=[str(p) for p in svf],
@@ -636,7 +639,7 @@ def make_model(plan: Plan) -> tuple:
     experts = [adapters.load_svf(p, plan.identity, model)[0] for p in plan.svf]
     palora.find_targets(model, plan.targets)  # an unknown target name fails here
     examples = encode(tokenizer, plan.data, cfg)
-    if cfg.method == "smf":
+    if plan.method.background:
         plan.memory.corpus = corpus(tokenizer, plan.skill + plan.data.get("known", []), cfg)
     return model, tokenizer, experts, examples
 
@@ -667,7 +670,7 @@ def protect(model, tokenizer, plan: Plan, experts: list) -> tuple:
         model, _ = adapters.load_run(model, Path(cfg.after), plan.identity)
     counts = {n: len(s) for n, s in S.items()}
     bases = None
-    if cfg.method == "palora_act":
+    if plan.method.input_bases:
         bases = input_bases(model, tokenizer, cfg, counts, plan.earlier)
     meta = {
         "method": cfg.method,
@@ -769,7 +772,7 @@ def main(cfg: Config) -> dict:
     t0 = time.time()
     trained = wrap(trained, cfg.parallel)  # under torchrun DDP or FSDP2, else the module itself
     if cfg.parallel == "fsdp":  # fully_shard replaced the parameters by shards: train those
-        params = palora.lora_params(trained)
+        params = plan.method.fsdp_params(trained)
     end = Ending(trained, plan, guard.base, len(examples), n_trainable, n_model, t0)
     snapshot = partial(keep_epoch, end) if cfg.keep_epochs else None
     facts = plan.data["facts"]
