@@ -13,7 +13,7 @@ The dispatch: RECORDS, one Method record per --method value (METHODS: their name
 it to a model (the module that trains and answers, and its name -> trainable Parameter), its
 optimizer and training step, how its run is saved and loaded, and what it protects. attach,
 optimizer, step, save_run and load_run look the record up; inject.py and evaluate.py ask its
-fields, never the name, so a new method is a module plus one entry.
+fields, never the name, so a new method is its module, its functions here and one entry.
 """
 
 import hashlib
@@ -408,7 +408,8 @@ class Memory:
 
 
 # One record per method: what attaches it, trains it, saves and loads it, and what it protects.
-# Each script asks the record, never the name, so a new method is one module plus one entry.
+# Each script asks the record, never the name: a new method is its module, its small functions
+# here (one signature per role, so unused arguments are accepted), and one entry in RECORDS.
 
 
 def attach_lora(method: str, model, r, alpha, seed, svds, protected, input_bases, memory):
@@ -439,6 +440,7 @@ def attach_smf(model, r, alpha, seed, svds, protected, input_bases, memory):
 
 
 def adam(params: dict, lr: float, gate_lr: float) -> torch.optim.Optimizer:
+    """The LoRA family: Adam on A and B."""
     return torch.optim.Adam(list(params.values()), lr=lr)
 
 
@@ -483,11 +485,13 @@ def save_lora(module, out: Path, identity: str, base: str, meta: dict):
 
 
 def save_imsm_run(module, out: Path, identity: str, base: str, meta: dict):
+    """imsm.safetensors; one process, or rank 0 under ddp."""
     if is_main():
         save_imsm(module, Path(out) / IMSM_FILE, identity, {"base": base, **meta})
 
 
 def save_smf_run(module, out: Path, identity: str, base: str, meta: dict):
+    """smf.safetensors; one process, or rank 0 under ddp."""
     if is_main():
         save_smf(module, Path(out) / SMF_FILE, identity, {"base": base, **meta})
 

@@ -7,7 +7,7 @@ Training stops when greedy answers recall --recall-target of the trained facts (
 epoch), or after --epochs. The defaults are the setting that measured best on facts it was not
 chosen on (docs/results.md, "facts it never saw"): palora_act (the probe's output side, the
 skill's input directions), known facts mixed in and their input directions protected, lr 2e-3. The
-baselines and what each protects: adapters.METHODS, palora.METHODS; imsm (a frozen and a LoRA stream
+baselines and what each protects: adapters.RECORDS, palora.METHODS; imsm (a frozen and a LoRA stream
 mixed by a gate) and smf (memory layers, sparse slot updates) are the other answers to the same
 problem, trained on the same facts, replay and stopping rule.
 
@@ -597,8 +597,20 @@ def resolve(cfg: Config) -> Plan:
     if cfg.mix_skill == "expert":  # replay the skill the expert was trained on
         data["skill"] = skill_examples(resolved.mix_skill)
     skill = skill_examples(resolved.skill_data) if resolved.skill_data else []
-    places = (out, folder, identity, svf_paths, targets, earlier)
-    return Plan(resolved, method, rule, memory, data, skill, *places)
+    return Plan(
+        cfg=resolved,
+        method=method,
+        rule=rule,
+        memory=memory,
+        data=data,
+        skill=skill,
+        out=out,
+        folder=folder,
+        identity=identity,
+        svf=svf_paths,
+        targets=targets,
+        earlier=earlier,
+    )
 
 
 def resolved_config(cfg: Config, out: Path, svf: list, targets: tuple, expert_data) -> Config:
@@ -689,20 +701,29 @@ def svf_record(plan: Plan) -> str:
     return json.dumps([str(p) for p in plan.svf])
 
 
-def attach(model, plan: Plan, guard: Protection, n_examples: int) -> tuple:
+def attach(model, plan: Plan, protection: Protection, n_examples: int) -> tuple:
     """(the module that trains and answers, name -> trainable Parameter): the method on the frozen
     model (adapters.attach)."""
     cfg = plan.cfg
     model.requires_grad_(False)
-    args = (guard.expert, guard.protected, guard.bases, plan.memory)
-    trained, params = adapters.attach(model, cfg.method, cfg.rank, cfg.alpha, cfg.seed, *args)
+    trained, params = adapters.attach(
+        model,
+        cfg.method,
+        cfg.rank,
+        cfg.alpha,
+        cfg.seed,
+        protection.expert,
+        protection.protected,
+        protection.bases,
+        plan.memory,
+    )
     for p in params.values():
         p.requires_grad_(True)
     if is_main():
         n_trainable = sum(p.numel() for p in params.values())
         print(
             f"{cfg.method}: {n_trainable:,} trainable parameters, {n_examples} examples, "
-            f"{sum(guard.counts.values()):,} components protected by the probe"
+            f"{sum(protection.counts.values()):,} components protected by the probe"
         )
     return trained, params
 
@@ -712,7 +733,7 @@ class Ending:
     """What finish() writes beside the training result: the trained module, the plan, the counts
     summary.json reports, and when training began."""
 
-    trained: object
+    trained: torch.nn.Module  # what attach returned, wrapped (DDP) or sharded (FSDP2)
     plan: Plan
     base: Path
     examples: int
@@ -765,19 +786,29 @@ def main(cfg: Config) -> dict:
         ignore = (*RUN_ONLY, "keep_epochs")  # not the result's
         open_run(plan.out, plan.cfg, cfg.resume, cfg.overwrite, ignore)  # refuses another run's
     n_model = sum(p.numel() for p in model.parameters())
-    model, guard = protect(model, tokenizer, plan, experts)
-    trained, params = attach(model, plan, guard, len(examples))
-    guard.expert = None  # the full SVD factors (440 MB on SmolLM2): the layers keep what they need
+    model, protection = protect(model, tokenizer, plan, experts)
+    trained, params = attach(model, plan, protection, len(examples))
+    protection.expert = (
+        None  # the full SVD factors (440 MB on SmolLM2): the layers keep what they need
+    )
     n_trainable = sum(p.numel() for p in params.values())
     t0 = time.time()
     trained = wrap(trained, cfg.parallel)  # under torchrun DDP or FSDP2, else the module itself
     if cfg.parallel == "fsdp":  # fully_shard replaced the parameters by shards: train those
         params = plan.method.fsdp_params(trained)
-    end = Ending(trained, plan, guard.base, len(examples), n_trainable, n_model, t0)
+    end = Ending(trained, plan, protection.base, len(examples), n_trainable, n_model, t0)
     snapshot = partial(keep_epoch, end) if cfg.keep_epochs else None
-    facts = plan.data["facts"]
-    args = (examples, facts, plan.cfg, plan.out, plan.memory, snapshot)
-    result = train(trained, tokenizer, params, *args)
+    result = train(
+        trained,
+        tokenizer,
+        params,
+        examples,
+        plan.data["facts"],
+        plan.cfg,
+        plan.out,
+        plan.memory,
+        snapshot,
+    )
     if not result["reached"] and is_main():  # said plainly, and in summary.json
         print(
             f"warning: recall {result['recall']:.3f} < --recall-target {cfg.recall_target} after "
