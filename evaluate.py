@@ -354,7 +354,7 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
             if svf_path not in skill:  # the expert's weights and its inputs on the skill
                 skill[svf_path] = skill_inputs(model, tokenizer, data["reasoning_ood"], kinds)
         if run:
-            model = add_run(model, run, identity, (model_svds, skill[svf_path]), info)
+            model = add_run(model, run, identity, model_svds, skill[svf_path], info)
         metrics, items = cached_score(model, tokenizer, data, cfg)
         questions = [r["question"] for r in data["facts"]]
         info["s_per_token"] = seconds_per_token(model, tokenizer, questions)
@@ -387,11 +387,12 @@ def merge_expert(model, svf: Path, identity: str, model_svds: dict, info: dict):
     info["trainable"] = info["added"] = sum(t.numel() for t in z.values())
 
 
-def add_run(model, run: Path, identity: str, svds_and_skill: tuple, info: dict):
+def add_run(model, run: Path, identity: str, model_svds: dict, skill: tuple, info: dict):
     """The model with the run loaded (adapters.load_run); info gets its added and trained
     parameters, slots touched, and for a weight update its leakage against the probe and its reach
-    into the skill's inputs (palora.interference, against the expert's W and input moments C)."""
-    model_svds, (W, C) = svds_and_skill
+    into the skill's inputs (palora.interference, against skill: the expert's W and its input
+    moments C)."""
+    W, C = skill
     model, loaded = adapters.load_run(model, run, identity)
     info["added"] = loaded["added"]
     info["touched"] = loaded.get("touched", NAN)
