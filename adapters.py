@@ -9,9 +9,11 @@ explicitly: a file made for another checkpoint is refused, naming it.
   as is;
 - imsm.safetensors (IMSM's LoRA and gate) and smf.safetensors (SMF's memory layers);
 - a merged Hugging Face folder, from a model the caller has merged.
-The dispatch: METHODS; attach (put a method on a model, get the module that trains and answers and
-its name -> trainable Parameter); optimizer and step (what inject.py's loop does per method);
-save_run and load_run. One if/elif on the method in each; a new method is a module plus one branch.
+The dispatch: RECORDS, one Method record per --method value (METHODS: their names): what attaches
+it to a model (the module that trains and answers, and its name -> trainable Parameter), its
+optimizer and training step, how its run is saved and loaded, and what it protects. attach,
+optimizer, step, save_run and load_run look the record up; inject.py and evaluate.py ask its
+fields, never the name, so a new method is its module, its functions here and one entry.
 expert_model and run_model: the model a user asks (model.py --svf, --run) or exports (export.py),
 built as evaluate.py builds its rows.
 """
@@ -20,7 +22,9 @@ import hashlib
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,7 +43,6 @@ from training import answer_loss, is_main, whole
 
 REPO = Path(__file__).resolve().parent
 SVD_CACHE = "cache/svd"  # default of every script's --svd-cache, relative to the repository
-METHODS = (*palora.METHODS, "imsm", "smf")  # the values of --method, in table order
 PEFT_FILE, IMSM_FILE, SMF_FILE = "adapter_model.safetensors", "imsm.safetensors", "smf.safetensors"
 
 
@@ -408,6 +411,184 @@ class Memory:
             )
 
 
+# One record per method: what attaches it, trains it, saves and loads it, and what it protects.
+# Each script asks the record, never the name: a new method is its module, its small functions
+# here (one signature per role, so unused arguments are accepted), and one entry in RECORDS.
+
+
+def attach_lora(method: str, model, r, alpha, seed, svds, protected, input_bases, memory):
+    """The LoRA family: palora.add_lora's layers on the targets svds names; the model trains."""
+    return model, palora.add_lora(model, method, r, alpha, svds, protected, input_bases, seed)
+
+
+def attach_imsm(model, r, alpha, seed, svds, protected, input_bases, memory):
+    """IMSM's Siamese around the model, LoRA on the kinds of matrix svds names; the gate's rank is
+    r: 5 D r parameters."""
+    kinds = tuple(sorted({palora.matrix_kind(n) for n in svds}))
+    siamese = imsm.Siamese(model, kinds, r, alpha, gate_rank=r, seed=seed)
+    return siamese, imsm.trainable(siamese)
+
+
+def attach_smf(model, r, alpha, seed, svds, protected, input_bases, memory):
+    """SMF's memory beside the MLPs of smf.default_layers, keys and background accesses from
+    memory.corpus."""
+    if memory is None or not memory.corpus:
+        raise PaloraError("smf needs a background corpus (adapters.Memory.corpus)")
+    device = next(model.parameters()).device
+    seqs = [torch.tensor([ids], device=device) for ids in memory.corpus]
+    run = lambda: [model(x) for x in seqs]  # one row per example: no padding
+    smf.add_memory(model, None, memory.slots, memory.top_k, keys_from=run, seed=seed)
+    with torch.no_grad():
+        memory.background = smf.accesses(model, run)
+    return model, smf.trainable(model)
+
+
+def adam(params: dict, lr: float, gate_lr: float) -> torch.optim.Optimizer:
+    """The LoRA family: Adam on A and B."""
+    return torch.optim.Adam(list(params.values()), lr=lr)
+
+
+def adam_imsm(params: dict, lr: float, gate_lr: float) -> torch.optim.Optimizer:
+    """IMSM's gate at its own stated gate_lr."""
+    return torch.optim.Adam(imsm.param_groups(params, lr, gate_lr))
+
+
+def sparse_adam(params: dict, lr: float, gate_lr: float) -> torch.optim.Optimizer:
+    """SMF: SparseAdam moves exactly the value rows in the step's sparse gradient (AdamW's momentum
+    would move the rows chosen earlier: a known flaw of the public reimplementations)."""
+    return torch.optim.SparseAdam(list(params.values()), lr=lr)
+
+
+def descend(opt, loss: torch.Tensor) -> torch.Tensor:
+    """Backward and an optimizer step on loss; returns it detached."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def step_lora(module, opt, tokens, labels, mask, memory, total):
+    """total: training.answer_loss's (torchrun's global batch)."""
+    return descend(opt, answer_loss(module, tokens, labels, mask, total, pack=True))
+
+
+def step_imsm(module, opt, tokens, labels, mask, memory, total):
+    """IMSM's own loss (its prompt means over the prompt only); one process."""
+    return descend(opt, imsm.loss(module, tokens, labels, mask))
+
+
+def step_smf(module, opt, tokens, labels, mask, memory, total):
+    """The top-T slots per layer against the background, then a step on those value rows alone."""
+    args = memory.background, opt, memory.top_t, memory.score
+    return torch.tensor(smf.train_step(module, tokens, labels, mask, *args)[0])
+
+
+def save_lora(module, out: Path, identity: str, base: str, meta: dict):
+    """A PEFT adapter; every rank calls it (FSDP2 gathers the layers), rank 0 alone writes."""
+    save_peft(module, out, base, identity, meta)
+
+
+def save_imsm_run(module, out: Path, identity: str, base: str, meta: dict):
+    """imsm.safetensors; one process, or rank 0 under ddp."""
+    if is_main():
+        save_imsm(module, Path(out) / IMSM_FILE, identity, {"base": base, **meta})
+
+
+def save_smf_run(module, out: Path, identity: str, base: str, meta: dict):
+    """smf.safetensors; one process, or rank 0 under ddp."""
+    if is_main():
+        save_smf(module, Path(out) / SMF_FILE, identity, {"base": base, **meta})
+
+
+def load_lora(model, run: Path, identity: str) -> tuple[nn.Module, dict]:
+    """The adapter merged into the model; dW per weight in float64, (out, in)."""
+    layers, _ = load_peft(model, run, identity)
+    added = sum(m.A.numel() + m.B.numel() for m in layers.values())
+    dW = {n: m.scale * (m.B.double() @ m.A.double()) for n, m in layers.items()}  # (out, in)
+    return palora.merge_lora(model), {"added": added, "dW": dW}
+
+
+def load_imsm_run(model, run: Path, identity: str) -> tuple[nn.Module, dict]:
+    """Two streams and a gate: nothing to merge, no dW."""
+    siamese = load_imsm(model, Path(run) / IMSM_FILE, identity)
+    return siamese, {"added": imsm.added_parameters(siamese), "dW": {}}
+
+
+def load_smf_run(model, run: Path, identity: str) -> tuple[nn.Module, dict]:
+    """The memory layers added to the model; no dW; the slots training touched."""
+    load_smf(model, Path(run) / SMF_FILE, identity)
+    return model, {"dW": {}, "added": smf.added_parameters(model), "touched": smf.touched(model)}
+
+
+@dataclass(frozen=True)
+class Method:
+    """What one --method value means to every script.
+
+    attach(model, r, alpha, seed, svds, protected, input_bases, memory) -> (the module that trains
+    and answers, name -> trainable Parameter); optimizer(params, lr, gate_lr); step(module, opt,
+    tokens, labels, mask, memory, total) -> the batch's loss; save(module, out, identity, base,
+    metadata) writes the run's trained part into `file` (under torchrun every rank calls it);
+    load(model, run, identity) -> (the model to evaluate, info: added, dW, touched).
+    protects: the sides the probe's S is kept off, 0 output (U_S), 1 input (V_S) (evaluate.py
+    --verify checks them). input_bases: the input side from the skill's activations (palora_act),
+    built by inject.py. background: a corpus of the skill's examples (smf). fsdp_params: the
+    trained tensors read again after FSDP2's fully_shard (None: FSDP2 unsupported). A weight update
+    (a LoRA layer to merge) is what a stream (inject.py --after) continues from.
+    """
+
+    attach: Callable
+    optimizer: Callable
+    step: Callable
+    save: Callable
+    load: Callable
+    file: str
+    protects: tuple = ()
+    input_bases: bool = False
+    background: bool = False
+    weight_update: bool = False
+    fsdp_params: Callable | None = None
+
+
+def lora(name: str, protects: tuple = (), input_bases: bool = False) -> Method:
+    """A method of palora.METHODS: LoRALinear layers, Adam, saved as a PEFT adapter, merged on
+    load; FSDP2 shards them and a stream continues from them."""
+    return Method(
+        attach=partial(attach_lora, name),
+        optimizer=adam,
+        step=step_lora,
+        save=save_lora,
+        load=load_lora,
+        file=PEFT_FILE,
+        protects=protects,
+        input_bases=input_bases,
+        weight_update=True,
+        fsdp_params=palora.lora_params,
+    )
+
+
+RECORDS = {
+    "palora": lora("palora", protects=(0, 1)),  # the probe's S, both sides
+    "topk": lora("topk", protects=(0, 1)),  # as many of the largest (OPLoRA)
+    "random": lora("random", protects=(0, 1)),  # as many at random (the control)
+    "lora": lora("lora"),
+    "pissa": lora("pissa"),
+    "milora": lora("milora"),
+    "palora_act": lora("palora_act", protects=(0,), input_bases=True),  # input side: V_act
+    "imsm": Method(attach_imsm, adam_imsm, step_imsm, save_imsm_run, load_imsm_run, IMSM_FILE),
+    "smf": Method(
+        attach_smf, sparse_adam, step_smf, save_smf_run, load_smf_run, SMF_FILE, background=True
+    ),
+}
+METHODS = tuple(RECORDS)  # the values of --method, in table order
+
+
+def record(method: str) -> Method:
+    """The record of a --method value; an unknown one names the choices."""
+    if method not in RECORDS:
+        raise PaloraError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    return RECORDS[method]
+
+
 def attach(
     model,
     method: str,
@@ -420,69 +601,27 @@ def attach(
     memory: Memory | None = None,
 ) -> tuple[nn.Module, dict]:
     """Put `method` on the targets that svds names -> (the module that trains and answers: the
-    model itself, or imsm's Siamese around it; name -> trainable Parameter). SMF's memory goes
-    beside the MLPs of smf.default_layers, keys and background accesses from memory.corpus."""
-    if method in palora.METHODS:
-        return model, palora.add_lora(model, method, r, alpha, svds, protected, input_bases, seed)
-    if method == "imsm":  # the gate's rank is r: 5 D r parameters
-        kinds = tuple(sorted({palora.matrix_kind(n) for n in svds}))
-        siamese = imsm.Siamese(model, kinds, r, alpha, gate_rank=r, seed=seed)
-        return siamese, imsm.trainable(siamese)
-    if method == "smf":
-        if memory is None or not memory.corpus:
-            raise PaloraError("smf needs a background corpus (adapters.Memory.corpus)")
-        device = next(model.parameters()).device
-        seqs = [torch.tensor([ids], device=device) for ids in memory.corpus]
-        run = lambda: [model(x) for x in seqs]  # one row per example: no padding
-        smf.add_memory(model, None, memory.slots, memory.top_k, keys_from=run, seed=seed)
-        with torch.no_grad():
-            memory.background = smf.accesses(model, run)
-        return model, smf.trainable(model)
-    raise PaloraError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    model itself, or imsm's Siamese around it; name -> trainable Parameter)."""
+    args = (r, alpha, seed, svds, protected, input_bases, memory)
+    return record(method).attach(model, *args)
 
 
 def optimizer(method: str, params: dict, lr: float, gate_lr: float) -> torch.optim.Optimizer:
-    """Adam on the LoRA factors; IMSM's gate at its own stated gate_lr; SMF: SparseAdam, which
-    moves exactly the value rows in the step's sparse gradient (AdamW's momentum would move the
-    rows chosen earlier: a known flaw of the public reimplementations)."""
-    if method == "imsm":
-        return torch.optim.Adam(imsm.param_groups(params, lr, gate_lr))
-    if method == "smf":
-        return torch.optim.SparseAdam(list(params.values()), lr=lr)
-    return torch.optim.Adam(list(params.values()), lr=lr)
+    """The method's optimizer: Adam on the LoRA factors, IMSM's gate at gate_lr, SMF's
+    SparseAdam."""
+    return record(method).optimizer(params, lr, gate_lr)
 
 
 def step(method: str, module, opt, tokens, labels, mask, memory=None, total=None):
-    """One training step on a batch (forward, backward, optimizer step) -> its loss. IMSM: its own
-    loss (prompt means over the prompt only); SMF: the top-T slots per layer against the
-    background, then a step on those value rows alone. total: training.answer_loss's (torchrun's
-    global batch; the LoRA family only: imsm and smf run in one process)."""
-    if method == "smf":
-        args = memory.background, opt, memory.top_t, memory.score
-        return torch.tensor(smf.train_step(module, tokens, labels, mask, *args)[0])
-    if method == "imsm":
-        loss = imsm.loss(module, tokens, labels, mask)
-    else:
-        loss = answer_loss(module, tokens, labels, mask, total, pack=True)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach()
+    """One training step on a batch (forward, backward, optimizer step) -> its loss."""
+    return record(method).step(module, opt, tokens, labels, mask, memory, total)
 
 
 def save_run(module, method: str, out: Path, identity: str, base: str, metadata: dict):
     """The trained part of a run, in its method's format (the LoRA family: a PEFT adapter). Under
     torchrun every rank calls it (FSDP2 gathers the LoRA family's layers), rank 0 alone writes."""
     meta = {"method": method, **metadata}
-    if method in palora.METHODS:
-        return save_peft(module, out, base, identity, meta)
-    if not is_main():
-        return None
-    if method == "imsm":
-        return save_imsm(module, Path(out) / IMSM_FILE, identity, {"base": base, **meta})
-    if method == "smf":
-        return save_smf(module, Path(out) / SMF_FILE, identity, {"base": base, **meta})
-    raise PaloraError(f"unknown method {method!r}")
+    return record(method).save(module, out, identity, base, meta)
 
 
 def run_config(run: Path) -> dict:
@@ -498,7 +637,7 @@ def run_config(run: Path) -> dict:
 
 def run_file(run: Path) -> Path:
     """The file holding a run's trained part, whatever its method."""
-    for name in (PEFT_FILE, IMSM_FILE, SMF_FILE):
+    for name in dict.fromkeys(m.file for m in RECORDS.values()):
         if (Path(run) / name).is_file():
             return Path(run) / name
     raise FileNotFoundError(
@@ -525,19 +664,8 @@ def load_run(model, run: Path, identity: str) -> tuple[nn.Module, dict]:
     after = config.is_file() and run_config(run).get("after")
     if after:
         model, _ = load_run(model, Path(after), identity)
-    if method in palora.METHODS:
-        layers, _ = load_peft(model, run, identity)
-        added = sum(m.A.numel() + m.B.numel() for m in layers.values())
-        dW = {n: m.scale * (m.B.double() @ m.A.double()) for n, m in layers.items()}  # (out, in)
-        return palora.merge_lora(model), {"method": method, "added": added, "dW": dW}
-    if method == "imsm":  # two streams and a gate: nothing to merge
-        siamese = load_imsm(model, Path(run) / IMSM_FILE, identity)
-        return siamese, {"method": method, "added": imsm.added_parameters(siamese), "dW": {}}
-    if method == "smf":
-        load_smf(model, Path(run) / SMF_FILE, identity)
-        info = {"added": smf.added_parameters(model), "touched": smf.touched(model)}
-        return model, {"method": method, "dW": {}, **info}
-    raise PaloraError(f"unknown method {method!r}")
+    model, info = record(method).load(model, run, identity)
+    return model, {"method": method, **info}
 
 
 # -----------------------------------------------------------------------------

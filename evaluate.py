@@ -350,24 +350,11 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
         info = {"trainable": 0, "added": 0, "leak_out": NAN, "leak_in": NAN, "touched": NAN}
         info["interference"] = NAN
         if svf_path:
-            z, _ = adapters.load_svf(svf_path, identity, model)
-            palora.merge_expert(model, model_svds, z)
-            info["trainable"] = info["added"] = sum(t.numel() for t in z.values())
+            merge_expert(model, svf_path, identity, model_svds, info)
             if svf_path not in skill:  # the expert's weights and its inputs on the skill
                 skill[svf_path] = skill_inputs(model, tokenizer, data["reasoning_ood"], kinds)
         if run:
-            model, loaded = adapters.load_run(model, run, identity)
-            info["added"] = loaded["added"]
-            info["touched"] = loaded.get("touched", NAN)
-            info["trainable"] = json.loads((run / "summary.json").read_text())["trainable"]
-            if loaded["dW"]:  # a weight update: its leakage against the probe, its reach
-                info.update(leak_columns(run, model_svds, identity, loaded["dW"]))
-                W, C = skill[svf_path]
-                by = {
-                    n: palora.interference(d, W[n], C[n]) for n, d in loaded["dW"].items() if n in C
-                }
-                info["interference"] = sum(by.values()) / len(by) if by else NAN
-                info["interference_by"] = by
+            model = add_run(model, run, identity, model_svds, skill[svf_path], info)
         metrics, items = cached_score(model, tokenizer, data, cfg)
         questions = [r["question"] for r in data["facts"]]
         info["s_per_token"] = seconds_per_token(model, tokenizer, questions)
@@ -390,6 +377,37 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
             f", reliability {metrics['reliability']:.3f} ({time.time() - t0:.0f} s)"
         )
         del model
+    return with_ratios(rows)
+
+
+def merge_expert(model, svf: Path, identity: str, model_svds: dict, info: dict):
+    """The SVF expert merged into model; its z counted as trained and added parameters (info)."""
+    z, _ = adapters.load_svf(svf, identity, model)
+    palora.merge_expert(model, model_svds, z)
+    info["trainable"] = info["added"] = sum(t.numel() for t in z.values())
+
+
+def add_run(model, run: Path, identity: str, model_svds: dict, skill: tuple, info: dict):
+    """The model with the run loaded (adapters.load_run); info gets its added and trained
+    parameters, slots touched, and for a weight update its leakage against the probe and its reach
+    into the skill's inputs (palora.interference, against skill: the expert's W and its input
+    moments C)."""
+    W, C = skill
+    model, loaded = adapters.load_run(model, run, identity)
+    info["added"] = loaded["added"]
+    info["touched"] = loaded.get("touched", NAN)
+    info["trainable"] = json.loads((run / "summary.json").read_text())["trainable"]
+    if loaded["dW"]:  # a weight update: its leakage against the probe, its reach
+        info.update(leak_columns(run, model_svds, identity, loaded["dW"]))
+        by = {n: palora.interference(d, W[n], C[n]) for n, d in loaded["dW"].items() if n in C}
+        info["interference"] = sum(by.values()) / len(by) if by else NAN
+        info["interference_by"] = by
+    return model
+
+
+def with_ratios(rows: list) -> list:
+    """rows with time (per token, against the base's, rows[0]) and retention (strict accuracy
+    against the SVF expert's, on each reasoning split)."""
     svf_row = next((r for r in rows if r["group"] == "svf"), {})
     expert = {k: svf_row.get(k, NAN) for k in ("strict", "strict_ood")}
     for r in rows:
@@ -544,7 +562,7 @@ def verify(run: Path, cfg: Config) -> dict:
     for n, d in loaded["dW"].items():
         U_S, V_S = palora.protected_bases(model_svds[n], protected[n])
         leak[n] = palora.leakage(d, U_S.double(), V_S.double())
-    sides = {"palora_act": (0,)}.get(method, (0, 1) if method in palora.PROTECTING else ())
+    sides = adapters.record(method).protects  # the method's guarantee: what is checked
     name = max(leak, key=lambda n: max(leak[n][i] for i in sides) if sides else max(leak[n]))
     worst = max(leak[name][i] for i in sides) if sides else max(leak[name])
     ok = worst <= cfg.tolerance or not sides
@@ -628,6 +646,55 @@ def writable(folder: Path):
         raise cli.ConfigError(f"{folder}: cannot write results there ({e.strerror})") from None
 
 
+def check_runs(runs: list, identity: str) -> list:
+    """Every run checked before any scoring (its files, made for this checkpoint) -> their
+    configs."""
+    for run in runs:
+        for name in ("config.json", "summary.json", "probe.safetensors"):
+            if not (run / name).is_file():
+                raise FileNotFoundError(
+                    f"{run / name}: missing (is {run} a finished inject.py run?)"
+                )
+        adapters.read_tensors(adapters.run_file(run), identity)
+    return [adapters.run_config(run) for run in runs]
+
+
+def load_base(folder: Path, data: dict, cfg: Config) -> tuple:
+    """(the checkpoint, its tokenizer), every reasoning item checked to fit its context with
+    --max-new-tokens."""
+    device = resolve_device(cfg.device)
+    base, tokenizer = model_lib.load(folder, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    context = base.args.max_position_embeddings
+    for kind in ("reasoning", "reasoning_ood"):
+        path = cfg.reasoning if kind == "reasoning" else cfg.reasoning_ood
+        check_length(data[kind], path, tokenizer, context, cfg.max_new_tokens)
+    return base, tokenizer
+
+
+def mechanism_of(rows: list) -> dict:
+    """Does the update's reach into the skill's inputs predict what is lost? Spearman's rho of
+    interference against retention_ood over the runs that have both (NaN below 3)."""
+    reach = [r for r in rows if math.isfinite(r["interference"])]
+    mechanism = {"runs": len(reach), "rho": NAN}
+    if len(reach) >= 3:
+        x = [r["interference"] for r in reach]
+        mechanism["rho"] = spearman(x, [r["retention_ood"] for r in reach])
+        print(
+            f"interference vs retention_ood over {len(reach)} runs: Spearman rho "
+            f"{mechanism['rho']:+.2f}"
+        )
+    return mechanism
+
+
+def print_intervals(pairs: list):
+    for p in pairs:
+        print(
+            f"{p['a']} - {p['b']}, strict on {p['split']} ({p['seeds']} seeds x {p['items']} "
+            f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] (95% paired "
+            f"bootstrap)"
+        )
+
+
 def main(cfg: Config) -> dict:
     if cfg.verify:
         return verify(Path(cfg.verify), cfg)
@@ -640,71 +707,31 @@ def main(cfg: Config) -> dict:
     folder = checkpoints.resolve(cfg.ckpt)
     identity = checkpoints.identity(folder)
     runs = [Path(a) for a in cfg.adapter]
-    for run in runs:  # every run checked before any scoring: its files, made for this checkpoint
-        for name in ("config.json", "summary.json", "probe.safetensors"):
-            if not (run / name).is_file():
-                raise FileNotFoundError(
-                    f"{run / name}: missing (is {run} a finished inject.py run?)"
-                )
-        adapters.read_tensors(adapters.run_file(run), identity)
-    configs = [adapters.run_config(run) for run in runs]
+    configs = check_runs(runs, identity)
     svf = None if cfg.svf == "none" else cfg.svf or (configs[0]["svf"][0] if configs else None)
     facts = cfg.facts or (configs[0]["facts"] if configs else "data/facts/facts.jsonl")
     data = read_data(cfg, facts)
-    device = resolve_device(cfg.device)
-    base, tokenizer = model_lib.load(folder, device=device, dtype=resolve_dtype(cfg.dtype, device))
-    context = base.args.max_position_embeddings
-    for kind in ("reasoning", "reasoning_ood"):
-        path = cfg.reasoning if kind == "reasoning" else cfg.reasoning_ood
-        check_length(data[kind], path, tokenizer, context, cfg.max_new_tokens)
+    base, tokenizer = load_base(folder, data, cfg)
     rows = evaluate_rows(cfg, data, base, tokenizer, identity, svf, runs)
     groups = aggregate(rows)
     table = markdown(groups)
     pairs = intervals(rows)
     print(table)
-    for p in pairs:
-        print(
-            f"{p['a']} - {p['b']}, strict on {p['split']} ({p['seeds']} seeds x {p['items']} "
-            f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] (95% paired "
-            f"bootstrap)"
-        )
-    reach = [r for r in rows if math.isfinite(r["interference"])]
-    mechanism = {"runs": len(reach), "rho": NAN}
-    if len(reach) >= 3:  # does the update's reach into the skill's inputs predict what is lost?
-        x = [r["interference"] for r in reach]
-        mechanism["rho"] = spearman(x, [r["retention_ood"] for r in reach])
-        print(
-            f"interference vs retention_ood over {len(reach)} runs: Spearman rho "
-            f"{mechanism['rho']:+.2f}"
-        )
+    print_intervals(pairs)
+    mechanism = mechanism_of(rows)
     spectrum = next((r.pop("spectrum") for r in rows if "spectrum" in r), {})
     for r in rows:
         r.pop("spectrum", None)
+    result = {"table": table, "intervals": pairs, "mechanism": mechanism}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    saved = {"protocol": tasks.PROTOCOL, "config": {**asdict(cfg), "facts": facts}}
+    saved |= {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine}
     tasks.atomic_write_json(
-        out / "results.json",
-        {
-            "protocol": tasks.PROTOCOL,
-            "config": {**asdict(cfg), "facts": facts},
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": machine,
-            "table": table,
-            "intervals": pairs,
-            "mechanism": mechanism,
-            "groups": groups,
-            "rows": rows,
-        },
+        out / "results.json", {**saved, **result, "groups": groups, "rows": rows}
     )
     if cfg.plot:
         plot(groups, spectrum, out)
-    return {
-        "rows": rows,
-        "groups": groups,
-        "table": table,
-        "intervals": pairs,
-        "mechanism": mechanism,
-        "ok": True,
-    }
+    return {"rows": rows, "groups": groups, **result, "ok": True}
 
 
 if __name__ == "__main__":

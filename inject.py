@@ -10,7 +10,7 @@ side, the skill's input directions), known facts of the injected relations mixed
 directions protected, no replay of the skill's examples (its inputs are protected structurally),
 batch 16, lr 3e-3 on a cosine schedule, target 0.95; in a stream (--after), every earlier round's
 facts' input directions protected too (--act-earlier). The
-baselines and what each protects: adapters.METHODS, palora.METHODS; imsm (a frozen and a LoRA stream
+baselines and what each protects: adapters.RECORDS, palora.METHODS; imsm (a frozen and a LoRA stream
 mixed by a gate) and smf (memory layers, sparse slot updates) are the other answers to the same
 problem, trained on the same facts, replay and stopping rule.
 
@@ -50,6 +50,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -249,12 +250,12 @@ def check_files(cfg: Config):
 
 def check_after(after: Path, method: str, svf: Path, out: Path):
     """--after: a finished run of the LoRA family (a weight update to merge) on the same expert."""
-    if method not in palora.METHODS:
+    if not adapters.record(method).weight_update:
         raise cli.ConfigError(f"--after: only the LoRA family continues a stream, not {method}")
     if after.resolve() == out.resolve():
         raise cli.ConfigError(f"--after {after}: the same folder as --out")
     before = adapters.run_method(after)  # a missing or unfinished run names its folder
-    if before not in palora.METHODS:
+    if not adapters.record(before).weight_update:
         raise cli.ConfigError(f"{adapters.run_file(after)}: {before} makes no update to merge")
     first = adapters.run_config(after)["svf"][0]
     if Path(first).resolve() != svf.resolve():
@@ -383,7 +384,7 @@ def earlier_rounds(after: str) -> list[list]:
         facts, after = run["facts"], run.get("after", "")
         if not Path(facts).is_file():
             raise cli.ConfigError(f"{config}: the round's facts {facts} are gone")
-        rounds.insert(0, tasks.read_jsonl(facts))
+        rounds.insert(0, tasks.read_facts(facts))
     return rounds
 
 
@@ -426,15 +427,7 @@ def checked_facts(facts: list, cfg: Config) -> list:
 
 
 def train(
-    model,
-    tokenizer,
-    params: dict,
-    examples: list,
-    facts: list,
-    cfg: Config,
-    out: Path,
-    memory=None,
-    snapshot=None,
+    model, tokenizer, params, examples, facts, cfg: Config, out: Path, memory=None, snapshot=None
 ) -> dict:
     """adapters.optimizer on params, adapters.step per batch (model: what attach returned), the lr
     following --schedule over the planned steps. The data order and the lr are functions of (seed,
@@ -450,30 +443,19 @@ def train(
     per_epoch = max(1, len(examples) // cfg.batch_size)  # batch_indices' epoch length
     steps = cfg.epochs * per_epoch
     best = {f"best/{n}": full(p).detach().clone() for n, p in params.items()}  # whole, on rank 0
-    start, extra = 0, {}
-    if cfg.resume:
-        start, extra = load_state(out / "state.safetensors", {**params, **best}, optimizer)
-    restart_metrics(out / "metrics.jsonl", start)
+    start, extra = resume_from(out, {**params, **best}, optimizer, cfg.resume)
     loss, last = extra.get("loss", math.nan), extra.get("recall")
     kept = {"recall": extra.get("best_recall"), "epoch": extra.get("best_epoch")}
     if extra.get("stopped"):
         return {"steps": start, "loss": loss, **kept, "reached": True}
     check = checked_facts(facts, cfg)
     t0, tokens_seen = time.time(), 0
-    bar = tqdm(
-        range(start, steps),
-        initial=start,
-        total=steps,
-        desc=f"inject {cfg.method}",
-        disable=not is_main(),
-    )
+    desc = f"inject {cfg.method}"
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not is_main())
     for step in bar:
         factor = lr_factor(step, steps, cfg.warmup, cfg.schedule)
-        for group, lr in zip(optimizer.param_groups, peak):
-            group["lr"] = lr * factor
-        idx = shard(batch_indices(len(examples), cfg.batch_size, step, cfg.seed))  # rank's slice
-        batch = tasks.collate([examples[i] for i in idx], tokenizer.pad_id)
-        tokens, labels, mask = (t.to(device) for t in batch)
+        set_lr(optimizer, peak, factor)
+        tokens, labels, mask = batch_at(examples, tokenizer.pad_id, cfg, step, device)
         total = shard_total(labels)  # under torchrun: the global batch's answer tokens
         batch_loss = adapters.step(
             cfg.method, model, optimizer, tokens, labels, mask, memory, total
@@ -483,53 +465,121 @@ def train(
         tokens_seen += int(all_sum(int((labels != tasks.IGNORE_INDEX).sum())))
         tok_s = tokens_seen / (time.time() - t0)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}")
-        row = {"step": step + 1, "loss": loss, "lr": lr * factor, "tokens_per_s": tok_s}
+        row = {"step": step + 1, "loss": loss, "lr": peak[-1] * factor, "tokens_per_s": tok_s}
         checked = cfg.recall_target and (step + 1) % per_epoch == 0
         if checked:
             row["recall"] = last = recall(model, tokenizer, check, cfg)
-            if is_main():
-                bar.write(f"epoch {(step + 1) // per_epoch}: recall {last:.3f}")
-            if kept["recall"] is None or last > kept["recall"]:  # every rank: full() gathers
-                kept = {"recall": last, "epoch": (step + 1) // per_epoch}
-                for n, p in params.items():
-                    best[f"best/{n}"] = full(p).detach().clone()
+            kept = keep_best(params, best, kept, last, (step + 1) // per_epoch)
         if is_main():  # rank 0 alone writes; every rank holds the same A, B and moments
             tasks.append_jsonl(out / "metrics.jsonl", row)
         if checked and snapshot:
             snapshot((step + 1) // per_epoch, step + 1, loss, last)
         stopped = bool(checked and last >= cfg.recall_target)
-        saving = (step + 1) % cfg.save_every == 0 or checked or step + 1 == steps
-        if saving:  # every rank: FSDP2 gathers the state; rank 0 writes it
+        if (step + 1) % cfg.save_every == 0 or checked or step + 1 == steps:
             state = {"loss": loss, "recall": last, "stopped": stopped}
             state |= {"best_recall": kept["recall"], "best_epoch": kept["epoch"]}
-            saved = {**params, **best}
-            save_state(out / "state.safetensors", saved, optimizer, step + 1, state, cfg)
+            save_progress(out, {**params, **best}, optimizer, step + 1, state, cfg)
         if stopped:
             return {"steps": step + 1, "loss": loss, **kept, "reached": True}
     if kept["recall"] is not None and kept["recall"] > last:  # the target missed: the best epoch
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(placed(best[f"best/{n}"], p))
+        restore(params, best)
     return {"steps": steps, "loss": loss, **kept, "reached": not cfg.recall_target}
 
 
+def resume_from(out: Path, tensors: dict, optimizer, resume: bool) -> tuple[int, dict]:
+    """(the step to start from, the saved state's extra values): 0 and {} unless --resume, when
+    the tensors and the optimizer are loaded from out/state.safetensors; metrics.jsonl cut to the
+    step."""
+    start, extra = 0, {}
+    if resume:
+        start, extra = load_state(out / "state.safetensors", tensors, optimizer)
+    restart_metrics(out / "metrics.jsonl", start)
+    return start, extra
+
+
+def set_lr(optimizer, peak: list, factor: float):
+    """Each parameter group at its peak lr times the schedule's factor."""
+    for group, lr in zip(optimizer.param_groups, peak):
+        group["lr"] = lr * factor
+
+
+def batch_at(examples: list, pad_id: int, cfg: Config, step: int, device) -> tuple:
+    """(tokens, labels, mask) of this rank's slice of the global batch at `step`, on device."""
+    idx = shard(batch_indices(len(examples), cfg.batch_size, step, cfg.seed))  # rank's slice
+    batch = tasks.collate([examples[i] for i in idx], pad_id)
+    return tuple(t.to(device) for t in batch)
+
+
+def keep_best(params: dict, best: dict, kept: dict, last: float, epoch: int) -> dict:
+    """After a recall check: the kept epoch, and its parameters copied into best when `last` beats
+    it. Every rank calls it: full() gathers FSDP2's shards."""
+    if is_main():
+        tqdm.write(f"epoch {epoch}: recall {last:.3f}")
+    if kept["recall"] is not None and last <= kept["recall"]:
+        return kept
+    for n, p in params.items():
+        best[f"best/{n}"] = full(p).detach().clone()
+    return {"recall": last, "epoch": epoch}
+
+
+def save_progress(out: Path, tensors: dict, optimizer, steps: int, state: dict, cfg: Config):
+    """The resumable state (every rank: FSDP2 gathers it; rank 0 writes it)."""
+    save_state(out / "state.safetensors", tensors, optimizer, steps, state, cfg)
+
+
+def restore(params: dict, best: dict):
+    """The target missed: params set back to the best checked epoch's."""
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(placed(best[f"best/{n}"], p))
+
+
 # -----------------------------------------------------------------------------
+# main, in stages: resolve (no model yet), make_model, protect, attach, train, finish
 
 
-def main(cfg: Config) -> dict:
-    rule = palora.probe_rule(cfg.probe_fraction, cfg.probe_threshold, cfg.probe_global_fraction)
-    memory = adapters.Memory(cfg.smf_slots, cfg.smf_topk, cfg.smf_top_t, cfg.smf_score)  # checked
-    if cfg.act_known not in ("auto", "") and cfg.method != "palora_act":
-        raise cli.ConfigError(
-            f"--act-known: only palora_act protects input directions (--method {cfg.method})"
-        )
-    check_files(cfg)  # then every data file is read and checked, with path:LINE errors
+@dataclass
+class Plan:
+    """What resolve() settles before the model loads: the resolved config (what config.json
+    records), the data read and checked, where the run reads from and writes to."""
+
+    cfg: Config
+    method: adapters.Method  # what --method attaches, trains, saves and protects
+    rule: tuple  # the probe's selection rule (palora.probe_rule)
+    memory: adapters.Memory  # smf's settings; its corpus is filled once a tokenizer is loaded
+    data: dict  # "facts", and the mixed-in "known", "skill", "earlier" records
+    skill: list  # the skill's examples: palora_act's input basis, smf's corpus ([]: none)
+    out: Path
+    folder: Path  # the checkpoint's
+    identity: str  # checkpoints.identity(folder)
+    svf: list  # the expert files (Path), the first the base
+    targets: tuple
+    earlier: list  # a stream's earlier rounds' facts, oldest first ([]: not a stream)
+
+
+def read_data(cfg: Config) -> dict:
+    """The facts and the mixed-in files named by flags, read and checked (path:LINE errors)."""
     data = {"facts": tasks.read_facts(cfg.facts)}
     tasks.check_facts(data["facts"], cfg.facts)
     if cfg.mix_known:
         data["known"] = tasks.read_jsonl(cfg.mix_known)
     if cfg.mix_skill not in ("expert", "none"):
         data["skill"] = skill_examples(cfg.mix_skill)
+    return data
+
+
+def resolve(cfg: Config) -> Plan:
+    """Every flag, file and data set checked, and the config resolved, before any model is loaded
+    or anything written: a bad input fails in seconds, naming itself."""
+    rule = palora.probe_rule(cfg.probe_fraction, cfg.probe_threshold, cfg.probe_global_fraction)
+    memory = adapters.Memory(cfg.smf_slots, cfg.smf_topk, cfg.smf_top_t, cfg.smf_score)  # checked
+    method = adapters.record(cfg.method)
+    if cfg.act_known not in ("auto", "") and not method.input_bases:
+        raise cli.ConfigError(
+            f"--act-known: only palora_act protects input directions (--method {cfg.method})"
+        )
+    check_files(cfg)  # then every data file is read and checked, with path:LINE errors
+    data = read_data(cfg)
     out = Path(cfg.out or RUNS / f"inject-{cfg.method}-{Path(cfg.facts).stem}-s{cfg.seed}")
     folder = checkpoints.resolve(cfg.ckpt)
     identity = checkpoints.identity(folder)
@@ -540,129 +590,227 @@ def main(cfg: Config) -> dict:
         earlier = earlier_rounds(cfg.after)
         if cfg.mix_earlier:
             data["earlier"] = [f for facts in earlier for f in facts]
-    if cfg.parallel == "fsdp" and cfg.method not in palora.METHODS:
+    if cfg.parallel == "fsdp" and method.fsdp_params is None:
         raise cli.ConfigError(
             f"--parallel fsdp: the LoRA family only; {cfg.method} runs in one process or with ddp"
         )
-    device = setup_distributed(resolve_device(cfg.device))  # torchrun: one process per rank
-    torch.manual_seed(cfg.seed)
+    meta = adapters.read_tensors(svf_paths[0], identity)[1]  # another checkpoint's is refused
+    targets = parse_targets(cfg.targets or meta["targets"])
+    resolved = resolved_config(cfg, out, svf_paths, targets, meta.get("data"))
+    if cfg.mix_skill == "expert":  # replay the skill the expert was trained on
+        data["skill"] = skill_examples(resolved.mix_skill)
+    skill = skill_examples(resolved.skill_data) if resolved.skill_data else []
+    return Plan(
+        cfg=resolved,
+        method=method,
+        rule=rule,
+        memory=memory,
+        data=data,
+        skill=skill,
+        out=out,
+        folder=folder,
+        identity=identity,
+        svf=svf_paths,
+        targets=targets,
+        earlier=earlier,
+    )
 
-    model, tokenizer = model_lib.load(folder, device=device, dtype=resolve_dtype(cfg.dtype, device))
-    # another checkpoint's expert is refused
-    loaded = [adapters.load_svf(p, identity, model) for p in svf_paths]
-    targets = parse_targets(cfg.targets or loaded[0][1]["targets"])
-    palora.find_targets(model, targets)  # an unknown target name fails here
-    expert_data = loaded[0][1].get("data")
-    skilled = cfg.method in ("palora_act", "smf")  # an input basis, a background corpus
+
+def resolved_config(cfg: Config, out: Path, svf: list, targets: tuple, expert_data) -> Config:
+    """cfg with every default that depends on the files made explicit: the experts, the targets,
+    the output folder, the skill's data (the expert's, from its metadata), the known facts whose
+    inputs palora_act protects."""
+    method = adapters.record(cfg.method)
+    skilled = method.input_bases or method.background  # both are built from the skill's data
     needs_data = cfg.mix_skill == "expert" or (skilled and not cfg.skill_data)
     if expert_data is None and needs_data:
         raise cli.ConfigError(
-            f"{svf_paths[0]}: its metadata names no training data; pass "
+            f"{svf[0]}: its metadata names no training data; pass "
             f"--mix-skill FILE (or none) and --skill-data FILE"
         )
-    if cfg.mix_skill == "expert":  # replay the skill the expert was trained on
-        data["skill"] = skill_examples(REPO / expert_data)
-    examples = encode(tokenizer, data, cfg)
     act_known = cfg.act_known
     if act_known == "auto":  # the known facts mixed in have their inputs protected too
-        act_known = cfg.mix_known if cfg.method == "palora_act" else ""
-    resolved = dataclasses.replace(
+        act_known = cfg.mix_known if method.input_bases else ""
+    return dataclasses.replace(
         cfg,
-        svf=[str(p) for p in svf_paths],
+        svf=[str(p) for p in svf],
         targets=",".join(targets),
         out=str(out),
         mix_skill=str(REPO / expert_data) if cfg.mix_skill == "expert" else cfg.mix_skill,
         skill_data=cfg.skill_data or (str(REPO / expert_data) if skilled else ""),
         act_known=act_known,
     )
-    skill = skill_examples(resolved.skill_data) if resolved.skill_data else []
-    if cfg.method == "smf":
-        memory.corpus = corpus(tokenizer, skill + data.get("known", []), resolved)
-    if is_main():
-        ignore = (*RUN_ONLY, "keep_epochs")  # not the result's
-        open_run(out, resolved, cfg.resume, cfg.overwrite, ignore)  # refuses another run's folder
 
-    n_model = sum(p.numel() for p in model.parameters())
+
+def make_model(plan: Plan) -> tuple:
+    """(model, tokenizer, the experts' z, the encoded examples): the checkpoint loaded (under
+    torchrun, one process per rank), the experts checked against its shapes, the data tokenized."""
+    cfg = plan.cfg
+    device = setup_distributed(resolve_device(cfg.device))  # torchrun: one process per rank
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = model_lib.load(
+        plan.folder, device=device, dtype=resolve_dtype(cfg.dtype, device)
+    )
+    experts = [adapters.load_svf(p, plan.identity, model)[0] for p in plan.svf]
+    palora.find_targets(model, plan.targets)  # an unknown target name fails here
+    examples = encode(tokenizer, plan.data, cfg)
+    if plan.method.background:
+        plan.memory.corpus = corpus(tokenizer, plan.skill + plan.data.get("known", []), cfg)
+    return model, tokenizer, experts, examples
+
+
+@dataclass
+class Protection:
+    """What protect() computed: the merged expert's SVD of each target (what the method's layers
+    are built from), the indices the method keeps off, palora_act's input bases, the counts of the
+    probe's S, and the merged expert's folder (the PEFT adapter's base)."""
+
+    expert: dict | None
+    protected: dict
+    bases: dict | None
+    counts: dict
+    base: Path
+
+
+def protect(model, tokenizer, plan: Plan, experts: list) -> tuple:
+    """(the model to train on, Protection): the first expert merged in, the probe of all of them,
+    the set the method protects (written to probe.safetensors), palora_act's input bases. In a
+    stream the earlier rounds are merged in after the probe: what is protected stays the
+    expert's."""
+    cfg = plan.cfg
     with main_first():  # rank 0 computes and writes the SVD cache and the merged folder first
-        expert, S, protected = make_base(model, identity, resolved, [z for z, _ in loaded], targets)
-        base = merged_folder(model, folder, svf_paths[0])
-    if cfg.after:  # a stream: the earlier rounds merged in; what is protected stays the expert's
-        model, _ = adapters.load_run(model, Path(cfg.after), identity)
+        expert, S, protected = make_base(model, plan.identity, cfg, experts, plan.targets)
+        base = merged_folder(model, plan.folder, plan.svf[0])
+    if cfg.after:
+        model, _ = adapters.load_run(model, Path(cfg.after), plan.identity)
     counts = {n: len(s) for n, s in S.items()}
     bases = None
-    if cfg.method == "palora_act":
-        bases = input_bases(model, tokenizer, resolved, counts, earlier)
+    if plan.method.input_bases:
+        bases = input_bases(model, tokenizer, cfg, counts, plan.earlier)
     meta = {
         "method": cfg.method,
-        "svf": json.dumps([str(p) for p in svf_paths]),
+        "svf": svf_record(plan),
         "score": cfg.probe_score,
-        "selection": json.dumps(rule),
+        "selection": json.dumps(plan.rule),
         "seed": cfg.seed,
     }
     if is_main():
-        adapters.save_probe(out / "probe.safetensors", protected, identity, meta)
+        adapters.save_probe(plan.out / "probe.safetensors", protected, plan.identity, meta)
+    return model, Protection(expert, protected, bases, counts, base)
+
+
+def svf_record(plan: Plan) -> str:
+    """The expert files as the probe and the run's files record them (JSON list)."""
+    return json.dumps([str(p) for p in plan.svf])
+
+
+def attach(model, plan: Plan, protection: Protection, n_examples: int) -> tuple:
+    """(the module that trains and answers, name -> trainable Parameter): the method on the frozen
+    model (adapters.attach)."""
+    cfg = plan.cfg
     model.requires_grad_(False)
     trained, params = adapters.attach(
-        model, cfg.method, cfg.rank, cfg.alpha, cfg.seed, expert, protected, bases, memory
+        model,
+        cfg.method,
+        cfg.rank,
+        cfg.alpha,
+        cfg.seed,
+        protection.expert,
+        protection.protected,
+        protection.bases,
+        plan.memory,
     )
-    del expert  # the full SVD factors (440 MB on SmolLM2): the layers keep what they need
     for p in params.values():
         p.requires_grad_(True)
-    n_trainable = sum(p.numel() for p in params.values())
     if is_main():
+        n_trainable = sum(p.numel() for p in params.values())
         print(
-            f"{cfg.method}: {n_trainable:,} trainable parameters, {len(examples)} examples, "
-            f"{sum(counts.values()):,} components protected by the probe"
+            f"{cfg.method}: {n_trainable:,} trainable parameters, {n_examples} examples, "
+            f"{sum(protection.counts.values()):,} components protected by the probe"
         )
+    return trained, params
+
+
+@dataclass
+class Ending:
+    """What finish() writes beside the training result: the trained module, the plan, the counts
+    summary.json reports, and when training began."""
+
+    trained: torch.nn.Module  # what attach returned, wrapped (DDP) or sharded (FSDP2)
+    plan: Plan
+    base: Path
+    examples: int
+    trainable: int
+    model_parameters: int
+    t0: float
+
+
+def finish(end: Ending, folder: Path, result: dict) -> dict:
+    """The trained part and summary.json in folder (rank 0): the run's, or an epoch's."""
+    cfg = end.plan.cfg
+    summary = {
+        "method": cfg.method,
+        "steps": result["steps"],
+        "examples": end.examples,
+        "final_loss": result["loss"],
+        "recall": result["recall"],  # of the kept parameters, on the checked facts
+        "epoch": result["epoch"],
+        "target_reached": result["reached"],
+        "trainable": end.trainable,
+        "model_parameters": end.model_parameters,
+        "share": end.trainable / end.model_parameters,
+        "base": str(end.base),
+        "wall_s": time.time() - end.t0,
+    }
+    run_meta = {"svf": svf_record(end.plan)}  # every rank: FSDP2 gathers the layers, rank 0 writes
+    module = unwrap(end.trained)
+    adapters.save_run(module, cfg.method, folder, end.plan.identity, str(end.base), run_meta)
+    if is_main():
+        tasks.atomic_write_json(folder / "summary.json", summary)
+    return summary
+
+
+def keep_epoch(end: Ending, epoch: int, steps: int, loss: float, last: float):
+    """--keep-epochs: this epoch's run as a folder of its own, evaluate.py's --adapter."""
+    out = end.plan.out
+    folder = out / "epochs" / f"{out.name}-e{epoch:02d}"
+    if is_main():
+        for name in ("config.json", "probe.safetensors"):
+            tasks.atomic_write_bytes(folder / name, (out / name).read_bytes())
+    reached = last >= end.plan.cfg.recall_target
+    result = {"steps": steps, "loss": loss, "recall": last, "epoch": epoch, "reached": reached}
+    finish(end, folder, result)
+
+
+def main(cfg: Config) -> dict:
+    plan = resolve(cfg)  # every input checked; nothing loaded, nothing written yet
+    model, tokenizer, experts, examples = make_model(plan)
+    if is_main():
+        ignore = (*RUN_ONLY, "keep_epochs")  # not the result's
+        open_run(plan.out, plan.cfg, cfg.resume, cfg.overwrite, ignore)  # refuses another run's
+    n_model = sum(p.numel() for p in model.parameters())
+    model, protection = protect(model, tokenizer, plan, experts)
+    trained, params = attach(model, plan, protection, len(examples))
+    protection.expert = (
+        None  # the full SVD factors (440 MB on SmolLM2): the layers keep what they need
+    )
+    n_trainable = sum(p.numel() for p in params.values())
     t0 = time.time()
     trained = wrap(trained, cfg.parallel)  # under torchrun DDP or FSDP2, else the module itself
     if cfg.parallel == "fsdp":  # fully_shard replaced the parameters by shards: train those
-        params = palora.lora_params(trained)
-
-    def finish(folder: Path, result: dict) -> dict:
-        """The trained part and summary.json in folder (rank 0): the run's, or an epoch's."""
-        summary = {
-            "method": cfg.method,
-            "steps": result["steps"],
-            "examples": len(examples),
-            "final_loss": result["loss"],
-            "recall": result["recall"],  # of the kept parameters, on the checked facts
-            "epoch": result["epoch"],
-            "target_reached": result["reached"],
-            "trainable": n_trainable,
-            "model_parameters": n_model,
-            "share": n_trainable / n_model,
-            "base": str(base),
-            "wall_s": time.time() - t0,
-        }
-        run_meta = {"svf": meta["svf"]}  # every rank: FSDP2 gathers the layers, rank 0 writes
-        adapters.save_run(unwrap(trained), cfg.method, folder, identity, str(base), run_meta)
-        if is_main():
-            tasks.atomic_write_json(folder / "summary.json", summary)
-        return summary
-
-    def snapshot(epoch: int, steps: int, loss: float, last: float):
-        """--keep-epochs: this epoch's run as a folder of its own, evaluate.py's --adapter."""
-        folder = out / "epochs" / f"{out.name}-e{epoch:02d}"
-        if is_main():
-            for name in ("config.json", "probe.safetensors"):
-                tasks.atomic_write_bytes(folder / name, (out / name).read_bytes())
-        reached = last >= cfg.recall_target
-        finish(
-            folder,
-            {"steps": steps, "loss": loss, "recall": last, "epoch": epoch, "reached": reached},
-        )
-
+        params = plan.method.fsdp_params(trained)
+    end = Ending(trained, plan, protection.base, len(examples), n_trainable, n_model, t0)
+    snapshot = partial(keep_epoch, end) if cfg.keep_epochs else None
     result = train(
         trained,
         tokenizer,
         params,
         examples,
-        data["facts"],
-        resolved,
-        out,
-        memory,
-        snapshot if cfg.keep_epochs else None,
+        plan.data["facts"],
+        plan.cfg,
+        plan.out,
+        plan.memory,
+        snapshot,
     )
     if not result["reached"] and is_main():  # said plainly, and in summary.json
         print(
@@ -670,7 +818,7 @@ def main(cfg: Config) -> dict:
             f"{cfg.epochs} epochs; kept epoch {result['epoch']}, the best checked",
             file=sys.stderr,
         )
-    return finish(out, result)
+    return finish(end, plan.out, result)
 
 
 if __name__ == "__main__":

@@ -211,7 +211,9 @@ def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
     return runs
 
 
-def main(cfg: Config) -> dict:
+def check_config(cfg: Config):
+    """The flags that can be wrong, refused before any training (a sweep never on the locked
+    confirmation files)."""
     for name in parse_targets(cfg.methods):
         if name not in adapters.METHODS:
             raise cli.ConfigError(f"--methods: unknown method {name!r}")
@@ -229,6 +231,10 @@ def main(cfg: Config) -> dict:
         evaluate.pyplot()
     if cfg.stream and (cfg.frontier or cfg.sweep or not cfg.n_facts):
         raise cli.ConfigError("--stream: rounds of --n-facts N > 0, without --frontier or --sweep")
+
+
+def main(cfg: Config) -> dict:
+    check_config(cfg)
     folder = Path(cfg.out)
     identity = checkpoints.identity(checkpoints.resolve(cfg.ckpt))
     facts = Path(cfg.facts)
@@ -245,6 +251,13 @@ def main(cfg: Config) -> dict:
         runs, facts = stream_runs(cfg, svf, facts, lines)
     else:
         runs = inject_all(cfg, svf, facts)
+    return score(cfg, svf, runs, facts)
+
+
+def score(cfg: Config, svf: Path, runs: list, facts: Path) -> dict:
+    """evaluate.py's table of the runs (every kept epoch with --frontier), then the frontier or
+    the stream's table."""
+    folder = Path(cfg.out)
     scoring = {
         k: getattr(cfg, k)
         for k in (

@@ -263,6 +263,19 @@ def rl_loss(model, tokenizer, batch: list[dict], z: dict, cfg: Config, generator
 # the loop
 
 
+def batch_loss(model, tokenizer, z: dict, data: tuple, cfg: Config, step: int) -> tuple:
+    """(the objective on this rank's slice of the global batch at `step` (all of it without
+    torchrun), its answer tokens). data: (records, their encoded examples)."""
+    records, examples = data
+    device = next(iter(z.values())).device
+    idx = shard(batch_indices(len(examples), cfg.batch_size, step, cfg.seed))
+    if cfg.objective == "sft":
+        batch = [examples[i] for i in idx]
+        return sft_loss(model, batch, tokenizer.pad_id, device)
+    generator = step_generator(cfg.seed, step, device, rank())
+    return rl_loss(model, tokenizer, [records[i] for i in idx], z, cfg, generator)
+
+
 def train(model, tokenizer, z: dict, data: tuple, cfg: Config, out: Path) -> tuple[dict, dict]:
     """Steps from the resume point (0, or the state's) to cfg.steps.
     data: (records, their encoded examples, held-out records). -> (last metrics row, stats)."""
@@ -291,17 +304,8 @@ def train(model, tokenizer, z: dict, data: tuple, cfg: Config, out: Path) -> tup
     )
     for step in bar:
         t = time.time()
-        # the global batch, then this rank's slice of it (all of it without torchrun)
-        idx = shard(batch_indices(len(examples), cfg.batch_size, step, cfg.seed))
         with autocast(device, dtype):
-            if cfg.objective == "sft":
-                batch = [examples[i] for i in idx]
-                loss, n_tokens = sft_loss(model, batch, tokenizer.pad_id, device)
-            else:
-                generator = step_generator(cfg.seed, step, device, rank())
-                loss, n_tokens = rl_loss(
-                    model, tokenizer, [records[i] for i in idx], z, cfg, generator
-                )
+            loss, n_tokens = batch_loss(model, tokenizer, z, (records, examples), cfg, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -350,18 +354,8 @@ def main(cfg: Config):
     palora.find_targets(model, targets)  # an unknown target name fails here, before the SVD
     records, examples = encode_examples(train_records, tokenizer, cfg)
     n_model = sum(p.numel() for p in model.parameters())  # before SVF replaces the target weights
-    # replace each target W by its SVD factors and a trainable z (W is freed: memory ~1.3x W)
-    with main_first():  # rank 0 computes and caches the SVDs; the others read them
-        svds = adapters.svds(model, targets, identity, cfg.svd_cache)
-    z = palora.add_svf(model, svds)  # name -> Parameter (S,), float32, initialised at 1
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in z.values():
-        p.requires_grad_(True)
+    z = attach_svf(model, identity, targets, cfg.svd_cache, n_model)
     n_trainable = sum(p.numel() for p in z.values())
-    share = n_trainable / n_model
-    if is_main():
-        print(f"trainable z: {n_trainable:,} parameters in {len(z)} matrices, {100 * share:.4f}%")
 
     t0 = time.time()
     trained = wrap(model, cfg.parallel)  # under torchrun DDP or FSDP2, else the model itself
@@ -369,32 +363,56 @@ def main(cfg: Config):
         z = {n: model.get_submodule(n).z for n in z}
     last, stats = train(trained, tokenizer, z, (records, examples, held_out), cfg, out)
     final = last.get("held_out") or held_out_accuracy(model, tokenizer, held_out, cfg, "held-out")
-    meta = {
-        "ckpt": str(cfg.ckpt),
-        "targets": ",".join(targets),
-        "data": cfg.data,
-        "steps": str(cfg.steps),
-        "held_out": json.dumps(final),
-    }
     summary = {
         "held_out": final,
         "final_loss": last.get("loss"),
         "steps": cfg.steps,
         "trainable": n_trainable,
         "model_parameters": n_model,
-        "share": share,
+        "share": n_trainable / n_model,
         "wall_s": time.time() - t0,
         "train_s": stats["train_s"],
         "tokens_per_s": stats["tokens"] / max(stats["train_s"], 1e-9),
         "device": str(device),
         "dtype": str(dtype),
     }
+    finish(z, cfg, identity, targets, summary)
+    return summary
+
+
+def attach_svf(model, identity: str, targets: tuple, cache: str, n_model: int) -> dict:
+    """Each target W replaced by its SVD factors and a trainable z (W is freed: memory ~1.3x W),
+    everything else frozen -> name -> z."""
+    with main_first():  # rank 0 computes and caches the SVDs; the others read them
+        svds = adapters.svds(model, targets, identity, cache)
+    z = palora.add_svf(model, svds)  # name -> Parameter (S,), float32, initialised at 1
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in z.values():
+        p.requires_grad_(True)
+    n_trainable = sum(p.numel() for p in z.values())
+    if is_main():
+        share = n_trainable / n_model
+        print(f"trainable z: {n_trainable:,} parameters in {len(z)} matrices, {100 * share:.4f}%")
+    return z
+
+
+def finish(z: dict, cfg: Config, identity: str, targets: tuple, summary: dict):
+    """The expert (svf.safetensors, its metadata naming the checkpoint, targets, data, steps and
+    held-out score) and summary.json; every rank gathers z (FSDP2), rank 0 writes."""
+    meta = {
+        "ckpt": str(cfg.ckpt),
+        "targets": ",".join(targets),
+        "data": cfg.data,
+        "steps": str(cfg.steps),
+        "held_out": json.dumps(summary["held_out"]),
+    }
     z = {n: full(p) for n, p in z.items()}  # every rank: FSDP2's shards gathered whole
     if is_main():
+        out = Path(cfg.out)
         adapters.save_svf(out / "svf.safetensors", z, identity, meta)
         tasks.atomic_write_json(out / "summary.json", summary)
         print(json.dumps(summary, indent=1))
-    return summary
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def main():
             sys.exit(f"error: {run}: follows {config['after']}, not {args.runs[k - 1]}")
         adapters.load_peft(model, run, identity)
         palora.merge_lora(model)
-        rounds.append(tasks.read_jsonl(config["facts"]))
+        rounds.append(tasks.read_facts(config["facts"]))
         facts = [f for r in rounds for f in r]
         answers = tasks.answer(model, tokenizer, [f["question"] for f in facts], 16, 64)
         ok = [tasks.fact_correct(a, f["answer"]) for a, f in zip(answers, facts)]

@@ -315,6 +315,37 @@ def test_attach_unknown_method(ckpt):
     assert adapters.METHODS == (*palora.METHODS, "imsm", "smf")
 
 
+@pytest.mark.parametrize("method", [m for m, r in adapters.RECORDS.items() if r.weight_update])
+def test_a_records_protected_sides_are_those_its_update_leaves_alone(ckpt, method):
+    """Method.protects (what evaluate.py --verify checks) against the update itself, trained
+    factors perturbed: on each side the record names, dW's share on the protected set is zero up
+    to rounding; on a side it does not name, it is not, so the record neither overstates nor
+    understates the guarantee. palora_act's input side is its own basis V_act, not V_S."""
+    model, _ = model_lib.load(ckpt[0])
+    svds = palora.svds(model)
+    S = palora.probe(svds, [random_expert(svds, 0)], ("fraction", 0.25))
+    protected = palora.same_count(method, S, svds, 0)
+    record = adapters.record(method)
+    bases = None
+    if record.input_bases:  # any orthonormal (in, 3) basis: only its complement is trained
+        g = seeded(1)
+        shapes = {n: svd[2].shape[1] for n, svd in svds.items()}
+        bases = {n: torch.linalg.qr(torch.randn(d, 3, generator=g))[0] for n, d in shapes.items()}
+    _, params = adapters.attach(model, method, 4, 8.0, 0, svds, protected, bases)
+    perturb(params, 2)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, palora.LoRALinear)}
+    assert layers.keys() == svds.keys()
+    for name, layer in layers.items():
+        U_S, V_S = palora.protected_bases(svds[name], protected[name])
+        dW = palora.delta_weight(layer).double()  # (out, in)
+        leak = palora.leakage(dW, U_S.double(), V_S.double())
+        for side in (0, 1):
+            if side in record.protects:
+                assert leak[side] < 1e-5, (name, side)
+            else:
+                assert leak[side] > 1e-3, (name, side)
+
+
 def test_run_method_trusts_the_adapter_file(tmp_path, ckpt):
     """config.json is easy to edit; the adapter file's metadata says what the run trained."""
     lora_run(ckpt, tmp_path, "palora")

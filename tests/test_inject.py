@@ -434,6 +434,26 @@ def test_fsdp_is_refused_for_imsm_and_smf_before_the_model_loads(
     assert not (tmp_path / "out").exists()
 
 
+def test_expert_problems_fail_before_the_model_loads(setup, tmp_path, monkeypatch):
+    """inject.resolve reads the first expert's metadata before the model loads: an expert made for
+    another checkpoint, or one naming no training data where the skill's data is needed (replay,
+    palora_act's input basis): one line, no model loaded, nothing written."""
+    foreign = make_expert(tmp_path / "foreign", tiny.make_tiny_llama(tmp_path / "other", seed=1))
+    bare = tmp_path / "bare.safetensors"
+    z, _ = adapters.load_svf(setup.svf, identity(setup.ckpt))
+    adapters.save_svf(bare, z, identity(setup.ckpt))  # no "data" in its metadata
+    monkeypatch.setattr(inject.model_lib, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    cases = [
+        (dict(svf=[str(foreign)]), palora.PaloraError, "made for checkpoint"),
+        (dict(svf=[str(bare)], mix_skill="expert"), cli.ConfigError, "names no training data"),
+        (dict(svf=[str(bare)], method="palora_act"), cli.ConfigError, "names no training data"),
+    ]
+    for overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            inject.main(config(setup, tmp_path / "out", **overrides))
+        assert not (tmp_path / "out").exists()
+
+
 def test_pissa_rank_above_the_matrix_rank_is_refused(setup, tmp_path):
     with pytest.raises(palora.PaloraError, match="above the matrix rank"):
         inject.main(config(setup, tmp_path, method="pissa", rank=65))
