@@ -157,6 +157,15 @@ GGUF_CONTROL_TOKEN = (
 )
 
 
+def readable(folder: Path):
+    """mkdtemp and safetensors make private files, but a model is not a secret: give the folder
+    and its files the modes any the user makes have (0777 and 0666 less the umask)."""
+    mask = os.umask(0o022)  # os.umask reads the mask only by setting it: set it straight back
+    os.umask(mask)
+    for path in [folder, *folder.iterdir()]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def convert_gguf(gguf_path: Path, out: Path) -> Path:
     """Write the Llama GGUF at gguf_path as a float32 Hugging Face folder `out`. The folder is built
     in a temporary
@@ -187,11 +196,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
             ("tokenizer_config.json", tokenizer_config),
         ]:
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-        for path in [
-            tmp,
-            *tmp.iterdir(),
-        ]:  # mkdtemp and safetensors make them private; a model is not a secret
-            path.chmod(0o755 if path.is_dir() else 0o644)
+        readable(tmp)
         if out.exists():  # another process finished first; its folder is as good as ours
             shutil.rmtree(tmp)
         else:

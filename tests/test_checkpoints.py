@@ -24,9 +24,12 @@ import hashlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
+import tempfile
 import unicodedata
+from pathlib import Path
 
 import jinja2
 import numpy as np
@@ -275,6 +278,20 @@ def make_folder(path):
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
     return path
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_a_converted_folder_has_the_modes_the_umask_gives(tmp_path, umask):
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as convert_gguf's folder starts
+    (folder / "model.safetensors").write_bytes(b"x")
+    (folder / "model.safetensors").chmod(0o600)
+    old = os.umask(umask)
+    try:
+        convert_gguf.readable(folder)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((folder / "model.safetensors").stat().st_mode) == 0o666 & ~umask
 
 
 def test_resolve_folder(tmp_path):
