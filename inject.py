@@ -490,7 +490,10 @@ def main(cfg: Config) -> dict:
         memory.corpus = corpus(tokenizer, skill + data.get("known", []), resolved)
     if is_main():
         ignore = (*RUN_ONLY, "keep_epochs")  # not the result's
-        open_run(out, resolved, cfg.resume, cfg.overwrite, ignore)  # refuses another run's folder
+        reads = [folder, *resolved.svf, resolved.facts, resolved.mix_known, resolved.mix_skill]
+        reads += [resolved.skill_data, resolved.act_known, resolved.after]
+        # refuses another run's folder, and one that holds what this run reads
+        open_run(out, resolved, cfg.resume, cfg.overwrite, ignore, inputs=reads)
 
     n_model = sum(p.numel() for p in model.parameters())
     with main_first():  # rank 0 computes and writes the SVD cache and the merged folder first

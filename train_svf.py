@@ -339,12 +339,12 @@ def main(cfg: Config):
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg = dataclasses.replace(cfg, out=str(out))  # the resolved copy is what config.json records
     device = setup_distributed(resolve_device(cfg.device))  # torchrun: one process per rank
-    if is_main():
-        open_run(out, cfg, cfg.resume, cfg.overwrite)
+    folder = checkpoints.resolve(cfg.ckpt)
+    if is_main():  # never a folder that holds what this run reads
+        open_run(out, cfg, cfg.resume, cfg.overwrite, inputs=[folder, cfg.data, cfg.eval_data])
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
 
-    folder = checkpoints.resolve(cfg.ckpt)
     identity = checkpoints.identity(folder)
     model, tokenizer = model_lib.load(folder, device=device, dtype=dtype)
     palora.find_targets(model, targets)  # an unknown target name fails here, before the SVD
