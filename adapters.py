@@ -16,7 +16,6 @@ save_run and load_run. One if/elif on the method in each; a new method is a modu
 
 import hashlib
 import json
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import imsm
 import palora
 import smf
 from palora import PaloraError
-from tasks import atomic_save_file, atomic_write_json
+from tasks import atomic_save_file, atomic_write_bytes, atomic_write_json
 from training import answer_loss, is_main, whole
 
 REPO = Path(__file__).resolve().parent
@@ -292,11 +291,13 @@ def save_merged(model: nn.Module, checkpoint: Path, out: Path):
     for k, shape in keys.items():
         if k not in state or list(state[k].shape) != list(shape):
             raise PaloraError(f"{checkpoint}: tensor {k} {shape} has no counterpart in the model")
+    if out.is_symlink():  # its files would be written wherever it points
+        raise PaloraError(f"{out}: a symlink; the merged model is written to a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     for f in Path(checkpoint).iterdir():
         weights = (".safetensors", ".safetensors.index.json", ".gguf")
-        if f.is_file() and not f.name.endswith(weights):
-            shutil.copyfile(f, out / f.name)
+        if f.is_file() and not f.name.endswith(weights):  # a symlink planted there is replaced
+            atomic_write_bytes(out / f.name, f.read_bytes())
     save_tensors({k: state[k] for k in keys}, out / "model.safetensors", {"format": "pt"})
 
 

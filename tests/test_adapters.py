@@ -280,6 +280,29 @@ def test_load_peft_refuses_an_adapter_that_does_not_fit(tmp_path, ckpt, adapter)
         adapters.load_peft(model_lib.load(folder)[0], tmp_path / "a", identity)
 
 
+def test_save_merged_never_writes_through_a_symlink(tmp_path, ckpt):
+    """A symlink planted in merged-<sha>/ is replaced, not written through; a merged folder that
+    is itself a symlink is refused before anything is written."""
+    folder, _ = ckpt
+    victim = tmp_path / "victim.json"
+    victim.write_text("mine")
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "tokenizer.json").symlink_to(victim)
+    (tmp_path / "merged" / "model.safetensors").symlink_to(victim)
+    ours, _ = model_lib.load(folder)
+    adapters.save_merged(ours, folder, tmp_path / "merged")
+    assert victim.read_text() == "mine"
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert not (tmp_path / "merged" / name).is_symlink()
+    tokenizer = (tmp_path / "merged" / "tokenizer.json").read_bytes()
+    assert tokenizer == (folder / "tokenizer.json").read_bytes()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PaloraError, match="linked: a symlink"):
+        adapters.save_merged(ours, folder, tmp_path / "linked")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_transformers_loads_merged_svf(tmp_path, ckpt):
     folder, identity = ckpt
     ours, _ = model_lib.load(folder)
