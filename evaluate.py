@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import re
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -622,8 +623,8 @@ def writable(folder: Path):
     """Fail now, not after an hour of scoring, if results cannot be written to folder."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tasks.atomic_write_text(folder / ".write-test", "")
-        (folder / ".write-test").unlink()
+        with tempfile.TemporaryFile(dir=folder):  # a fresh name: no file of the user's replaced
+            pass
     except OSError as e:
         raise cli.ConfigError(f"{folder}: cannot write results there ({e.strerror})") from None
 

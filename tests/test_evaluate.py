@@ -301,6 +301,13 @@ def test_unwritable_out_fails_before_scoring(setup, runs, tmp_path):
         evaluate.main(eval_config(setup, blocker / "out", adapter=[str(runs["palora"])]))
 
 
+def test_the_write_check_replaces_no_file_of_the_users(tmp_path):
+    (tmp_path / ".write-test").write_text("mine")
+    evaluate.writable(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".write-test"]
+    assert (tmp_path / ".write-test").read_text() == "mine"
+
+
 def test_question_longer_than_the_context_names_its_line(setup, tmp_path):
     long = tiny.write_jsonl(
         tmp_path / "long.jsonl",
