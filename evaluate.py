@@ -340,7 +340,9 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
     n_model = sum(p.numel() for p in base.parameters())
     kinds = tuple(palora.MLP_TARGETS)
     model_svds = adapters.svds(base, kinds, identity, cfg.svd_cache)
-    entries = [("base", None, None)] + [("svf", Path(svf), None)] * bool(svf)
+    entries = [("base", None, None)]
+    if svf:  # --svf none: no row of its own
+        entries.append(("svf", Path(svf), None))
     for run in runs:
         run_svf = adapters.run_config(run)["svf"][0]
         entries.append((re.sub(r"-s\d+$", "", run.name), Path(run_svf), run))

@@ -7,7 +7,11 @@ trusting the adapter's own method; the table, JSON, intervals and plots. Tiny ra
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,8 @@ import palora
 import tasks
 import tiny
 from runs import config
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -299,6 +305,25 @@ def test_unwritable_out_fails_before_scoring(setup, runs, tmp_path):
     blocker.write_text("")
     with pytest.raises(cli.ConfigError, match="cannot write results"):
         evaluate.main(eval_config(setup, blocker / "out", adapter=[str(runs["palora"])]))
+
+
+def test_svf_none_through_the_command_line(setup, tmp_path):
+    """--svf none (documented: no expert row) runs to the end: exit 0, no traceback, no svf row;
+    retention, a share of the expert's score, is not a number."""
+    argv = ["--svf", "none", "--ckpt", str(setup.ckpt), "--facts", str(setup.facts)]
+    argv += ["--reasoning", str(setup.skill), "--reasoning-ood", "", "--known", str(setup.known)]
+    argv += ["--limit", "2", "--max-new-tokens", "4", "--fact-tokens", "4", "--device", "cpu"]
+    argv += ["--out", str(tmp_path), "--svd-cache", str(setup.cache), "--score-cache", ""]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), *argv],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["group"] for r in rows] == ["base"] and math.isnan(rows[0]["retention"])
 
 
 def test_the_write_check_replaces_no_file_of_the_users(tmp_path):
