@@ -229,25 +229,41 @@ def check_length(records: list, path, tokenizer, limit: int, new_tokens: int):
             )
 
 
-def score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
-    """Greedy answers to every question set -> (metrics, per-item record: answers and 0/1
-    scores)."""
-    pairs = {
+def question_sets(data: dict) -> dict:
+    """Every question set as (question, gold answer) pairs: facts, known facts, the facts'
+    paraphrases, the skill's two held-out sets."""
+    return {
         "facts": [(r["question"], r["answer"]) for r in data["facts"]],
         "known": [(r["question"], r["answer"]) for r in data["known"]],
         "paraphrases": [(p, r["answer"]) for r in data["facts"] for p in r.get("paraphrases", [])],
+        "reasoning": [(r["question"], r["answer"]) for r in data["reasoning"]],
+        "reasoning_ood": [(r["question"], r["answer"]) for r in data["reasoning_ood"]],
     }
+
+
+def score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
+    """Greedy answers to every question set -> score_answers()."""
+    sets = question_sets(data)
+    answers = {}
+    for kind, qa in sets.items():
+        tokens = cfg.max_new_tokens if kind.startswith("reasoning") else cfg.fact_tokens
+        answers[kind] = tasks.answer(model, tokenizer, [q for q, _ in qa], tokens, cfg.batch_size)
+    return score_answers(answers, sets)
+
+
+def score_answers(answers: dict, sets: dict) -> tuple[dict, dict]:
+    """Answers (kind -> predictions) against question_sets' gold answers -> (metrics, per-item
+    record: answers and 0/1 scores). No model: tests feed it hand-made answer tables."""
     items = {}
-    for kind, qa in pairs.items():
-        pred = tasks.answer(model, tokenizer, [q for q, _ in qa], cfg.fact_tokens, cfg.batch_size)
-        items[kind] = pred
-        items[f"{kind}_ok"] = [tasks.fact_correct(p, g) for p, (_, g) in zip(pred, qa)]
-        items[f"{kind}_any"] = [anywhere(p, g) for p, (_, g) in zip(pred, qa)]
+    for kind in ("facts", "known", "paraphrases"):
+        pairs = list(zip(answers[kind], [g for _, g in sets[kind]], strict=True))
+        items[kind] = answers[kind]
+        items[f"{kind}_ok"] = [tasks.fact_correct(p, g) for p, g in pairs]
+        items[f"{kind}_any"] = [anywhere(p, g) for p, g in pairs]
     for kind in ("reasoning", "reasoning_ood"):
-        questions = [r["question"] for r in data[kind]]
-        pred = tasks.answer(model, tokenizer, questions, cfg.max_new_tokens, cfg.batch_size)
-        scores = [tasks.score_reasoning(p, r["answer"]) for p, r in zip(pred, data[kind])]
-        items[kind] = pred
+        pairs = zip(answers[kind], [g for _, g in sets[kind]], strict=True)
+        scores = [tasks.score_reasoning(p, g) for p, g in pairs]
+        items[kind] = answers[kind]
         items[f"{kind}_strict"] = [s["strict"] for s in scores]
         items[f"{kind}_flexible"] = [s["flexible"] for s in scores]
     metrics = {
@@ -257,7 +273,7 @@ def score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
         "reliability": mean(items["facts_ok"]),
         "generalization": mean(items["paraphrases_ok"]),
         "collapse": top_share(items["facts"]),
-        "gold_collapse": top_share([g for _, g in pairs["facts"]]),
+        "gold_collapse": top_share([g for _, g in sets["facts"]]),
     }
     return metrics, items
 
@@ -380,8 +396,7 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
                 "name": run.name if run else group,
                 "group": group,
                 **metrics,
-                "locality": locality(base_known["known_ok"], items["known_ok"]),
-                "locality_any": locality(base_known["known_ok"], items["known_any"]),
+                **localities(base_known, items),
                 **info,
                 "share": info["trainable"] / n_model,
                 "items": items,
@@ -393,6 +408,21 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
             f", reliability {metrics['reliability']:.3f} ({time.time() - t0:.0f} s)"
         )
         del model
+    return relative(rows)
+
+
+def localities(base: dict, items: dict) -> dict:
+    """Of the known facts the base answers (its first line), the share a row still answers: on its
+    first line (locality) or anywhere in its answer (locality_any)."""
+    return {
+        "locality": locality(base["known_ok"], items["known_ok"]),
+        "locality_any": locality(base["known_ok"], items["known_any"]),
+    }
+
+
+def relative(rows: list) -> list:
+    """The columns relative to another row: time to the base's (rows[0]), retention to the expert's
+    (the svf row) strict score on the same split; NaN without an expert row or when it scores 0."""
     svf_row = next((r for r in rows if r["group"] == "svf"), {})
     expert = {k: svf_row.get(k, NAN) for k in ("strict", "strict_ood")}
     for r in rows:

@@ -112,6 +112,101 @@ def test_paired_bootstrap_on_hand_made_differences():
     assert diff == 0.5 and 0.3 < low < 0.5 < high < 0.7
 
 
+def hand_made_answers():
+    """Question sets with gold answers, and one model's answers to them, each scored by hand in
+    the comment beside it."""
+    sets = {
+        "facts": [("F1", "Paris"), ("F2", "Rome"), ("F3", "Oslo"), ("F4", "Lima")],
+        "known": [("K1", "Bern"), ("K2", "Kyiv")],
+        "paraphrases": [("P1", "Paris"), ("P2", "Paris"), ("P3", "Rome")],
+        "reasoning": [("R1", "#### 5"), ("R2", "x\n#### 7"), ("R3", "#### 9"), ("R4", "#### 2")],
+        "reasoning_ood": [("O1", "#### 1"), ("O2", "#### 3"), ("O3", "#### 4")],
+    }
+    answers = {
+        "facts": ["Paris.", "I think\nRome", "Oslo it is", "Bern"],  # first line: 1, 0, 1, 0
+        "known": ["Bern", "no idea"],  # 1, 0
+        "paraphrases": ["Paris", "Rome", "Oslo"],  # 1, 0, 0
+        "reasoning": [
+            "2 + 3 = 5\n#### 5",  # strict and flexible
+            "so the answer is 7",  # flexible only: no '#### N'
+            "#### 8",  # neither
+            "#### 2",  # both
+        ],
+        "reasoning_ood": ["#### 1", "3", "#### 5"],  # strict 1, 0, 0
+    }
+    return answers, sets
+
+
+def test_score_answers_on_a_hand_made_table():
+    metrics, items = evaluate.score_answers(*hand_made_answers())
+    assert items["reasoning_strict"] == [True, False, False, True]
+    assert items["reasoning_flexible"] == [True, True, False, True]
+    assert items["facts_ok"] == [True, False, True, False]
+    assert items["facts_any"] == [True, True, True, False]  # Rome on line two counts here
+    assert metrics == {
+        "strict": 2 / 4,
+        "flexible": 3 / 4,
+        "strict_ood": 1 / 3,
+        "reliability": 2 / 4,
+        "generalization": 1 / 3,
+        "collapse": 1.0,  # 4 distinct answers, the top 5 take all
+        "gold_collapse": 1.0,
+    }
+
+
+def test_locality_counts_only_the_known_facts_the_base_answers():
+    """The base answers known facts 0, 1 and 3; of those the run answers 0 on its first line, 0 and
+    1 anywhere in its answer (fact 2 and 4, which the base missed, do not count)."""
+    base = {"known_ok": [True, True, False, True, False], "known_any": [True] * 5}
+    run = {
+        "known_ok": [True, False, True, False, False],
+        "known_any": [True, True, True, False, True],
+    }
+    assert evaluate.localities(base, run) == {"locality": 1 / 3, "locality_any": 2 / 3}
+
+
+def test_retention_is_a_share_of_the_experts_score_on_the_same_split():
+    rows = [
+        {"group": "base", "s_per_token": 2.0, "strict": 0.25, "strict_ood": 0.0},
+        {"group": "svf", "s_per_token": 3.0, "strict": 0.5, "strict_ood": 0.25},
+        {"group": "palora", "s_per_token": 4.0, "strict": 0.375, "strict_ood": 0.125},
+    ]
+    rows = {r["group"]: r for r in evaluate.relative(rows)}
+    assert (rows["palora"]["retention"], rows["palora"]["retention_ood"]) == (0.75, 0.5)
+    assert (rows["base"]["retention"], rows["base"]["retention_ood"]) == (0.5, 0.0)
+    assert (rows["svf"]["retention"], rows["svf"]["retention_ood"]) == (1.0, 1.0)
+    assert [r["time"] for r in rows.values()] == [1.0, 1.5, 2.0]  # against the base's speed
+    no_expert = evaluate.relative([rows["base"], rows["palora"]])
+    assert all(math.isnan(r["retention"]) for r in no_expert)
+    rows["svf"]["strict"] = 0.0  # an expert that scores 0: no share of it
+    assert math.isnan(evaluate.relative(list(rows.values()))[2]["retention"])
+
+
+def test_intervals_pair_the_runs_by_seed_and_subtract_b_from_a():
+    """Seed by seed, palora and lora answer the same held-out-template items right (s0: items 0 and
+    1, s1: items 2 and 3): the paired difference is 0 on every item, an interval of width 0; paired
+    any other way it is not. On the other split palora is right everywhere, lora nowhere: +1."""
+    ood = {"s0": [1, 1, 0, 0], "s1": [0, 0, 1, 1]}
+    rows = [  # lora's seeds listed in the other order: pairs come from the names, not the order
+        {"name": f"{g}-{s}", "group": g, "items": {"reasoning_ood_strict": ood[s]}}
+        for g, seeds in (("palora", ("s0", "s1")), ("lora", ("s1", "s0")))
+        for s in seeds
+    ]
+    for r in rows:
+        r["items"]["reasoning_strict"] = [int(r["group"] == "palora")] * 4
+    got = {p["split"]: p for p in evaluate.intervals(rows)}
+    assert sorted(got) == ["reasoning", "reasoning_ood"]
+    want = {"a": "palora", "b": "lora", "seeds": 2, "items": 4}
+    assert got["reasoning_ood"] == {
+        **want,
+        "split": "reasoning_ood",
+        "diff": 0.0,
+        "low": 0.0,
+        "high": 0.0,
+    }
+    assert got["reasoning"] == {**want, "split": "reasoning", "diff": 1.0, "low": 1.0, "high": 1.0}
+
+
 def test_aggregate_mean_and_sample_std():
     rows = [
         {"group": "x", "strict": 0.5},
