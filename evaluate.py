@@ -200,6 +200,17 @@ def spearman(x: list, y: list) -> float:
     return (a @ b / (a.norm() * b.norm())).item()
 
 
+def reach_vs_loss(rows: list) -> dict:
+    """Does the update's reach into the skill's inputs predict what is lost? Spearman's rho of
+    interference against retention_ood over the runs that have both (a run without a weight update
+    has no interference; without an expert that scores, no retention): NaN under 3 runs."""
+    reach = [r for r in rows if math.isfinite(r["interference"])]
+    reach = [r for r in reach if math.isfinite(r["retention_ood"])]  # NaN has no rank
+    x = [r["interference"] for r in reach]
+    rho = spearman(x, [r["retention_ood"] for r in reach]) if len(reach) >= 3 else NAN
+    return {"runs": len(reach), "rho": rho}
+
+
 def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: int = 0):
     """Mean of a - b and its 95% bootstrap interval; a, b (seeds, items) of 0/1, paired by seed and
     item.
@@ -701,13 +712,10 @@ def main(cfg: Config) -> dict:
             f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] (95% paired "
             f"bootstrap)"
         )
-    reach = [r for r in rows if math.isfinite(r["interference"])]
-    mechanism = {"runs": len(reach), "rho": NAN}
-    if len(reach) >= 3:  # does the update's reach into the skill's inputs predict what is lost?
-        x = [r["interference"] for r in reach]
-        mechanism["rho"] = spearman(x, [r["retention_ood"] for r in reach])
+    mechanism = reach_vs_loss(rows)
+    if mechanism["runs"] >= 3:
         print(
-            f"interference vs retention_ood over {len(reach)} runs: Spearman rho "
+            f"interference vs retention_ood over {mechanism['runs']} runs: Spearman rho "
             f"{mechanism['rho']:+.2f}"
         )
     spectrum = next((r.pop("spectrum") for r in rows if "spectrum" in r), {})

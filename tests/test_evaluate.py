@@ -18,15 +18,18 @@ import torch
 from safetensors.torch import save_file
 
 import adapters
+import checkpoints
 import cli
 import evaluate
 import inject
+import model as model_lib
 import palora
 import tasks
 import tiny
 from runs import config
 
 REPO = Path(__file__).resolve().parent.parent
+NAN = float("nan")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,6 +210,21 @@ def test_intervals_pair_the_runs_by_seed_and_subtract_b_from_a():
     assert got["reasoning"] == {**want, "split": "reasoning", "diff": 1.0, "low": 1.0, "high": 1.0}
 
 
+def test_reach_vs_loss_ranks_the_runs_with_both_columns():
+    """Interference 1, 2, 3 against retention_ood 0.9, 0.5, 0.7: ranks (0, 1, 2) and (2, 0, 1),
+    Σd² = 6, rho = 1 - 6·6 / (3·8) = -0.5. A row without either column does not count."""
+    rows = [
+        {"interference": 1.0, "retention_ood": 0.9},
+        {"interference": 2.0, "retention_ood": 0.5},
+        {"interference": NAN, "retention_ood": 0.1},  # the base, the expert: no update
+        {"interference": 3.0, "retention_ood": 0.7},
+        {"interference": 4.0, "retention_ood": NAN},  # no expert score to retain
+    ]
+    got = evaluate.reach_vs_loss(rows)
+    assert got["runs"] == 3 and got["rho"] == pytest.approx(-0.5, abs=1e-12)
+    assert math.isnan(evaluate.reach_vs_loss(rows[:3])["rho"])  # 2 runs: no rho
+
+
 def test_aggregate_mean_and_sample_std():
     rows = [
         {"group": "x", "strict": 0.5},
@@ -224,16 +242,25 @@ def test_aggregate_mean_and_sample_std():
 # the guarantee from the files alone
 
 
-def test_probe_report_shares(setup, capsys):
-    """Each matrix's protected components are split over the spectrum's thirds (shares sum to 1);
-    one
-    row per matrix kind plus all, then the multipliers' range."""
-    out = setup.root / "report"
-    rows = evaluate.main(eval_config(setup, out, probe_report=str(setup.svf)))["rows"]
+def test_probe_report_on_an_expert_that_moves_the_bottom_half(setup, tmp_path, capsys):
+    """z = 1 on the top half of each spectrum (R = 64), 2 on the bottom half: c = Σs / Σ(s ⊙ z) is
+    in (2/3, 1), so the bottom half moves most (|2c - 1| > |c - 1|) and is the probe. Position
+    i / 63 puts components 32..41 in the middle third (i < 42) and 42..63 in the bottom one."""
+    model, _ = model_lib.load(setup.ckpt)
+    svds = palora.svds(model, palora.MLP_TARGETS)
+    assert {len(s) for _, s, _ in svds.values()} == {64}  # the premise
+    z = {n: torch.cat([torch.ones(32), torch.full((32,), 2.0)]) for n in svds}
+    adapters.save_svf(tmp_path / "svf.safetensors", z, checkpoints.identity(setup.ckpt))
+    report = str(tmp_path / "svf.safetensors")
+    rows = evaluate.main(eval_config(setup, tmp_path / "out", probe_report=report))["rows"]
     assert len(rows) == 6  # 2 layers x 3 MLP matrices
     for r in rows:
-        assert r["top"] + r["middle"] + r["bottom"] == pytest.approx(1.0)
-    assert capsys.readouterr().out.count("\n") == 2 + 3 + 1 + 1
+        assert (r["top"], r["middle"], r["bottom"]) == (0.0, 10 / 32, 22 / 32)
+        assert r["mean_pos"] == pytest.approx(sum(range(32, 64)) / 32 / 63)
+        s = svds[r["name"]][1]
+        largest = set((s * z[r["name"]]).argsort(descending=True)[:32].tolist())  # top-k's pick
+        assert r["topk_overlap"] == len(largest & set(range(32, 64))) / 32
+    assert capsys.readouterr().out.count("\n") == 2 + 3 + 1 + 1  # head, 3 kinds, all, multipliers
 
 
 def test_verify_passes_on_protected_runs_and_reports_lora(setup, runs, tmp_path):
@@ -318,18 +345,37 @@ def test_adapter_for_another_checkpoint_fails_before_scoring(setup, runs, tmp_pa
 # the table
 
 
+def known_to_the_base(setup, path) -> str:
+    """Known facts by construction: questions whose gold is the base's own greedy first line (the
+    tiny random model knows no real fact), answered as evaluate.py answers them."""
+    questions = [f"Which colour is thing {i}?" for i in range(8)]
+    model, tokenizer = model_lib.load(setup.ckpt)
+    answers = tasks.answer(model, tokenizer, questions, max_new_tokens=6, batch_size=8)
+    firsts = [next(line for line in a.splitlines() if line.strip()) for a in answers]
+    records = [{"question": q, "answer": a} for q, a in zip(questions, firsts)]
+    return str(tiny.write_jsonl(path, records))
+
+
 def test_table_json_intervals_and_plots(setup, runs, tmp_path):
     names = [str(runs[m]) for m in ("palora", "lora", "random")]
-    result = evaluate.main(eval_config(setup, tmp_path, adapter=names, plot=True))
+    known = known_to_the_base(setup, tmp_path / "known.jsonl")
+    result = evaluate.main(eval_config(setup, tmp_path, adapter=names, plot=True, known=known))
     rows = {r["group"]: r for r in result["rows"]}
     assert list(rows) == ["base", "svf", "palora", "lora", "random"]
-    assert rows["base"]["locality"] == 1.0 or math.isnan(rows["base"]["locality"])
+    base_ok = rows["base"]["items"]["known_ok"]
+    assert base_ok == [True] * 8 and rows["base"]["locality"] == 1.0
+    for r in rows.values():  # of the facts the base answers, the share each row still answers
+        assert r["locality"] == sum(r["items"]["known_ok"]) / 8
+        assert r["locality_any"] == sum(r["items"]["known_any"]) / 8
+    assert [rows[g]["locality"] for g in ("palora", "lora", "random")] == [0.0] * 3  # the premise
     assert rows["palora"]["leak_out"] <= 1e-4 and rows["palora"]["leak_in"] <= 1e-4
     assert rows["lora"]["leak_out"] > 1e-2 and rows["random"]["leak_out"] > 1e-2  # vs the probe
     for g in ("palora", "lora", "random"):  # the update's reach into the skill's inputs
         assert rows[g]["interference"] > 0 and len(rows[g]["interference_by"]) == 6
     assert math.isnan(rows["base"]["interference"]) and math.isnan(rows["svf"]["interference"])
-    assert result["mechanism"]["runs"] == 3 and -1 <= result["mechanism"]["rho"] <= 1
+    # the tiny expert scores 0 on the skill: no retention_ood, so no rank correlation with it
+    assert rows["svf"]["strict_ood"] == 0.0 and math.isnan(rows["palora"]["retention_ood"])
+    assert result["mechanism"]["runs"] == 0 and math.isnan(result["mechanism"]["rho"])
     summary = json.loads((runs["palora"] / "summary.json").read_text())
     assert rows["palora"]["trainable"] == summary["trainable"] == 6 * 4 * (64 + 96)  # r (in + out)
     assert rows["palora"]["added"] == 6 * 4 * (64 + 96) and rows["svf"]["trainable"] == 6 * 64
