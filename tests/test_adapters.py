@@ -5,7 +5,9 @@ run_method, expected_probe against inject.make_base), imsm and smf runs included
 Llama (tests/tiny.py); CPU, seconds.
 """
 
+import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -14,6 +16,7 @@ import torch.nn as nn
 
 import adapters
 import checkpoints
+import evaluate
 import inject
 import model as model_lib
 import palora
@@ -333,7 +336,15 @@ def test_attach_unknown_method(ckpt):
         adapters.attach(model, "dora", 2, 4.0, 0, palora.svds(model))
     with pytest.raises(PaloraError, match="unknown method 'dora'"):
         adapters.save_run(model, "dora", "unused", ckpt[1], "base", {})
-    assert adapters.METHODS == (*palora.METHODS, "imsm", "smf")
+
+
+def test_the_method_lists_agree():
+    """The methods are listed in three places: the dispatch, --method's help, the evaluator's
+    comparisons. The help names each method the dispatch knows; each compared one is known."""
+    field = next(f for f in dataclasses.fields(inject.Config) if f.name == "method")
+    unnamed = [m for m in adapters.METHODS if not re.search(rf"\b{m}\b", field.metadata["help"])]
+    assert unnamed == []
+    assert {m for pair in evaluate.COMPARE for m in pair} - set(adapters.METHODS) == set()
 
 
 def test_run_method_trusts_the_adapter_file(tmp_path, ckpt):

@@ -370,7 +370,7 @@ def tiny_checkpoint(path, config, tensors):
     return path
 
 
-def test_identity(tmp_path, folder):
+def test_identity(tmp_path):
     config, w = {"hidden_size": 4}, {"w": np.zeros((4, 4), np.float32)}
     base = checkpoints.identity(tiny_checkpoint(tmp_path / "a", config, w))
     assert base == checkpoints.identity(tmp_path / "a") and len(base) == 16
@@ -389,7 +389,20 @@ def test_identity(tmp_path, folder):
         ),  # same shapes, other weights
     ]
     assert len({base, *map(checkpoints.identity, changed)}) == 4
-    assert checkpoints.identity(folder) == checkpoints.identity(folder)
+
+
+@pytest.mark.parametrize(
+    "index, seen", [(0, True), (1 << 17, True), ((1 << 18) - 1, True), (1 << 16, False)]
+)
+def test_identity_samples_the_start_middle_and_end_of_the_data(tmp_path, index, seen):
+    """Three 64 KiB samples of 1 MiB of weights: a changed weight in each is seen; one between
+    them is not (the docstring says so: not a checksum)."""
+    config, w = {"hidden_size": 4}, np.zeros(1 << 18, np.float32)  # 1 MiB
+    base = checkpoints.identity(tiny_checkpoint(tmp_path / "a", config, {"w": w}))
+    changed = w.copy()
+    changed[index] = 1.0
+    other = checkpoints.identity(tiny_checkpoint(tmp_path / "b", config, {"w": changed}))
+    assert (other != base) == seen
 
 
 # --------------------------------------------------------------------------------------------------
