@@ -125,7 +125,8 @@ def _pip_download(requirement: str, downloads: Path) -> None:
 
 def _atomic_copy(source, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW  # never through a planted link
+    with os.fdopen(os.open(tmp, flags, 0o666), "wb") as f:
         shutil.copyfileobj(source, f, 1 << 20)
     os.replace(tmp, target)
 
