@@ -46,7 +46,7 @@ import cli
 import model as model_lib
 import palora
 import tasks
-from training import resolve_device, resolve_dtype
+from training import check_context, resolve_device, resolve_dtype
 
 COLUMNS = (
     "strict",
@@ -682,6 +682,9 @@ def main(cfg: Config) -> dict:
     if cfg.plot:
         pyplot()
     folder = checkpoints.resolve(cfg.ckpt)
+    check_context(
+        folder, {"--max-new-tokens": cfg.max_new_tokens, "--fact-tokens": cfg.fact_tokens}
+    )
     identity = checkpoints.identity(folder)
     runs = [Path(a) for a in cfg.adapter]
     for run in runs:  # every run checked before any scoring: its files, made for this checkpoint

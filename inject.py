@@ -63,6 +63,7 @@ from training import (
     all_sum,
     answer_all,
     batch_indices,
+    check_context,
     check_finite,
     is_main,
     load_state,
@@ -154,7 +155,9 @@ class Config:
         128, "smf: skill (and --mix-known) examples in the background corpus", ge=1
     )
     batch_size: int = option(8, "examples per step", ge=1)
-    seed: int = option(0, "seed for A's initialisation, data order, mixing and random protection")
+    seed: int = option(
+        0, "seed for A's initialisation, data order, mixing and random protection", ge=0
+    )
     out: str = option("", "output folder (default runs/inject-<method>-<facts>-s<seed>)")
     overwrite: bool = option(False, "empty a non-empty --out first")
     resume: bool = option(False, "continue from --out/state.safetensors")
@@ -446,6 +449,7 @@ def main(cfg: Config) -> dict:
         data["skill"] = skill_examples(cfg.mix_skill)
     out = Path(cfg.out or RUNS / f"inject-{cfg.method}-{Path(cfg.facts).stem}-s{cfg.seed}")
     folder = checkpoints.resolve(cfg.ckpt)
+    check_context(folder, {"--fact-tokens": cfg.fact_tokens})
     identity = checkpoints.identity(folder)
     svf_paths = [Path(p) for p in cfg.svf] or [latest_svf(identity, cfg.ckpt)]
     if cfg.after:

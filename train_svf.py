@@ -52,6 +52,7 @@ from training import (
     answer_loss,
     autocast,
     batch_indices,
+    check_context,
     check_finite,
     full,
     is_main,
@@ -340,6 +341,7 @@ def main(cfg: Config):
     cfg = dataclasses.replace(cfg, out=str(out))  # the resolved copy is what config.json records
     device = setup_distributed(resolve_device(cfg.device))  # torchrun: one process per rank
     folder = checkpoints.resolve(cfg.ckpt)
+    check_context(folder, {"--max-new-tokens": cfg.max_new_tokens})
     if is_main():  # never a folder that holds what this run reads
         open_run(out, cfg, cfg.resume, cfg.overwrite, inputs=[folder, cfg.data, cfg.eval_data])
     dtype = resolve_dtype(cfg.dtype, device)

@@ -25,8 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tasks
+from checkpoints import read_json
 from cli import ConfigError
-from model import is_fsdp
+from model import ModelArgs, is_fsdp
 from tasks import IGNORE_INDEX, DataError, atomic_save_file, atomic_write_json, atomic_write_text
 
 # -----------------------------------------------------------------------------
@@ -52,11 +53,33 @@ def save_config(cfg, path):
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N -> the device; anything else, or a GPU this machine lacks, is a
+    ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists twenty device types we do not run on
+        raise ConfigError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: palora runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def check_context(folder: Path, tokens: dict):
+    """--flag -> a token count: each must fit the checkpoint's context (its config.json, read
+    before the model loads), so that `--max-new-tokens 100000` is refused, never allocated as a
+    KV cache of that length per row."""
+    path = Path(folder) / "config.json"
+    context = ModelArgs.from_hf_config(read_json(path), source=path).max_position_embeddings
+    for flag, n in tokens.items():
+        if n > context:
+            raise ConfigError(f"{flag}: {n} tokens do not fit the model's context ({context})")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
