@@ -221,8 +221,8 @@ def check_files(cfg: Config):
     skill = "" if cfg.mix_skill in ("expert", "none") else cfg.mix_skill
     act_known = "" if cfg.act_known == "auto" else cfg.act_known
     for path in [cfg.facts, *cfg.svf, cfg.mix_known, skill, cfg.skill_data, act_known]:
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+        if path:
+            tasks.check_file(path)
 
 
 def check_after(after: Path, method: str, svf: Path, out: Path):

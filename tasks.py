@@ -51,6 +51,14 @@ class DataError(ValueError):
     expected = True  # bad input: cli.run prints it as one line, exit 2
 
 
+def check_file(path):
+    """A file to read: missing is FileNotFoundError, anything but a file (a folder) a DataError."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not a file")
+
+
 def _raise(problems: list[str]):
     if problems:  # the first 20 spelled out, the rest counted
         raise DataError(

@@ -129,8 +129,7 @@ def check_config(cfg: Config) -> tuple[str, ...]:
             "--objective rl: the mean baseline needs --batch-size x --rl-samples >= 2"
         )
     for path in (cfg.data, cfg.eval_data):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+        tasks.check_file(path)
     return parse_targets(cfg.targets)
 
 

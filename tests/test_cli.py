@@ -237,6 +237,9 @@ CONTEXT = 128  # tests/tiny.py's max_position_embeddings
             f"--max-new-tokens: 129 tokens do not fit the model's context ({CONTEXT})",
         ),
         (train_svf, ["--out", "{afile}"], "is not a folder"),
+        (train_svf, ["--data", "{adir}"], "adir: not a file"),
+        (inject, ["--facts", "{adir}"], "adir: not a file"),
+        (inject, ["--svf", "{adir}"], "adir: not a file"),
         (inject, ["--device", "tpu"], "--device tpu: not a device"),
         (inject, ["--fact-tokens", "129"], "--fact-tokens: 129 tokens do not fit"),
         (inject, ["--seed", "-1"], "--seed: must be >= 0"),
@@ -251,7 +254,8 @@ def test_bad_flags_are_one_line_before_the_model_loads(
 ):
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    argv = [a.format(afile=afile) for a in argv]
+    (tmp_path / "adir").mkdir()
+    argv = [a.format(afile=afile, adir=tmp_path / "adir") for a in argv]
     base = {
         train_svf: ["--data", str(setup.skill), "--eval-data", str(setup.skill)],
         inject: ["--facts", str(setup.facts), "--svf", str(setup.svf), "--mix-skill", "none"],
