@@ -246,7 +246,7 @@ def load_peft(model: nn.Module, folder, identity: str) -> tuple[dict, dict]:
     config_path = folder / "adapter_config.json"
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise PaloraError(f"{config_path}: unreadable ({e})") from None
     for key in (
         "peft_type",
@@ -488,7 +488,7 @@ def run_config(run: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing (is {run} an inject.py run?)") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise PaloraError(f"{path}: unreadable ({e})") from None
 
 

@@ -78,11 +78,11 @@ def read_jsonl(path, required=("question", "answer")) -> list[dict]:
                 continue
             try:
                 record = json.loads(raw)
-            # JSONDecodeError, or UnicodeDecodeError for a line that is not UTF-8
-            except ValueError as e:
-                problems.append(
-                    f"{path}:{n}: malformed JSON ({getattr(e, 'msg', None) or e.reason})"
-                )
+            # JSONDecodeError; UnicodeDecodeError for a line that is not UTF-8; ValueError for an
+            # integer of over 4300 digits; RecursionError for arrays nested thousands deep
+            except (ValueError, RecursionError) as e:
+                why = getattr(e, "msg", None) or getattr(e, "reason", None) or str(e)
+                problems.append(f"{path}:{n}: malformed JSON ({why[:100]})")
                 continue
             if not isinstance(record, dict):
                 problems.append(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")

@@ -127,7 +127,7 @@ def lock(out: Path):
 def read_saved_config(path: Path) -> dict:
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise ConfigError(f"{path}: unreadable run config ({e})") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: a run config is a JSON object")

@@ -318,6 +318,23 @@ def test_answer_batched_equals_one_by_one(tokenizer):
     assert batched[0] == tok.decode(new[0])  # only the new tokens, decoded
 
 
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        (b'{"question": "A?", "answer": 1' + b"0" * 5000 + b"}", "Exceeds the limit"),
+        (b"[" * 100_000 + b"]" * 100_000, "maximum recursion depth"),
+        (b'{"question": "caf\xe9?", "answer": "x"}', "invalid continuation byte"),
+    ],
+    ids=["huge integer", "deep nesting", "latin-1"],
+)
+def test_a_line_json_cannot_read_names_its_line(tmp_path, line, why):
+    """Python's json refuses these with ValueError or RecursionError, not JSONDecodeError."""
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"question": "A?", "answer": "x"}\n' + line + b"\n")
+    with pytest.raises(tasks.DataError, match=rf"x.jsonl:2: malformed JSON \(.*{why}"):
+        tasks.read_jsonl(path)
+
+
 # -----------------------------------------------------------------------------
 # atomic writes
 

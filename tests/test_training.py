@@ -13,6 +13,7 @@ import torch
 
 import model as model_lib
 import training
+from checkpoints import CheckpointError, read_json
 from cli import ConfigError
 from tasks import IGNORE_INDEX, DataError
 
@@ -222,6 +223,17 @@ def test_a_folder_holding_an_input_is_never_emptied(tmp_path, used):
     assert tree(out) == before
     with pytest.raises(ConfigError, match=f"--out: {out / 'ckpt'} holds {out / 'ckpt'}"):
         training.open_run(out / "ckpt", Cfg(), False, True, inputs=[str(out / "ckpt")])
+
+
+@pytest.mark.parametrize(
+    "text", ["[" * 100_000, "1" + "0" * 5000, "{not json"], ids=["deep", "huge int", "torn"]
+)
+def test_an_unreadable_config_json_is_one_error_naming_it(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=r"config\.json: unreadable run config"):
+        training.open_run(tmp_path, Cfg(), resume=False, overwrite=False)
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot read JSON"):
+        read_json(tmp_path / "config.json")
 
 
 def test_a_lock_symlink_is_never_followed(tmp_path):
