@@ -538,7 +538,7 @@ def plot(groups: list, spectrum: dict, folder: Path):
         ylabel="reliability (trained facts recalled)",
     )
     ax.legend(fontsize=7)
-    fig.savefig(folder / "tradeoff.png", dpi=150, bbox_inches="tight")
+    tasks.atomic_write_figure(fig, folder / "tradeoff.png")
     fig, ax = plt.subplots(figsize=(12, 4))  # one column per target matrix, layer by layer
     for x, sp in enumerate(spectrum.values()):
         for key, dx, color in (("probe", -0.2, "C0"), ("topk", 0.2, "C3")):
@@ -551,7 +551,7 @@ def plot(groups: list, spectrum: dict, folder: Path):
         ylabel="position in the spectrum (0 = largest)",
     )
     ax.legend(markerscale=10)
-    fig.savefig(folder / "probe.png", dpi=150, bbox_inches="tight")
+    tasks.atomic_write_figure(fig, folder / "probe.png")
 
 
 # -----------------------------------------------------------------------------

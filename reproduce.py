@@ -355,7 +355,7 @@ def plot_frontier(paths: dict, folder: Path):
         ylabel="retention, held-out templates (strict / expert's)",
     )
     ax.legend(fontsize=7)
-    fig.savefig(folder / "frontier.png", dpi=150, bbox_inches="tight")
+    tasks.atomic_write_figure(fig, folder / "frontier.png")
 
 
 # -----------------------------------------------------------------------------
@@ -456,7 +456,7 @@ def plot_stream(table: dict, folder: Path):
             ax.plot(list(points), list(points.values()), "o-", markersize=3, label=method)
         ax.set(title=title, xlabel="round")
     axes[0].legend(fontsize=7)
-    fig.savefig(folder / "stream.png", dpi=150, bbox_inches="tight")
+    tasks.atomic_write_figure(fig, folder / "stream.png")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ match after its normalisation, which removes ",", "$", everything up to "#### " 
 trailing "."; "-" is kept, "3.50" != "3.5". Facts: SQuAD's normalisation (Rajpurkar et al. 2016) and
 whole-word containment. Both stated in PROTOCOL. B batch, T sequence length."""
 
+import io
 import json
 import os
 import re
@@ -355,6 +356,14 @@ def atomic_write_bytes(path, data: bytes):
     finally:
         if os.path.exists(tmp):  # only when something failed before the rename
             os.unlink(tmp)
+
+
+def atomic_write_figure(fig, path):
+    """A matplotlib figure as a PNG, written atomically (savefig itself opens the path, following a
+    symlink planted there)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_text(path, text: str):

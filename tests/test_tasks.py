@@ -378,6 +378,23 @@ def test_atomic_writes_replace_a_symlink_never_write_through_it(tmp_path):
     assert (tmp_path / "run" / "a.txt").read_text() == "ours"
 
 
+def test_a_figure_is_written_atomically_not_through_a_symlink(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    from matplotlib import pyplot
+
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"mine")
+    (tmp_path / "plot.png").symlink_to(victim)
+    fig, ax = pyplot.subplots()
+    ax.plot([0, 1], [1, 0])
+    tasks.atomic_write_figure(fig, tmp_path / "plot.png")
+    pyplot.close(fig)
+    assert victim.read_bytes() == b"mine" and not (tmp_path / "plot.png").is_symlink()
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_append_jsonl_never_follows_a_symlink(tmp_path):
     victim = tmp_path / "victim.jsonl"
     victim.write_text("mine\n")
