@@ -650,6 +650,9 @@ def report_probe(svf: Path, cfg: Config) -> dict:
 
 def read_data(cfg: Config, facts: str) -> dict:
     """Every question set, checked (path:line errors) before any model is loaded."""
+    for path in (facts, cfg.reasoning, cfg.reasoning_ood, cfg.known):
+        if path:  # '' is a set not scored
+            tasks.check_file(path)
     data = {"facts": tasks.read_jsonl(facts), "known": [], "reasoning_ood": []}
     tasks.check_facts(data["facts"], facts)
     data["reasoning"] = tasks.read_jsonl(cfg.reasoning)[: cfg.limit or None]

@@ -240,6 +240,8 @@ CONTEXT = 128  # tests/tiny.py's max_position_embeddings
         (train_svf, ["--data", "{adir}"], "adir: not a file"),
         (inject, ["--facts", "{adir}"], "adir: not a file"),
         (inject, ["--svf", "{adir}"], "adir: not a file"),
+        (evaluate, ["--facts", "{adir}"], "adir: not a file"),
+        (evaluate, ["--known", "{adir}"], "adir: not a file"),
         (inject, ["--device", "tpu"], "--device tpu: not a device"),
         (inject, ["--fact-tokens", "129"], "--fact-tokens: 129 tokens do not fit"),
         (inject, ["--seed", "-1"], "--seed: must be >= 0"),
