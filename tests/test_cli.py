@@ -168,6 +168,9 @@ def test_evaluate_run_made_for_another_checkpoint_is_named(setup, tmp_path, caps
     [
         (["--methods", "palora,nope"], "unknown method 'nope'"),
         (["--seeds", "0", "--n-facts", "-1"], "--n-facts: must be >= 0"),
+        (["--seeds", "0,x"], "--seeds: comma-separated integers, got '0,x'"),
+        (["--seeds", "0,-1"], "--seeds: each in [0, 2147483647], got -1"),
+        (["--seeds", str(2**70)], "--seeds: each in [0, 2147483647], got 1180591620717411303424"),
     ],
 )
 def test_reproduce_bad_input(setup, tmp_path, capsys, argv, where):
@@ -276,6 +279,17 @@ def test_model_py_refuses_a_seed_no_generator_takes(capsys):
         model_lib.parse_args(["hi", "--seed", str(2**70)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"error: --seed: must be in [0, {cli.INT_MAX}], got {2**70}\n"
+
+
+def test_reproduce_never_writes_over_the_facts_it_reads(setup, tmp_path, capsys):
+    """--out the folder of --facts: its facts.jsonl (the first --n-facts lines) would replace the
+    user's file of that name."""
+    facts = tmp_path / "facts.jsonl"
+    facts.write_bytes(setup.facts.read_bytes())
+    argv = ["--ckpt", str(setup.ckpt), "--facts", str(facts), "--out", str(tmp_path)]
+    err = run(reproduce, argv + ["--n-facts", "2", "--seeds", "0"], capsys)
+    assert err == f"error: --out: {tmp_path} holds {facts}, which this run reads\n"
+    assert facts.read_bytes() == setup.facts.read_bytes()
 
 
 def test_unexpected_errors_keep_their_traceback():
