@@ -20,7 +20,6 @@ built as evaluate.py builds its rows.
 
 import hashlib
 import json
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import model as model_lib
 import palora
 import smf
 from palora import PaloraError
-from tasks import atomic_save_file, atomic_write_json
+from tasks import atomic_save_file, atomic_write_bytes, atomic_write_json
 from training import answer_loss, is_main, whole
 
 REPO = Path(__file__).resolve().parent
@@ -254,7 +253,7 @@ def load_peft(model: nn.Module, folder, identity: str) -> tuple[dict, dict]:
     config_path = folder / "adapter_config.json"
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise PaloraError(f"{config_path}: unreadable ({e})") from None
     for key in (
         "peft_type",
@@ -300,11 +299,13 @@ def save_merged(model: nn.Module, checkpoint: Path, out: Path):
     for k, shape in keys.items():
         if k not in state or list(state[k].shape) != list(shape):
             raise PaloraError(f"{checkpoint}: tensor {k} {shape} has no counterpart in the model")
+    if out.is_symlink():  # its files would be written wherever it points
+        raise PaloraError(f"{out}: a symlink; the merged model is written to a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     for f in Path(checkpoint).iterdir():
         weights = (".safetensors", ".safetensors.index.json", ".gguf")
-        if f.is_file() and not f.name.endswith(weights):
-            shutil.copyfile(f, out / f.name)
+        if f.is_file() and not f.name.endswith(weights):  # a symlink planted there is replaced
+            atomic_write_bytes(out / f.name, f.read_bytes())
     save_tensors({k: state[k] for k in keys}, out / "model.safetensors", {"format": "pt"})
 
 
@@ -631,7 +632,7 @@ def run_config(run: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing (is {run} an inject.py run?)") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise PaloraError(f"{path}: unreadable ({e})") from None
 
 

@@ -52,7 +52,7 @@ def read_json(path: Path, default=None) -> dict:
         return default
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
 
 

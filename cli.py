@@ -39,14 +39,22 @@ BOUNDS = {
 }
 
 
+# the ceiling of an int flag with no upper bound of its own: counts, sizes and seeds all fit in it,
+# and a seed times a million still fits the int64 a torch generator takes
+INT_MAX = 2**31 - 1
+
+
 def check_numbers(cfg):
-    """Every float finite; every bound in a field's metadata (gt, ge, lt, le) held. Raises
-    ConfigError."""
+    """Every float finite; every int at most INT_MAX unless its field bounds it; every bound in a
+    field's metadata (gt, ge, lt, le) held. Raises ConfigError."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{flag}: must be a finite number, got {value}")
+        bounded = "le" in f.metadata or "lt" in f.metadata
+        if type(value) is int and not bounded and value > INT_MAX:
+            raise ConfigError(f"{flag}: must be <= {INT_MAX}, got {value}")
         for key, (holds, sign) in BOUNDS.items():
             if key in f.metadata and not holds(value, f.metadata[key]):
                 raise ConfigError(f"{flag}: must be {sign} {f.metadata[key]}, got {value}")

@@ -125,7 +125,8 @@ def _pip_download(requirement: str, downloads: Path) -> None:
 
 def _atomic_copy(source, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW  # never through a planted link
+    with os.fdopen(os.open(tmp, flags, 0o666), "wb") as f:
         shutil.copyfileobj(source, f, 1 << 20)
     os.replace(tmp, target)
 
@@ -155,6 +156,15 @@ GGUF_LAYER_NAMES = {
 GGUF_CONTROL_TOKEN = (
     3  # llama.cpp's token_type for control tokens (<|im_start|>, ...): special, never split
 )
+
+
+def readable(folder: Path):
+    """mkdtemp and safetensors make private files, but a model is not a secret: give the folder
+    and its files the modes any the user makes have (0777 and 0666 less the umask)."""
+    mask = os.umask(0o022)  # os.umask reads the mask only by setting it: set it straight back
+    os.umask(mask)
+    for path in [folder, *folder.iterdir()]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def convert_gguf(gguf_path: Path, out: Path) -> Path:
@@ -187,11 +197,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
             ("tokenizer_config.json", tokenizer_config),
         ]:
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-        for path in [
-            tmp,
-            *tmp.iterdir(),
-        ]:  # mkdtemp and safetensors make them private; a model is not a secret
-            path.chmod(0o755 if path.is_dir() else 0o644)
+        readable(tmp)
         if out.exists():  # another process finished first; its folder is as good as ours
             shutil.rmtree(tmp)
         else:

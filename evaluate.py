@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import re
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,7 @@ import cli
 import model as model_lib
 import palora
 import tasks
-from training import resolve_device, resolve_dtype
+from training import check_context, resolve_device, resolve_dtype
 
 COLUMNS = (
     "strict",
@@ -199,6 +200,17 @@ def spearman(x: list, y: list) -> float:
     return (a @ b / (a.norm() * b.norm())).item()
 
 
+def reach_vs_loss(rows: list) -> dict:
+    """Does the update's reach into the skill's inputs predict what is lost? Spearman's rho of
+    interference against retention_ood over the runs that have both (a run without a weight update
+    has no interference; without an expert that scores, no retention): NaN under 3 runs."""
+    reach = [r for r in rows if math.isfinite(r["interference"])]
+    reach = [r for r in reach if math.isfinite(r["retention_ood"])]  # NaN has no rank
+    x = [r["interference"] for r in reach]
+    rho = spearman(x, [r["retention_ood"] for r in reach]) if len(reach) >= 3 else NAN
+    return {"runs": len(reach), "rho": rho}
+
+
 def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: int = 0):
     """Mean of a - b and its 95% bootstrap interval; a, b (seeds, items) of 0/1, paired by seed and
     item.
@@ -228,25 +240,41 @@ def check_length(records: list, path, tokenizer, limit: int, new_tokens: int):
             )
 
 
-def score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
-    """Greedy answers to every question set -> (metrics, per-item record: answers and 0/1
-    scores)."""
-    pairs = {
+def question_sets(data: dict) -> dict:
+    """Every question set as (question, gold answer) pairs: facts, known facts, the facts'
+    paraphrases, the skill's two held-out sets."""
+    return {
         "facts": [(r["question"], r["answer"]) for r in data["facts"]],
         "known": [(r["question"], r["answer"]) for r in data["known"]],
         "paraphrases": [(p, r["answer"]) for r in data["facts"] for p in r.get("paraphrases", [])],
+        "reasoning": [(r["question"], r["answer"]) for r in data["reasoning"]],
+        "reasoning_ood": [(r["question"], r["answer"]) for r in data["reasoning_ood"]],
     }
+
+
+def score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
+    """Greedy answers to every question set -> score_answers()."""
+    sets = question_sets(data)
+    answers = {}
+    for kind, qa in sets.items():
+        tokens = cfg.max_new_tokens if kind.startswith("reasoning") else cfg.fact_tokens
+        answers[kind] = tasks.answer(model, tokenizer, [q for q, _ in qa], tokens, cfg.batch_size)
+    return score_answers(answers, sets)
+
+
+def score_answers(answers: dict, sets: dict) -> tuple[dict, dict]:
+    """Answers (kind -> predictions) against question_sets' gold answers -> (metrics, per-item
+    record: answers and 0/1 scores). No model: tests feed it hand-made answer tables."""
     items = {}
-    for kind, qa in pairs.items():
-        pred = tasks.answer(model, tokenizer, [q for q, _ in qa], cfg.fact_tokens, cfg.batch_size)
-        items[kind] = pred
-        items[f"{kind}_ok"] = [tasks.fact_correct(p, g) for p, (_, g) in zip(pred, qa)]
-        items[f"{kind}_any"] = [anywhere(p, g) for p, (_, g) in zip(pred, qa)]
+    for kind in ("facts", "known", "paraphrases"):
+        pairs = list(zip(answers[kind], [g for _, g in sets[kind]], strict=True))
+        items[kind] = answers[kind]
+        items[f"{kind}_ok"] = [tasks.fact_correct(p, g) for p, g in pairs]
+        items[f"{kind}_any"] = [anywhere(p, g) for p, g in pairs]
     for kind in ("reasoning", "reasoning_ood"):
-        questions = [r["question"] for r in data[kind]]
-        pred = tasks.answer(model, tokenizer, questions, cfg.max_new_tokens, cfg.batch_size)
-        scores = [tasks.score_reasoning(p, r["answer"]) for p, r in zip(pred, data[kind])]
-        items[kind] = pred
+        pairs = zip(answers[kind], [g for _, g in sets[kind]], strict=True)
+        scores = [tasks.score_reasoning(p, g) for p, g in pairs]
+        items[kind] = answers[kind]
         items[f"{kind}_strict"] = [s["strict"] for s in scores]
         items[f"{kind}_flexible"] = [s["flexible"] for s in scores]
     metrics = {
@@ -256,7 +284,7 @@ def score(model, tokenizer, data: dict, cfg: Config) -> tuple[dict, dict]:
         "reliability": mean(items["facts_ok"]),
         "generalization": mean(items["paraphrases_ok"]),
         "collapse": top_share(items["facts"]),
-        "gold_collapse": top_share([g for _, g in pairs["facts"]]),
+        "gold_collapse": top_share([g for _, g in sets["facts"]]),
     }
     return metrics, items
 
@@ -339,7 +367,9 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
     n_model = sum(p.numel() for p in base.parameters())
     kinds = tuple(palora.MLP_TARGETS)
     model_svds = adapters.svds(base, kinds, identity, cfg.svd_cache)
-    entries = [("base", None, None)] + [("svf", Path(svf), None)] * bool(svf)
+    entries = [("base", None, None)]
+    if svf:  # --svf none: no row of its own
+        entries.append(("svf", Path(svf), None))
     for run in runs:
         run_svf = adapters.run_config(run)["svf"][0]
         entries.append((re.sub(r"-s\d+$", "", run.name), Path(run_svf), run))
@@ -364,8 +394,7 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
                 "name": run.name if run else group,
                 "group": group,
                 **metrics,
-                "locality": locality(base_known["known_ok"], items["known_ok"]),
-                "locality_any": locality(base_known["known_ok"], items["known_any"]),
+                **localities(base_known, items),
                 **info,
                 "share": info["trainable"] / n_model,
                 "items": items,
@@ -377,7 +406,7 @@ def evaluate_rows(cfg: Config, data: dict, base, tokenizer, identity: str, svf, 
             f", reliability {metrics['reliability']:.3f} ({time.time() - t0:.0f} s)"
         )
         del model
-    return with_ratios(rows)
+    return relative(rows)
 
 
 def merge_expert(model, svf: Path, identity: str, model_svds: dict, info: dict):
@@ -405,9 +434,18 @@ def add_run(model, run: Path, identity: str, model_svds: dict, skill: tuple, inf
     return model
 
 
-def with_ratios(rows: list) -> list:
-    """rows with time (per token, against the base's, rows[0]) and retention (strict accuracy
-    against the SVF expert's, on each reasoning split)."""
+def localities(base: dict, items: dict) -> dict:
+    """Of the known facts the base answers (its first line), the share a row still answers: on its
+    first line (locality) or anywhere in its answer (locality_any)."""
+    return {
+        "locality": locality(base["known_ok"], items["known_ok"]),
+        "locality_any": locality(base["known_ok"], items["known_any"]),
+    }
+
+
+def relative(rows: list) -> list:
+    """The columns relative to another row: time to the base's (rows[0]), retention to the expert's
+    (the svf row) strict score on the same split; NaN without an expert row or when it scores 0."""
     svf_row = next((r for r in rows if r["group"] == "svf"), {})
     expert = {k: svf_row.get(k, NAN) for k in ("strict", "strict_ood")}
     for r in rows:
@@ -512,7 +550,7 @@ def plot(groups: list, spectrum: dict, folder: Path):
         ylabel="reliability (trained facts recalled)",
     )
     ax.legend(fontsize=7)
-    fig.savefig(folder / "tradeoff.png", dpi=150, bbox_inches="tight")
+    tasks.atomic_write_figure(fig, folder / "tradeoff.png")
     fig, ax = plt.subplots(figsize=(12, 4))  # one column per target matrix, layer by layer
     for x, sp in enumerate(spectrum.values()):
         for key, dx, color in (("probe", -0.2, "C0"), ("topk", 0.2, "C3")):
@@ -525,7 +563,7 @@ def plot(groups: list, spectrum: dict, folder: Path):
         ylabel="position in the spectrum (0 = largest)",
     )
     ax.legend(markerscale=10)
-    fig.savefig(folder / "probe.png", dpi=150, bbox_inches="tight")
+    tasks.atomic_write_figure(fig, folder / "probe.png")
 
 
 # -----------------------------------------------------------------------------
@@ -624,6 +662,9 @@ def report_probe(svf: Path, cfg: Config) -> dict:
 
 def read_data(cfg: Config, facts: str) -> dict:
     """Every question set, checked (path:line errors) before any model is loaded."""
+    for path in (facts, cfg.reasoning, cfg.reasoning_ood, cfg.known):
+        if path:  # '' is a set not scored
+            tasks.check_file(path)
     data = {"facts": tasks.read_facts(facts), "known": [], "reasoning_ood": []}
     tasks.check_facts(data["facts"], facts)
     data["reasoning"] = tasks.read_jsonl(cfg.reasoning)[: cfg.limit or None]
@@ -640,8 +681,8 @@ def writable(folder: Path):
     """Fail now, not after an hour of scoring, if results cannot be written to folder."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tasks.atomic_write_text(folder / ".write-test", "")
-        (folder / ".write-test").unlink()
+        with tempfile.TemporaryFile(dir=folder):  # a fresh name: no file of the user's replaced
+            pass
     except OSError as e:
         raise cli.ConfigError(f"{folder}: cannot write results there ({e.strerror})") from None
 
@@ -672,15 +713,12 @@ def load_base(folder: Path, data: dict, cfg: Config) -> tuple:
 
 
 def mechanism_of(rows: list) -> dict:
-    """Does the update's reach into the skill's inputs predict what is lost? Spearman's rho of
-    interference against retention_ood over the runs that have both (NaN below 3)."""
-    reach = [r for r in rows if math.isfinite(r["interference"])]
-    mechanism = {"runs": len(reach), "rho": NAN}
-    if len(reach) >= 3:
-        x = [r["interference"] for r in reach]
-        mechanism["rho"] = spearman(x, [r["retention_ood"] for r in reach])
+    """Does the update's reach into the skill's inputs predict what is lost? reach_vs_loss, printed
+    when it has a rho (3 runs or more)."""
+    mechanism = reach_vs_loss(rows)
+    if mechanism["runs"] >= 3:
         print(
-            f"interference vs retention_ood over {len(reach)} runs: Spearman rho "
+            f"interference vs retention_ood over {mechanism['runs']} runs: Spearman rho "
             f"{mechanism['rho']:+.2f}"
         )
     return mechanism
@@ -705,6 +743,9 @@ def main(cfg: Config) -> dict:
     if cfg.plot:
         pyplot()
     folder = checkpoints.resolve(cfg.ckpt)
+    check_context(
+        folder, {"--max-new-tokens": cfg.max_new_tokens, "--fact-tokens": cfg.fact_tokens}
+    )
     identity = checkpoints.identity(folder)
     runs = [Path(a) for a in cfg.adapter]
     configs = check_runs(runs, identity)

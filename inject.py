@@ -67,6 +67,7 @@ from training import (
     all_sum,
     answer_all,
     batch_indices,
+    check_context,
     check_finite,
     full,
     is_main,
@@ -167,7 +168,9 @@ class Config:
         128, "smf: skill (and --mix-known) examples in the background corpus", ge=1
     )
     batch_size: int = option(16, "examples per step", ge=1, le=65536)
-    seed: int = option(0, "seed for A's initialisation, data order, mixing and random protection")
+    seed: int = option(
+        0, "seed for A's initialisation, data order, mixing and random protection", ge=0
+    )
     out: str = option("", "output folder (default runs/inject-<method>-<facts>-s<seed>)")
     overwrite: bool = option(False, "empty a non-empty --out first")
     resume: bool = option(False, "continue from --out/state.safetensors")
@@ -244,8 +247,8 @@ def check_files(cfg: Config):
     skill = "" if cfg.mix_skill in ("expert", "none") else cfg.mix_skill
     act_known = "" if cfg.act_known == "auto" else cfg.act_known
     for path in [cfg.facts, *cfg.svf, cfg.mix_known, skill, cfg.skill_data, act_known]:
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+        if path:
+            tasks.check_file(path)
 
 
 def check_after(after: Path, method: str, svf: Path, out: Path):
@@ -582,6 +585,7 @@ def resolve(cfg: Config) -> Plan:
     data = read_data(cfg)
     out = Path(cfg.out or RUNS / f"inject-{cfg.method}-{Path(cfg.facts).stem}-s{cfg.seed}")
     folder = checkpoints.resolve(cfg.ckpt)
+    check_context(folder, {"--fact-tokens": cfg.fact_tokens})
     identity = checkpoints.identity(folder)
     svf_paths = [Path(p) for p in cfg.svf] or [latest_svf(identity, cfg.ckpt)]
     earlier = []
@@ -787,7 +791,11 @@ def main(cfg: Config) -> dict:
     model, tokenizer, experts, examples = make_model(plan)
     if is_main():
         ignore = (*RUN_ONLY, "keep_epochs")  # not the result's
-        open_run(plan.out, plan.cfg, cfg.resume, cfg.overwrite, ignore)  # refuses another run's
+        resolved = plan.cfg
+        reads = [plan.folder, *resolved.svf, resolved.facts, resolved.mix_known]
+        reads += [resolved.mix_skill, resolved.skill_data, resolved.act_known, resolved.after]
+        # refuses another run's folder, and one that holds what this run reads
+        open_run(plan.out, resolved, cfg.resume, cfg.overwrite, ignore, inputs=reads)
     n_model = sum(p.numel() for p in model.parameters())
     model, protection = protect(model, tokenizer, plan, experts)
     trained, params = attach(model, plan, protection, len(examples))

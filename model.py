@@ -646,6 +646,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
+    if not 0 <= args.seed <= cli.INT_MAX:  # a torch generator takes an int64 at most
+        parser.error(f"--seed: must be in [0, {cli.INT_MAX}], got {args.seed}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         parser.error(f"--temperature: must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:  # NaN fails too

@@ -45,7 +45,7 @@ import evaluate
 import inject
 import tasks
 import train_svf
-from training import parse_targets
+from training import parse_targets, refuse_inputs
 
 REPO = Path(__file__).resolve().parent
 NAN = float("nan")
@@ -204,16 +204,29 @@ def inject_all(cfg: Config, svf: Path, facts: Path) -> list[Path]:
         names = list(variants) if cfg.sweep == "all" else ["palora", *parse_targets(cfg.sweep)]
         settings = {name: variants[name] for name in names}
     runs = []
-    for seed in [int(s) for s in cfg.seeds.split(",")]:
+    for seed in seeds(cfg):
         for name, overrides in settings.items():
             runs.append(Path(cfg.out) / f"{name}-s{seed}")
             inject_one(cfg, svf, facts, seed, runs[-1], overrides)
     return runs
 
 
+def seeds(cfg: Config) -> list[int]:
+    """--seeds '0,1,2' -> [0, 1, 2]; each an integer in [0, cli.INT_MAX], as inject.py's --seed."""
+    try:
+        values = [int(s) for s in cfg.seeds.split(",")]
+    except ValueError:
+        raise cli.ConfigError(f"--seeds: comma-separated integers, got {cfg.seeds!r}") from None
+    bad = [s for s in values if not 0 <= s <= cli.INT_MAX]
+    if bad:
+        raise cli.ConfigError(f"--seeds: each in [0, {cli.INT_MAX}], got {bad[0]}")
+    return values
+
+
 def check_config(cfg: Config):
     """The flags that can be wrong, refused before any training (a sweep never on the locked
     confirmation files)."""
+    seeds(cfg)  # refused now, not after the expert is trained
     for name in parse_targets(cfg.methods):
         if name not in adapters.METHODS:
             raise cli.ConfigError(f"--methods: unknown method {name!r}")
@@ -236,7 +249,11 @@ def check_config(cfg: Config):
 def main(cfg: Config) -> dict:
     check_config(cfg)
     folder = Path(cfg.out)
-    identity = checkpoints.identity(checkpoints.resolve(cfg.ckpt))
+    ckpt = checkpoints.resolve(cfg.ckpt)
+    # its facts.jsonl and stream/ files are written in --out: never over a file this run reads
+    reads = [ckpt, cfg.svf, cfg.facts, cfg.mix_known, cfg.reasoning, cfg.reasoning_ood, cfg.known]
+    refuse_inputs(folder, reads)
+    identity = checkpoints.identity(ckpt)
     facts = Path(cfg.facts)
     lines = facts.read_text().splitlines(True)
     if len(lines) < cfg.n_facts * cfg.stream:
@@ -372,7 +389,7 @@ def plot_frontier(paths: dict, folder: Path):
         ylabel="retention, held-out templates (strict / expert's)",
     )
     ax.legend(fontsize=7)
-    fig.savefig(folder / "frontier.png", dpi=150, bbox_inches="tight")
+    tasks.atomic_write_figure(fig, folder / "frontier.png")
 
 
 # -----------------------------------------------------------------------------
@@ -389,7 +406,7 @@ def stream_runs(cfg: Config, svf: Path, first: Path, lines: list) -> tuple[list,
     every = folder / "facts-all.jsonl"
     tasks.atomic_write_text(every, "".join(lines[: cfg.stream * n]))
     runs = []
-    for seed in [int(s) for s in cfg.seeds.split(",")]:
+    for seed in seeds(cfg):
         for method in parse_targets(cfg.methods):
             after = ""
             outs = [Path(cfg.out) / f"{method}-s{seed}"]
@@ -473,7 +490,7 @@ def plot_stream(table: dict, folder: Path):
             ax.plot(list(points), list(points.values()), "o-", markersize=3, label=method)
         ax.set(title=title, xlabel="round")
     axes[0].legend(fontsize=7)
-    fig.savefig(folder / "stream.png", dpi=150, bbox_inches="tight")
+    tasks.atomic_write_figure(fig, folder / "stream.png")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import io
 import json
 import os
 import re
+import secrets
 import string
 import sys
-import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -56,6 +56,14 @@ class DataError(ValueError):
     expected = True  # bad input: cli.run prints it as one line, exit 2
 
 
+def check_file(path):
+    """A file to read: missing is FileNotFoundError, anything but a file (a folder) a DataError."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not a file")
+
+
 def _raise(problems: list[str]):
     if problems:  # the first 20 spelled out, the rest counted
         raise DataError(
@@ -75,11 +83,11 @@ def read_jsonl(path, required=("question", "answer")) -> list[dict]:
                 continue
             try:
                 record = json.loads(raw)
-            # JSONDecodeError, or UnicodeDecodeError for a line that is not UTF-8
-            except ValueError as e:
-                problems.append(
-                    f"{path}:{n}: malformed JSON ({getattr(e, 'msg', None) or e.reason})"
-                )
+            # JSONDecodeError; UnicodeDecodeError for a line that is not UTF-8; ValueError for an
+            # integer of over 4300 digits; RecursionError for arrays nested thousands deep
+            except (ValueError, RecursionError) as e:
+                why = getattr(e, "msg", None) or getattr(e, "reason", None) or str(e)
+                problems.append(f"{path}:{n}: malformed JSON ({why[:100]})")
                 continue
             if not isinstance(record, dict):
                 problems.append(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
@@ -373,20 +381,49 @@ def answer(
 
 
 # -- atomic writes: a temporary file in the same folder (same file system, so os.replace is atomic),
+# fsynced, then renamed over the target. The rename replaces the name itself: a symlink planted at
+# the target is replaced, never written through. The temporary file is created with mode 0666 and
+# the kernel applies the umask, as for any file the user makes (mkstemp's would stay 0600).
+
+# the name a killed atomic write leaves: .<target name>.<8 random characters>.tmp
+# ([a-z0-9_]: mkstemp's characters too, which older versions used)
+TMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def create_tmp(path: Path) -> tuple[int, str]:
+    """A new file named as TMP_NAME beside path, open for writing: (its descriptor, its path).
+    O_EXCL never opens an existing name, a symlink included."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for _ in range(99):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 2^32 names: only a folder full of them gets here twice
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
 def atomic_write_bytes(path, data: bytes):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = create_tmp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):  # only when something failed before the rename
             os.unlink(tmp)
+
+
+def atomic_write_figure(fig, path):
+    """A matplotlib figure as a PNG, written atomically (savefig itself opens the path, following a
+    symlink planted there)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_text(path, text: str):
@@ -406,7 +443,9 @@ def append_jsonl(path, row: dict):
     """One row per call, written with one write() and fsynced: an interrupted run loses at most its
     last row."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    # O_NOFOLLOW: a symlink planted at the name is an error (ELOOP), never a file written elsewhere
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(path, flags, 0o666), "a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())

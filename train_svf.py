@@ -52,6 +52,7 @@ from training import (
     answer_loss,
     autocast,
     batch_indices,
+    check_context,
     check_finite,
     full,
     is_main,
@@ -128,8 +129,7 @@ def check_config(cfg: Config) -> tuple[str, ...]:
             "--objective rl: the mean baseline needs --batch-size x --rl-samples >= 2"
         )
     for path in (cfg.data, cfg.eval_data):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+        tasks.check_file(path)
     return parse_targets(cfg.targets)
 
 
@@ -343,12 +343,13 @@ def main(cfg: Config):
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg = dataclasses.replace(cfg, out=str(out))  # the resolved copy is what config.json records
     device = setup_distributed(resolve_device(cfg.device))  # torchrun: one process per rank
-    if is_main():
-        open_run(out, cfg, cfg.resume, cfg.overwrite)
+    folder = checkpoints.resolve(cfg.ckpt)
+    check_context(folder, {"--max-new-tokens": cfg.max_new_tokens})
+    if is_main():  # never a folder that holds what this run reads
+        open_run(out, cfg, cfg.resume, cfg.overwrite, inputs=[folder, cfg.data, cfg.eval_data])
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
 
-    folder = checkpoints.resolve(cfg.ckpt)
     identity = checkpoints.identity(folder)
     model, tokenizer = model_lib.load(folder, device=device, dtype=dtype)
     palora.find_targets(model, targets)  # an unknown target name fails here, before the SVD

@@ -8,6 +8,7 @@ There is no Trainer here on purpose: each script keeps its own loop, top to bott
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import gc
 import json
@@ -24,8 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tasks
+from checkpoints import read_json
 from cli import ConfigError
-from model import is_fsdp
+from model import ModelArgs, is_fsdp
 from tasks import IGNORE_INDEX, DataError, atomic_save_file, atomic_write_json, atomic_write_text
 
 # -----------------------------------------------------------------------------
@@ -51,11 +53,33 @@ def save_config(cfg, path):
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N -> the device; anything else, or a GPU this machine lacks, is a
+    ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists twenty device types we do not run on
+        raise ConfigError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: palora runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def check_context(folder: Path, tokens: dict):
+    """--flag -> a token count: each must fit the checkpoint's context (its config.json, read
+    before the model loads), so that `--max-new-tokens 100000` is refused, never allocated as a
+    KV cache of that length per row."""
+    path = Path(folder) / "config.json"
+    context = ModelArgs.from_hf_config(read_json(path), source=path).max_position_embeddings
+    for flag, n in tokens.items():
+        if n > context:
+            raise ConfigError(f"{flag}: {n} tokens do not fit the model's context ({context})")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -79,10 +103,19 @@ LOCKS = {}  # resolved folder -> its open .lock file, locked until this process 
 
 
 def lock(out: Path):
-    """An exclusive flock on out/.lock; the kernel drops it when the process dies: no stale lock."""
+    """An exclusive flock on out/.lock; the kernel drops it when the process dies: no stale lock.
+    A symlink at .lock is refused: opening it would create or lock a file outside the folder."""
     if out.resolve() in LOCKS:  # this process holds it already (a second run in the same process)
         return
-    f = open(out / ".lock", "a")
+    path = out / ".lock"
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:  # ELOOP: O_NOFOLLOW met a symlink
+            raise
+        raise ConfigError(f"{path}: a symlink; a run's lock is a plain file in --out") from None
+    f = os.fdopen(fd, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -94,7 +127,7 @@ def lock(out: Path):
 def read_saved_config(path: Path) -> dict:
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise ConfigError(f"{path}: unreadable run config ({e})") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: a run config is a JSON object")
@@ -150,43 +183,99 @@ def empty(out: Path):
 
 # the fields a resumed run may change: where and how it runs, not what it computes
 RUN_ONLY = ("resume", "overwrite", "device", "out", "parallel")
+# what every run config open_run writes holds, whatever the script
+RUN_KEYS = {"out", "resume", "overwrite"}
 
 
-def open_run(out: Path, cfg, resume: bool, overwrite: bool, ignore=RUN_ONLY) -> Path:
-    """Make `out` this process's run folder and return it.
+def is_run_config(saved, cfg) -> bool:
+    """config.json written by open_run for a run of cfg's script: the run keys, and no key that is
+    not one of cfg's fields (an option added since may be missing). An HF checkpoint's config.json,
+    another script's run or a user's file is not one."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    return isinstance(saved, dict) and RUN_KEYS <= saved.keys() <= fields
 
-    Creates it; locks out/.lock (ConfigError if another process holds it); removes orphan `.*.tmp`
-    files of killed atomic writes. Fresh run: the folder must be empty (a lone config.json, a run
-    killed before it trained, counts as empty), else --overwrite empties it (everything, but only in
-    a folder that holds a config.json, so that `--out ~` is never emptied); config.json is then
-    written, before any state. Resume: the folder's config.json and the config stored in its state
-    must equal `cfg` but for the fields in `ignore`.
-    """
-    out = Path(out)
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other")
-    out.mkdir(parents=True, exist_ok=True)
-    lock(out)
-    for tmp in out.rglob(".*.tmp"):  # only a killed write leaves one; the lock says none is running
-        tmp.unlink()
-    now = dataclasses.asdict(cfg)
-    if resume:
-        check_resume(out, now, ignore)
-        return out
-    held = sorted(p.name for p in out.iterdir() if p.name not in (".lock", "config.json"))
+
+def own_tmps(out: Path) -> list[Path]:
+    """The files a killed atomic write of this run left at the folder's top level."""
+    return [p for p in out.iterdir() if tasks.TMP_NAME.fullmatch(p.name) and p.is_file()]
+
+
+def refuse_inputs(out: Path, inputs):
+    """--out may not be, nor hold, the checkpoint, the expert or a data file this run reads."""
+    real = out.resolve()
+    for name in inputs:
+        path = Path(name)
+        if not name or not path.exists():  # an unset path flag, or "none"
+            continue
+        if path.resolve() == real or real in path.resolve().parents:
+            raise ConfigError(f"--out: {out} holds {path}, which this run reads")
+
+
+def check_fresh(out: Path, cfg, overwrite: bool):
+    """A fresh run in `out`: refuse it unless the folder is empty, or holds only a run config of
+    this script (a run killed before it trained), or --overwrite and it is a run folder of this
+    script. Reads only: a refused folder is left as it was."""
+    skip = {".lock", "config.json", *(p.name for p in own_tmps(out))}
+    held = sorted(p.name for p in out.iterdir() if p.name not in skip)
+    config = out / "config.json"
+    if config.exists() or config.is_symlink():
+        if not is_run_config(read_saved_config(config), cfg):
+            raise ConfigError(
+                f"{config}: not a run config of this script; this folder is not its run "
+                f"folder (pick another --out)"
+            )
     if held and not overwrite:
         raise ConfigError(
             f"{out}: not empty ({', '.join(held[:3])}); pass --resume to continue "
             f"the run in it or --overwrite to start it again"
         )
-    if held and not (out / "config.json").exists():
+    if held and not config.exists():
         raise ConfigError(
             f"{out}: holds no config.json, so it is not a run folder; "
             f"--overwrite empties run folders only"
         )
-    if held:
+
+
+def accept(out: Path, cfg, resume: bool, overwrite: bool, ignore):
+    """Refuse `out` as this run's folder (ConfigError) or return; reads only."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise ConfigError(f"--out: {out} is not a folder")
+    if resume:
+        check_resume(out, dataclasses.asdict(cfg), ignore)
+    elif out.is_dir():
+        check_fresh(out, cfg, overwrite)
+
+
+def open_run(out: Path, cfg, resume: bool, overwrite: bool, ignore=RUN_ONLY, inputs=()) -> Path:
+    """Make `out` this process's run folder and return it.
+
+    First the folder is accepted or refused, before anything in it is written or removed (a
+    refused folder that did not exist is not created). Fresh run: the folder must be empty (a lone
+    config.json of this script, a run killed before it trained, counts as empty), else --overwrite
+    empties it, but only a run folder of this script (its config.json says so), so that neither
+    `--out ~` nor a checkpoint folder is ever emptied. Resume: the folder's config.json and the
+    config stored in its state must equal `cfg` but for the fields in `ignore`. Never a folder that
+    is or holds one of `inputs` (the checkpoint, the expert, the data files).
+
+    Then out/.lock is locked (ConfigError if another process holds it), the checks are made again
+    under the lock, the orphan tmp files of killed atomic writes at its top level are removed, and
+    a fresh run writes config.json, before any state.
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    refuse_inputs(out, inputs)
+    accept(out, cfg, resume, overwrite, ignore)
+    out.mkdir(parents=True, exist_ok=True)
+    lock(out)
+    accept(out, cfg, resume, overwrite, ignore)  # what another process did before we locked
+    for tmp in own_tmps(out):  # only a killed write leaves one; the lock says none is running
+        tmp.unlink()
+    if resume:
+        return out
+    if any(p.name not in (".lock", "config.json") for p in out.iterdir()):
         empty(out)
-    atomic_write_json(out / "config.json", now)
+    atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
     return out
 
 

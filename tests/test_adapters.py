@@ -5,7 +5,9 @@ run_method, expected_probe against inject.make_base), imsm and smf runs included
 Llama (tests/tiny.py); CPU, seconds.
 """
 
+import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -14,6 +16,7 @@ import torch.nn as nn
 
 import adapters
 import checkpoints
+import evaluate
 import inject
 import model as model_lib
 import palora
@@ -282,6 +285,29 @@ def test_load_peft_refuses_an_adapter_that_does_not_fit(tmp_path, ckpt, adapter)
         adapters.load_peft(model_lib.load(folder)[0], tmp_path / "a", identity)
 
 
+def test_save_merged_never_writes_through_a_symlink(tmp_path, ckpt):
+    """A symlink planted in merged-<sha>/ is replaced, not written through; a merged folder that
+    is itself a symlink is refused before anything is written."""
+    folder, _ = ckpt
+    victim = tmp_path / "victim.json"
+    victim.write_text("mine")
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "tokenizer.json").symlink_to(victim)
+    (tmp_path / "merged" / "model.safetensors").symlink_to(victim)
+    ours, _ = model_lib.load(folder)
+    adapters.save_merged(ours, folder, tmp_path / "merged")
+    assert victim.read_text() == "mine"
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert not (tmp_path / "merged" / name).is_symlink()
+    tokenizer = (tmp_path / "merged" / "tokenizer.json").read_bytes()
+    assert tokenizer == (folder / "tokenizer.json").read_bytes()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PaloraError, match="linked: a symlink"):
+        adapters.save_merged(ours, folder, tmp_path / "linked")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_transformers_loads_merged_svf(tmp_path, ckpt):
     folder, identity = ckpt
     ours, _ = model_lib.load(folder)
@@ -312,7 +338,15 @@ def test_attach_unknown_method(ckpt):
         adapters.attach(model, "dora", 2, 4.0, 0, palora.svds(model))
     with pytest.raises(PaloraError, match="unknown method 'dora'"):
         adapters.save_run(model, "dora", "unused", ckpt[1], "base", {})
-    assert adapters.METHODS == (*palora.METHODS, "imsm", "smf")
+
+
+def test_the_method_lists_agree():
+    """The methods are listed in three places: the dispatch, --method's help, the evaluator's
+    comparisons. The help names each method the dispatch knows; each compared one is known."""
+    field = next(f for f in dataclasses.fields(inject.Config) if f.name == "method")
+    unnamed = [m for m in adapters.METHODS if not re.search(rf"\b{m}\b", field.metadata["help"])]
+    assert unnamed == []
+    assert {m for pair in evaluate.COMPARE for m in pair} - set(adapters.METHODS) == set()
 
 
 @pytest.mark.parametrize("method", [m for m, r in adapters.RECORDS.items() if r.weight_update])

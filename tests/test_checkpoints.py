@@ -24,9 +24,12 @@ import hashlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
+import tempfile
 import unicodedata
+from pathlib import Path
 
 import jinja2
 import numpy as np
@@ -277,6 +280,20 @@ def make_folder(path):
     return path
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_a_converted_folder_has_the_modes_the_umask_gives(tmp_path, umask):
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as convert_gguf's folder starts
+    (folder / "model.safetensors").write_bytes(b"x")
+    (folder / "model.safetensors").chmod(0o600)
+    old = os.umask(umask)
+    try:
+        convert_gguf.readable(folder)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((folder / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
 def test_resolve_folder(tmp_path):
     assert checkpoints.resolve(make_folder(tmp_path / "mine")) == tmp_path / "mine"
     assert checkpoints.resolve(str(tmp_path / "mine")) == tmp_path / "mine"
@@ -353,7 +370,7 @@ def tiny_checkpoint(path, config, tensors):
     return path
 
 
-def test_identity(tmp_path, folder):
+def test_identity(tmp_path):
     config, w = {"hidden_size": 4}, {"w": np.zeros((4, 4), np.float32)}
     base = checkpoints.identity(tiny_checkpoint(tmp_path / "a", config, w))
     assert base == checkpoints.identity(tmp_path / "a") and len(base) == 16
@@ -372,7 +389,20 @@ def test_identity(tmp_path, folder):
         ),  # same shapes, other weights
     ]
     assert len({base, *map(checkpoints.identity, changed)}) == 4
-    assert checkpoints.identity(folder) == checkpoints.identity(folder)
+
+
+@pytest.mark.parametrize(
+    "index, seen", [(0, True), (1 << 17, True), ((1 << 18) - 1, True), (1 << 16, False)]
+)
+def test_identity_samples_the_start_middle_and_end_of_the_data(tmp_path, index, seen):
+    """Three 64 KiB samples of 1 MiB of weights: a changed weight in each is seen; one between
+    them is not (the docstring says so: not a checksum)."""
+    config, w = {"hidden_size": 4}, np.zeros(1 << 18, np.float32)  # 1 MiB
+    base = checkpoints.identity(tiny_checkpoint(tmp_path / "a", config, {"w": w}))
+    changed = w.copy()
+    changed[index] = 1.0
+    other = checkpoints.identity(tiny_checkpoint(tmp_path / "b", config, {"w": changed}))
+    assert (other != base) == seen
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 flag) on stderr, exit status 2, no traceback, and nothing written. In process (cli.run), on the tiny
 setup; each case names the file, line or flag the user must fix."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 import cli
 import evaluate
 import inject
+import model as model_lib
 import reproduce
 import train_svf
 
@@ -166,6 +168,9 @@ def test_evaluate_run_made_for_another_checkpoint_is_named(setup, tmp_path, caps
     [
         (["--methods", "palora,nope"], "unknown method 'nope'"),
         (["--seeds", "0", "--n-facts", "-1"], "--n-facts: must be >= 0"),
+        (["--seeds", "0,x"], "--seeds: comma-separated integers, got '0,x'"),
+        (["--seeds", "0,-1"], "--seeds: each in [0, 2147483647], got -1"),
+        (["--seeds", str(2**70)], "--seeds: each in [0, 2147483647], got 1180591620717411303424"),
     ],
 )
 def test_reproduce_bad_input(setup, tmp_path, capsys, argv, where):
@@ -175,6 +180,116 @@ def test_reproduce_bad_input(setup, tmp_path, capsys, argv, where):
         assert exit_.value.code == 2 and where in capsys.readouterr().err
         return
     assert where in run(reproduce, ["--ckpt", str(setup.ckpt), *argv], capsys)
+
+
+# -----------------------------------------------------------------------------
+# the bad-input table: a row per bound of every int flag (generated: a new flag gets its row), and
+# per device, context and folder problem of each script
+
+
+SCRIPTS = {"train_svf": train_svf, "inject": inject, "evaluate": evaluate, "reproduce": reproduce}
+
+
+def int_rows():
+    """Every int flag of every script, just past its upper bound (its own le or lt, else
+    cli.INT_MAX), with the message that names it."""
+    rows = []
+    for name, script in SCRIPTS.items():
+        for f in dataclasses.fields(script.Config):
+            if f.type not in (int, "int"):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if "le" in f.metadata:
+                value, message = f.metadata["le"] + 1, f"must be <= {f.metadata['le']}"
+            elif "lt" in f.metadata:
+                value, message = f.metadata["lt"], f"must be < {f.metadata['lt']}"
+            else:
+                value, message = cli.INT_MAX + 1, f"must be <= {cli.INT_MAX}"
+            rows.append(pytest.param(script, flag, value, message, id=f"{name}{flag}"))
+    return rows
+
+
+@pytest.mark.parametrize("script, flag, value, message", int_rows())
+def test_every_int_flag_is_bounded(capsys, script, flag, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_config(script.Config, [flag, str(value)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {flag}: {message}, got {value}\n"
+
+
+def test_the_table_has_a_row_for_every_int_flag_of_inject():
+    """Not a restatement: the rows come from the dataclass, so this checks the generator finds the
+    flags (a Config whose annotations became strings must not empty the table)."""
+    flags = {p.values[1] for p in int_rows() if p.values[0] is inject}
+    assert {"--rank", "--epochs", "--seed", "--fact-tokens", "--max-len"} <= flags
+
+
+CONTEXT = 128  # tests/tiny.py's max_position_embeddings
+
+
+@pytest.mark.parametrize(
+    "script, argv, where",
+    [
+        (train_svf, ["--device", "tpu"], "--device tpu: not a device"),
+        (train_svf, ["--device", "meta"], "--device meta: palora runs on cpu or cuda"),
+        (train_svf, ["--device", "cuda:7"], "--device cuda:7: "),
+        (train_svf, ["--max-new-tokens", "1000000000000"], "--max-new-tokens: must be <="),
+        (
+            train_svf,
+            ["--max-new-tokens", "129"],
+            f"--max-new-tokens: 129 tokens do not fit the model's context ({CONTEXT})",
+        ),
+        (train_svf, ["--out", "{afile}"], "is not a folder"),
+        (train_svf, ["--data", "{adir}"], "adir: not a file"),
+        (inject, ["--facts", "{adir}"], "adir: not a file"),
+        (inject, ["--svf", "{adir}"], "adir: not a file"),
+        (evaluate, ["--facts", "{adir}"], "adir: not a file"),
+        (evaluate, ["--known", "{adir}"], "adir: not a file"),
+        (inject, ["--device", "tpu"], "--device tpu: not a device"),
+        (inject, ["--fact-tokens", "129"], "--fact-tokens: 129 tokens do not fit"),
+        (inject, ["--seed", "-1"], "--seed: must be >= 0"),
+        (evaluate, ["--device", "tpu"], "--device tpu: not a device"),
+        (evaluate, ["--max-new-tokens", "1000000000000"], "--max-new-tokens: must be <="),
+        (evaluate, ["--max-new-tokens", "129"], "--max-new-tokens: 129 tokens do not fit"),
+        (evaluate, ["--fact-tokens", "129"], "--fact-tokens: 129 tokens do not fit"),
+    ],
+)
+def test_bad_flags_are_one_line_before_the_model_loads(
+    setup, tmp_path, files, capsys, monkeypatch, script, argv, where
+):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    (tmp_path / "adir").mkdir()
+    argv = [a.format(afile=afile, adir=tmp_path / "adir") for a in argv]
+    base = {
+        train_svf: ["--data", str(setup.skill), "--eval-data", str(setup.skill)],
+        inject: ["--facts", str(setup.facts), "--svf", str(setup.svf), "--mix-skill", "none"],
+        evaluate: ["--reasoning", str(setup.skill), "--facts", str(setup.facts), "--svf", "none"],
+    }[script]
+    monkeypatch.setattr(script.model_lib, "load", None)  # a call would be a TypeError: too late
+    err = run(script, common(setup, tmp_path) + base + argv, capsys)
+    assert where in err
+    assert afile.read_text() == "mine"
+    if script is not evaluate:  # evaluate checks that --out is writable first
+        assert not (tmp_path / "out").exists()
+
+
+def test_model_py_refuses_a_seed_no_generator_takes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        model_lib.parse_args(["hi", "--seed", str(2**70)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: --seed: must be in [0, {cli.INT_MAX}], got {2**70}\n"
+
+
+def test_reproduce_never_writes_over_the_facts_it_reads(setup, tmp_path, capsys):
+    """--out the folder of --facts: its facts.jsonl (the first --n-facts lines) would replace the
+    user's file of that name."""
+    facts = tmp_path / "facts.jsonl"
+    facts.write_bytes(setup.facts.read_bytes())
+    argv = ["--ckpt", str(setup.ckpt), "--facts", str(facts), "--out", str(tmp_path)]
+    err = run(reproduce, argv + ["--n-facts", "2", "--seeds", "0"], capsys)
+    assert err == f"error: --out: {tmp_path} holds {facts}, which this run reads\n"
+    assert facts.read_bytes() == setup.facts.read_bytes()
 
 
 def test_unexpected_errors_keep_their_traceback():

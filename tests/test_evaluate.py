@@ -7,20 +7,29 @@ trusting the adapter's own method; the table, JSON, intervals and plots. Tiny ra
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import adapters
+import checkpoints
 import cli
 import evaluate
 import inject
+import model as model_lib
 import palora
 import tasks
 import tiny
 from runs import config
+
+REPO = Path(__file__).resolve().parent.parent
+NAN = float("nan")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,6 +115,116 @@ def test_paired_bootstrap_on_hand_made_differences():
     assert diff == 0.5 and 0.3 < low < 0.5 < high < 0.7
 
 
+def hand_made_answers():
+    """Question sets with gold answers, and one model's answers to them, each scored by hand in
+    the comment beside it."""
+    sets = {
+        "facts": [("F1", "Paris"), ("F2", "Rome"), ("F3", "Oslo"), ("F4", "Lima")],
+        "known": [("K1", "Bern"), ("K2", "Kyiv")],
+        "paraphrases": [("P1", "Paris"), ("P2", "Paris"), ("P3", "Rome")],
+        "reasoning": [("R1", "#### 5"), ("R2", "x\n#### 7"), ("R3", "#### 9"), ("R4", "#### 2")],
+        "reasoning_ood": [("O1", "#### 1"), ("O2", "#### 3"), ("O3", "#### 4")],
+    }
+    answers = {
+        "facts": ["Paris.", "I think\nRome", "Oslo it is", "Bern"],  # first line: 1, 0, 1, 0
+        "known": ["Bern", "no idea"],  # 1, 0
+        "paraphrases": ["Paris", "Rome", "Oslo"],  # 1, 0, 0
+        "reasoning": [
+            "2 + 3 = 5\n#### 5",  # strict and flexible
+            "so the answer is 7",  # flexible only: no '#### N'
+            "#### 8",  # neither
+            "#### 2",  # both
+        ],
+        "reasoning_ood": ["#### 1", "3", "#### 5"],  # strict 1, 0, 0
+    }
+    return answers, sets
+
+
+def test_score_answers_on_a_hand_made_table():
+    metrics, items = evaluate.score_answers(*hand_made_answers())
+    assert items["reasoning_strict"] == [True, False, False, True]
+    assert items["reasoning_flexible"] == [True, True, False, True]
+    assert items["facts_ok"] == [True, False, True, False]
+    assert items["facts_any"] == [True, True, True, False]  # Rome on line two counts here
+    assert metrics == {
+        "strict": 2 / 4,
+        "flexible": 3 / 4,
+        "strict_ood": 1 / 3,
+        "reliability": 2 / 4,
+        "generalization": 1 / 3,
+        "collapse": 1.0,  # 4 distinct answers, the top 5 take all
+        "gold_collapse": 1.0,
+    }
+
+
+def test_locality_counts_only_the_known_facts_the_base_answers():
+    """The base answers known facts 0, 1 and 3; of those the run answers 0 on its first line, 0 and
+    1 anywhere in its answer (fact 2 and 4, which the base missed, do not count)."""
+    base = {"known_ok": [True, True, False, True, False], "known_any": [True] * 5}
+    run = {
+        "known_ok": [True, False, True, False, False],
+        "known_any": [True, True, True, False, True],
+    }
+    assert evaluate.localities(base, run) == {"locality": 1 / 3, "locality_any": 2 / 3}
+
+
+def test_retention_is_a_share_of_the_experts_score_on_the_same_split():
+    rows = [
+        {"group": "base", "s_per_token": 2.0, "strict": 0.25, "strict_ood": 0.0},
+        {"group": "svf", "s_per_token": 3.0, "strict": 0.5, "strict_ood": 0.25},
+        {"group": "palora", "s_per_token": 4.0, "strict": 0.375, "strict_ood": 0.125},
+    ]
+    rows = {r["group"]: r for r in evaluate.relative(rows)}
+    assert (rows["palora"]["retention"], rows["palora"]["retention_ood"]) == (0.75, 0.5)
+    assert (rows["base"]["retention"], rows["base"]["retention_ood"]) == (0.5, 0.0)
+    assert (rows["svf"]["retention"], rows["svf"]["retention_ood"]) == (1.0, 1.0)
+    assert [r["time"] for r in rows.values()] == [1.0, 1.5, 2.0]  # against the base's speed
+    no_expert = evaluate.relative([rows["base"], rows["palora"]])
+    assert all(math.isnan(r["retention"]) for r in no_expert)
+    rows["svf"]["strict"] = 0.0  # an expert that scores 0: no share of it
+    assert math.isnan(evaluate.relative(list(rows.values()))[2]["retention"])
+
+
+def test_intervals_pair_the_runs_by_seed_and_subtract_b_from_a():
+    """Seed by seed, palora and lora answer the same held-out-template items right (s0: items 0 and
+    1, s1: items 2 and 3): the paired difference is 0 on every item, an interval of width 0; paired
+    any other way it is not. On the other split palora is right everywhere, lora nowhere: +1."""
+    ood = {"s0": [1, 1, 0, 0], "s1": [0, 0, 1, 1]}
+    rows = [  # lora's seeds listed in the other order: pairs come from the names, not the order
+        {"name": f"{g}-{s}", "group": g, "items": {"reasoning_ood_strict": ood[s]}}
+        for g, seeds in (("palora", ("s0", "s1")), ("lora", ("s1", "s0")))
+        for s in seeds
+    ]
+    for r in rows:
+        r["items"]["reasoning_strict"] = [int(r["group"] == "palora")] * 4
+    got = {p["split"]: p for p in evaluate.intervals(rows)}
+    assert sorted(got) == ["reasoning", "reasoning_ood"]
+    want = {"a": "palora", "b": "lora", "seeds": 2, "items": 4}
+    assert got["reasoning_ood"] == {
+        **want,
+        "split": "reasoning_ood",
+        "diff": 0.0,
+        "low": 0.0,
+        "high": 0.0,
+    }
+    assert got["reasoning"] == {**want, "split": "reasoning", "diff": 1.0, "low": 1.0, "high": 1.0}
+
+
+def test_reach_vs_loss_ranks_the_runs_with_both_columns():
+    """Interference 1, 2, 3 against retention_ood 0.9, 0.5, 0.7: ranks (0, 1, 2) and (2, 0, 1),
+    Σd² = 6, rho = 1 - 6·6 / (3·8) = -0.5. A row without either column does not count."""
+    rows = [
+        {"interference": 1.0, "retention_ood": 0.9},
+        {"interference": 2.0, "retention_ood": 0.5},
+        {"interference": NAN, "retention_ood": 0.1},  # the base, the expert: no update
+        {"interference": 3.0, "retention_ood": 0.7},
+        {"interference": 4.0, "retention_ood": NAN},  # no expert score to retain
+    ]
+    got = evaluate.reach_vs_loss(rows)
+    assert got["runs"] == 3 and got["rho"] == pytest.approx(-0.5, abs=1e-12)
+    assert math.isnan(evaluate.reach_vs_loss(rows[:3])["rho"])  # 2 runs: no rho
+
+
 def test_aggregate_mean_and_sample_std():
     rows = [
         {"group": "x", "strict": 0.5},
@@ -123,16 +242,25 @@ def test_aggregate_mean_and_sample_std():
 # the guarantee from the files alone
 
 
-def test_probe_report_shares(setup, capsys):
-    """Each matrix's protected components are split over the spectrum's thirds (shares sum to 1);
-    one
-    row per matrix kind plus all, then the multipliers' range."""
-    out = setup.root / "report"
-    rows = evaluate.main(eval_config(setup, out, probe_report=str(setup.svf)))["rows"]
+def test_probe_report_on_an_expert_that_moves_the_bottom_half(setup, tmp_path, capsys):
+    """z = 1 on the top half of each spectrum (R = 64), 2 on the bottom half: c = Σs / Σ(s ⊙ z) is
+    in (2/3, 1), so the bottom half moves most (|2c - 1| > |c - 1|) and is the probe. Position
+    i / 63 puts components 32..41 in the middle third (i < 42) and 42..63 in the bottom one."""
+    model, _ = model_lib.load(setup.ckpt)
+    svds = palora.svds(model, palora.MLP_TARGETS)
+    assert {len(s) for _, s, _ in svds.values()} == {64}  # the premise
+    z = {n: torch.cat([torch.ones(32), torch.full((32,), 2.0)]) for n in svds}
+    adapters.save_svf(tmp_path / "svf.safetensors", z, checkpoints.identity(setup.ckpt))
+    report = str(tmp_path / "svf.safetensors")
+    rows = evaluate.main(eval_config(setup, tmp_path / "out", probe_report=report))["rows"]
     assert len(rows) == 6  # 2 layers x 3 MLP matrices
     for r in rows:
-        assert r["top"] + r["middle"] + r["bottom"] == pytest.approx(1.0)
-    assert capsys.readouterr().out.count("\n") == 2 + 3 + 1 + 1
+        assert (r["top"], r["middle"], r["bottom"]) == (0.0, 10 / 32, 22 / 32)
+        assert r["mean_pos"] == pytest.approx(sum(range(32, 64)) / 32 / 63)
+        s = svds[r["name"]][1]
+        largest = set((s * z[r["name"]]).argsort(descending=True)[:32].tolist())  # top-k's pick
+        assert r["topk_overlap"] == len(largest & set(range(32, 64))) / 32
+    assert capsys.readouterr().out.count("\n") == 2 + 3 + 1 + 1  # head, 3 kinds, all, multipliers
 
 
 def test_verify_passes_on_protected_runs_and_reports_lora(setup, runs, tmp_path):
@@ -217,18 +345,37 @@ def test_adapter_for_another_checkpoint_fails_before_scoring(setup, runs, tmp_pa
 # the table
 
 
+def known_to_the_base(setup, path) -> str:
+    """Known facts by construction: questions whose gold is the base's own greedy first line (the
+    tiny random model knows no real fact), answered as evaluate.py answers them."""
+    questions = [f"Which colour is thing {i}?" for i in range(8)]
+    model, tokenizer = model_lib.load(setup.ckpt)
+    answers = tasks.answer(model, tokenizer, questions, max_new_tokens=6, batch_size=8)
+    firsts = [next(line for line in a.splitlines() if line.strip()) for a in answers]
+    records = [{"question": q, "answer": a} for q, a in zip(questions, firsts)]
+    return str(tiny.write_jsonl(path, records))
+
+
 def test_table_json_intervals_and_plots(setup, runs, tmp_path):
     names = [str(runs[m]) for m in ("palora", "lora", "random")]
-    result = evaluate.main(eval_config(setup, tmp_path, adapter=names, plot=True))
+    known = known_to_the_base(setup, tmp_path / "known.jsonl")
+    result = evaluate.main(eval_config(setup, tmp_path, adapter=names, plot=True, known=known))
     rows = {r["group"]: r for r in result["rows"]}
     assert list(rows) == ["base", "svf", "palora", "lora", "random"]
-    assert rows["base"]["locality"] == 1.0 or math.isnan(rows["base"]["locality"])
+    base_ok = rows["base"]["items"]["known_ok"]
+    assert base_ok == [True] * 8 and rows["base"]["locality"] == 1.0
+    for r in rows.values():  # of the facts the base answers, the share each row still answers
+        assert r["locality"] == sum(r["items"]["known_ok"]) / 8
+        assert r["locality_any"] == sum(r["items"]["known_any"]) / 8
+    assert [rows[g]["locality"] for g in ("palora", "lora", "random")] == [0.0] * 3  # the premise
     assert rows["palora"]["leak_out"] <= 1e-4 and rows["palora"]["leak_in"] <= 1e-4
     assert rows["lora"]["leak_out"] > 1e-2 and rows["random"]["leak_out"] > 1e-2  # vs the probe
     for g in ("palora", "lora", "random"):  # the update's reach into the skill's inputs
         assert rows[g]["interference"] > 0 and len(rows[g]["interference_by"]) == 6
     assert math.isnan(rows["base"]["interference"]) and math.isnan(rows["svf"]["interference"])
-    assert result["mechanism"]["runs"] == 3 and -1 <= result["mechanism"]["rho"] <= 1
+    # the tiny expert scores 0 on the skill: no retention_ood, so no rank correlation with it
+    assert rows["svf"]["strict_ood"] == 0.0 and math.isnan(rows["palora"]["retention_ood"])
+    assert result["mechanism"]["runs"] == 0 and math.isnan(result["mechanism"]["rho"])
     summary = json.loads((runs["palora"] / "summary.json").read_text())
     assert rows["palora"]["trainable"] == summary["trainable"] == 6 * 4 * (64 + 96)  # r (in + out)
     assert rows["palora"]["added"] == 6 * 4 * (64 + 96) and rows["svf"]["trainable"] == 6 * 64
@@ -299,6 +446,32 @@ def test_unwritable_out_fails_before_scoring(setup, runs, tmp_path):
     blocker.write_text("")
     with pytest.raises(cli.ConfigError, match="cannot write results"):
         evaluate.main(eval_config(setup, blocker / "out", adapter=[str(runs["palora"])]))
+
+
+def test_svf_none_through_the_command_line(setup, tmp_path):
+    """--svf none (documented: no expert row) runs to the end: exit 0, no traceback, no svf row;
+    retention, a share of the expert's score, is not a number."""
+    argv = ["--svf", "none", "--ckpt", str(setup.ckpt), "--facts", str(setup.facts)]
+    argv += ["--reasoning", str(setup.skill), "--reasoning-ood", "", "--known", str(setup.known)]
+    argv += ["--limit", "2", "--max-new-tokens", "4", "--fact-tokens", "4", "--device", "cpu"]
+    argv += ["--out", str(tmp_path), "--svd-cache", str(setup.cache), "--score-cache", ""]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), *argv],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["group"] for r in rows] == ["base"] and math.isnan(rows[0]["retention"])
+
+
+def test_the_write_check_replaces_no_file_of_the_users(tmp_path):
+    (tmp_path / ".write-test").write_text("mine")
+    evaluate.writable(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".write-test"]
+    assert (tmp_path / ".write-test").read_text() == "mine"
 
 
 def test_question_longer_than_the_context_names_its_line(setup, tmp_path):

@@ -6,8 +6,10 @@ its set;
 the file (and line). CPU, seconds.
 """
 
+import dataclasses
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +24,7 @@ import palora
 import smf
 import tasks
 import tiny
+import train_svf
 from runs import FACTS, SKILL, config, identity, make_expert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -402,6 +405,23 @@ def test_non_empty_out_is_refused(setup, tmp_path):
     with pytest.raises(cli.ConfigError, match="--resume|--overwrite"):
         inject.main(config(setup, tmp_path))
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flag", ["svf", "ckpt"])
+def test_overwrite_never_empties_the_expert_or_checkpoint_folder(setup, tmp_path, flag):
+    """--out the expert's folder (a train_svf.py run folder: it has a run config, of another
+    script) or the checkpoint folder (an HF config.json), with --overwrite: refused, nothing
+    removed."""
+    shutil.copytree(setup.svf.parent, tmp_path / "svf")
+    shutil.copytree(setup.ckpt, tmp_path / "ckpt")
+    train_cfg = dataclasses.asdict(train_svf.Config(out=str(tmp_path / "svf")))
+    (tmp_path / "svf" / "config.json").write_text(json.dumps(train_cfg))
+    cfg = config(setup, tmp_path / flag, svf=[str(tmp_path / "svf" / "svf.safetensors")])
+    cfg = dataclasses.replace(cfg, ckpt=str(tmp_path / "ckpt"), overwrite=True)
+    before = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(cli.ConfigError, match=f"--out: {tmp_path / flag} holds {tmp_path / flag}"):
+        inject.main(cfg)
+    assert {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(

@@ -273,11 +273,22 @@ def test_probe_global_threshold_adapts_rank():
     za[:3] = 2.0  # a's skill is in three components, b's in none
     chosen = palora.probe(svds, [{"a": za, "b": zb}], ("global_fraction", 3 / 16))
     assert chosen["a"].tolist() == [0, 1, 2] and chosen["b"].tolist() == []
+
+
+def test_probe_scores_the_multiplier_not_z():
+    """The probe scores |m - 1|, m = z · c with c = Σs / Σ(s ⊙ z), not |z - 1|. Equal s, z = 2 on 6
+    of 8 components: c = 8/14, so the six move to m = 8/7 (|m - 1| = 1/7) and the two z left at 1
+    shrink to m = 4/7 (|m - 1| = 3/7): the probe takes those two; |z - 1| would take the six."""
+    svds = {"a": (None, torch.ones(8), None), "b": (None, torch.ones(8), None)}
+    za, zb = torch.ones(8), torch.ones(8)
+    za[:6] = 2.0
     m = palora.multiplier(torch.ones(8), za)
-    # c = 8/11 shrinks the unmoved components too (|m - 1| = 3/11 against 5/11): a threshold between
-    threshold = float((m[0] - 1).abs() + (m[3] - 1).abs()) / 2
-    chosen = palora.probe(svds, [{"a": za, "b": zb}], ("threshold", threshold))
-    assert chosen["a"].tolist() == [0, 1, 2] and chosen["b"].tolist() == []
+    assert torch.allclose(m, torch.tensor([8 / 7] * 6 + [4 / 7] * 2))  # the premise
+    for rule in [("threshold", 2 / 7), ("global_fraction", 2 / 16)]:  # over both matrices
+        chosen = palora.probe(svds, [{"a": za, "b": zb}], rule)
+        assert chosen["a"].tolist() == [6, 7] and chosen["b"].tolist() == [], rule
+    for rule in [("k", 2), ("fraction", 0.25)]:  # per matrix
+        assert palora.probe(svds, [{"a": za}], rule)["a"].tolist() == [6, 7], rule
 
 
 def test_probe_rule():

@@ -7,6 +7,7 @@ data/ sets: tests/test_data.py). CPU, seconds."""
 import json
 import os
 import re
+import stat
 
 import pytest
 import torch
@@ -361,6 +362,23 @@ def test_answer_batched_equals_one_by_one(tokenizer):
     assert batched[0] == tok.decode(new[0])  # only the new tokens, decoded
 
 
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        (b'{"question": "A?", "answer": 1' + b"0" * 5000 + b"}", "Exceeds the limit"),
+        (b"[" * 100_000 + b"]" * 100_000, "maximum recursion depth"),
+        (b'{"question": "caf\xe9?", "answer": "x"}', "invalid continuation byte"),
+    ],
+    ids=["huge integer", "deep nesting", "latin-1"],
+)
+def test_a_line_json_cannot_read_names_its_line(tmp_path, line, why):
+    """Python's json refuses these with ValueError or RecursionError, not JSONDecodeError."""
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"question": "A?", "answer": "x"}\n' + line + b"\n")
+    with pytest.raises(tasks.DataError, match=rf"x.jsonl:2: malformed JSON \(.*{why}"):
+        tasks.read_jsonl(path)
+
+
 # -----------------------------------------------------------------------------
 # atomic writes
 
@@ -391,6 +409,56 @@ def test_interrupted_atomic_write_keeps_the_old_file(tmp_path, monkeypatch, fail
     with pytest.raises(KeyboardInterrupt):
         tasks.atomic_write_json(target, {"step": 2, "big": "x" * 100_000})
     assert json.loads(target.read_text()) == {"step": 1} and os.listdir(tmp_path) == ["state.json"]
+
+
+def test_atomic_writes_replace_a_symlink_never_write_through_it(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "a.txt").symlink_to(victim)
+    tasks.atomic_write_text(tmp_path / "run" / "a.txt", "ours")
+    assert victim.read_text() == "mine"
+    assert not (tmp_path / "run" / "a.txt").is_symlink()
+    assert (tmp_path / "run" / "a.txt").read_text() == "ours"
+
+
+def test_a_figure_is_written_atomically_not_through_a_symlink(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    from matplotlib import pyplot
+
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"mine")
+    (tmp_path / "plot.png").symlink_to(victim)
+    fig, ax = pyplot.subplots()
+    ax.plot([0, 1], [1, 0])
+    tasks.atomic_write_figure(fig, tmp_path / "plot.png")
+    pyplot.close(fig)
+    assert victim.read_bytes() == b"mine" and not (tmp_path / "plot.png").is_symlink()
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_append_jsonl_never_follows_a_symlink(tmp_path):
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text("mine\n")
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(OSError):
+        tasks.append_jsonl(tmp_path / "metrics.jsonl", {"step": 0})
+    assert victim.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002, 0o077])
+def test_outputs_respect_the_umask(tmp_path, umask):
+    """A file written here has the mode any file the user makes has: 0666 less the umask."""
+    old = os.umask(umask)
+    try:
+        tasks.atomic_write_text(tmp_path / "a.txt", "x")
+        tasks.append_jsonl(tmp_path / "m.jsonl", {"step": 0})
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "m.jsonl"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
 
 
 def test_append_jsonl(tmp_path):

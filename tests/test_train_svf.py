@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -409,6 +410,36 @@ def test_a_used_folder_needs_resume_or_overwrite(setup, tmp_path):
     train_svf.main(config(setup, tmp_path, steps=2, lr=0.2, overwrite=True))
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.2
     assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
+
+
+def files(root) -> dict:
+    return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_overwrite_never_empties_a_checkpoint_nor_the_data_folder(setup, tmp_path):
+    """--out equal to --ckpt (an HF config.json, not a run config), and a run folder of this
+    script that holds the training data it reads: refused with --overwrite, nothing removed."""
+    ckpt = shutil.copytree(setup.ckpt, tmp_path / "ckpt")
+    before = files(ckpt)
+    argv = ["--ckpt", str(ckpt), "--out", str(ckpt), "--overwrite", "--device", "cpu"]
+    argv += ["--data", str(setup.train), "--eval-data", str(setup.test)]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train_svf.py"), *argv],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr == f"error: --out: {ckpt} holds {ckpt}, which this run reads\n"
+    assert files(ckpt) == before
+    run = tmp_path / "run"
+    train_svf.main(config(setup, run, steps=1))
+    shutil.copy(setup.train, run / "train.jsonl")
+    before = files(run)
+    with pytest.raises(cli.ConfigError, match=f"holds {run / 'train.jsonl'}, which this run reads"):
+        train_svf.main(config(setup, run, steps=1, data=str(run / "train.jsonl"), overwrite=True))
+    assert files(run) == before
 
 
 def test_a_new_run_killed_before_its_first_save_never_resumes_the_old_state(

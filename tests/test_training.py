@@ -6,12 +6,14 @@ import dataclasses
 import fcntl
 import json
 import math
+import os
 
 import pytest
 import torch
 
 import model as model_lib
 import training
+from checkpoints import CheckpointError, read_json
 from cli import ConfigError
 from tasks import IGNORE_INDEX, DataError
 
@@ -75,13 +77,66 @@ def test_another_process_holding_the_folder_is_refused(tmp_path):
             training.open_run(tmp_path, Cfg(), resume=False, overwrite=False)
 
 
-def test_orphan_tmp_files_are_removed(tmp_path):
-    (tmp_path / ".state.safetensors.k3j2.tmp").write_bytes(b"half")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / ".adapter.x.tmp").write_bytes(b"half")
-    with pytest.raises(ConfigError, match="not empty"):  # sub/ is not empty: removed all the same
-        training.open_run(tmp_path, Cfg(), resume=False, overwrite=False)
-    assert list(tmp_path.rglob("*.tmp")) == []
+def test_orphan_tmp_files_of_this_run_are_removed(tmp_path):
+    """A killed atomic write leaves .<name>.<8 chars>.tmp: removed from the run folder's top level
+    once the folder is accepted as this run's; a subfolder's files are not the run's to judge."""
+    finished(tmp_path, Cfg())
+    (tmp_path / ".state.safetensors.k3j2ab_x.tmp").write_bytes(b"half")
+    (tmp_path / "epochs").mkdir()
+    (tmp_path / "epochs" / ".adapter.abcd1234.tmp").write_bytes(b"half")
+    training.open_run(tmp_path, Cfg(), resume=True, overwrite=False)
+    assert [p.name for p in tmp_path.rglob("*.tmp")] == [".adapter.abcd1234.tmp"]
+
+
+def test_a_folder_killed_writing_its_config_counts_as_empty(tmp_path):
+    (tmp_path / ".config.json.abcd1234.tmp").write_text("{")
+    training.open_run(tmp_path, Cfg(), resume=False, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "config.json"]
+
+
+def tree(root) -> dict:
+    """Every path under root -> its bytes (None for a folder, the target for a symlink)."""
+    return {
+        str(p.relative_to(root)): (
+            os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+        )
+        for p in root.rglob("*")
+    }
+
+
+def users_folder(root):
+    """A folder of the user's: files, tmp files (one named as our atomic writes name theirs) and a
+    subfolder."""
+    (root / "sub").mkdir(parents=True)
+    (root / "notes.txt").write_text("mine")
+    (root / ".draft.tmp").write_text("mine")
+    (root / ".notes.txt.abcd1234.tmp").write_text("mine")
+    (root / "sub" / ".adapter.x.tmp").write_text("mine")
+    return root
+
+
+@pytest.mark.parametrize(
+    "resume, overwrite, refusal",
+    [
+        (False, False, "not empty"),
+        (False, True, "holds no config.json, so it is not a run folder"),
+        (True, False, "nothing to resume from"),
+    ],
+)
+def test_a_refused_folder_is_left_as_it_was(tmp_path, resume, overwrite, refusal):
+    """Refused before anything is written or removed: no tmp file of the user's removed, no .lock
+    left behind."""
+    out = users_folder(tmp_path / "mine")
+    before = tree(out)
+    with pytest.raises(ConfigError, match=refusal):
+        training.open_run(out, Cfg(), resume=resume, overwrite=overwrite)
+    assert tree(out) == before
+
+
+def test_a_refused_resume_creates_no_folder(tmp_path):
+    with pytest.raises(ConfigError, match="nothing to resume from"):
+        training.open_run(tmp_path / "new", Cfg(), resume=True, overwrite=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_used_folder_needs_resume_or_overwrite(tmp_path):
@@ -104,6 +159,101 @@ def test_overwrite_empties_run_folders_only(tmp_path):
     with pytest.raises(ConfigError, match="not a run folder"):
         training.open_run(tmp_path, Cfg(), resume=False, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@dataclasses.dataclass
+class OtherCfg:
+    """Another script's config: a folder it ran in is not this script's to empty."""
+
+    facts: str = "facts.jsonl"
+    lr: float = 0.005
+    out: str = ""
+    resume: bool = False
+    overwrite: bool = False
+
+
+def checkpoint(folder):
+    """A Hugging Face checkpoint folder: config.json (no run config), weights, a tokenizer."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_checkpoint_folder_is_never_emptied_nor_its_config_replaced(tmp_path, overwrite):
+    """Every HF checkpoint holds a config.json: --overwrite empties only a folder whose config.json
+    is a run config of this script, and a config.json that is not one is never replaced."""
+    ckpt = checkpoint(tmp_path / "ckpt")
+    before = tree(ckpt)
+    with pytest.raises(ConfigError, match=r"ckpt/config\.json: not a run config of this script"):
+        training.open_run(ckpt, Cfg(), resume=False, overwrite=overwrite)
+    (ckpt / "model.safetensors").unlink()  # a lone config.json, not a run's: not replaced either
+    with pytest.raises(ConfigError, match="not a run config of this script"):
+        training.open_run(ckpt, Cfg(), resume=False, overwrite=overwrite)
+    del before["model.safetensors"]
+    assert tree(ckpt) == before
+
+
+def test_overwrite_never_empties_another_scripts_run(tmp_path):
+    finished(tmp_path, OtherCfg())
+    before = tree(tmp_path)
+    with pytest.raises(ConfigError, match="not a run config of this script"):
+        training.open_run(tmp_path, Cfg(), resume=False, overwrite=True)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("used", ["data/train.jsonl", "svf.safetensors", "ckpt"])
+def test_a_folder_holding_an_input_is_never_emptied(tmp_path, used):
+    """--out equal to the checkpoint folder, to the expert's or a data file's folder, or an ancestor
+    of one of them: refused, even when it is a run folder of this script."""
+    out = tmp_path / "run"
+    finished(out, Cfg())
+    (out / "data").mkdir()
+    (out / "data" / "train.jsonl").write_text("{}\n")
+    (out / "svf.safetensors").write_bytes(b"z")
+    checkpoint(out / "ckpt")
+    inputs = ["", "none", str(out / used)]  # unset and "none" file flags name no input
+    before = tree(out)
+    with pytest.raises(
+        ConfigError, match=f"^--out: {out} holds {out / used}, which this run reads"
+    ):
+        training.open_run(out, Cfg(), resume=False, overwrite=True, inputs=inputs)
+    assert tree(out) == before
+    with pytest.raises(ConfigError, match=f"--out: {out / 'ckpt'} holds {out / 'ckpt'}"):
+        training.open_run(out / "ckpt", Cfg(), False, True, inputs=[str(out / "ckpt")])
+
+
+@pytest.mark.parametrize(
+    "text", ["[" * 100_000, "1" + "0" * 5000, "{not json"], ids=["deep", "huge int", "torn"]
+)
+def test_an_unreadable_config_json_is_one_error_naming_it(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=r"config\.json: unreadable run config"):
+        training.open_run(tmp_path, Cfg(), resume=False, overwrite=False)
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot read JSON"):
+        read_json(tmp_path / "config.json")
+
+
+def test_a_lock_symlink_is_never_followed(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=r"run/\.lock: a symlink"):
+        training.open_run(tmp_path / "run", Cfg(), resume=False, overwrite=False)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("what", ["file", "dangling symlink"])
+def test_out_that_is_no_folder_is_refused(tmp_path, what):
+    out = tmp_path / "out"
+    if what == "file":
+        out.write_text("mine")
+    else:
+        out.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="--out: .*/out is not a folder"):
+        training.open_run(out, Cfg(), resume=False, overwrite=True)
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_resume_names_every_field_that_differs(tmp_path):
