@@ -26,6 +26,7 @@ row scored once is read back, never recomputed (the time column is always measur
 """
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ import torch
 import adapters
 import checkpoints
 import cli
+import inject
 import model as model_lib
 import palora
 import tasks
@@ -125,7 +127,8 @@ class Config:
         default="",
         metadata={
             "help": (
-                "RUN: its adapter against its probe from the files alone, float64; exit 1 on a leak"
+                "RUN: its adapter against its probe (palora_act: and its recomputed V_act) from "
+                "the files alone, float64; exit 1 on a leak"
             )
         },
     )
@@ -518,8 +521,9 @@ def verify(run: Path, cfg: Config) -> dict:
     """The guarantee from the files alone, in float64. The method is the adapter file's; the probe
     file must hold exactly the set the run's recorded expert, rule and seed give; dW (projections
     folded in) must not reach that set: both sides for palora, topk and random, the output side for
-    palora_act; the other LoRA methods are reported; imsm and smf are not projection methods (no
-    weight update to bound): reported as such, not failed."""
+    palora_act (its input side, V_act: verify_inputs); the other LoRA methods are reported; imsm
+    and smf are not projection methods (no weight update to bound): reported as such, not
+    failed."""
     run_cfg = adapters.run_config(run)
     folder = checkpoints.resolve(run_cfg["ckpt"])
     identity = checkpoints.identity(folder)
@@ -553,7 +557,62 @@ def verify(run: Path, cfg: Config) -> dict:
         f"{leak[name][0]:.3e}, V side {leak[name][1]:.3e}): {'OK' if ok else 'FAILED'}"
         + ("" if sides else " (unprotected method: reported, not checked)")
     )
-    return {"run": str(run), "method": method, "worst": worst, "leakage": leak, "ok": ok}
+    result = {"run": str(run), "method": method, "worst": worst, "leakage": leak, "ok": ok}
+    if method == "palora_act":  # its input side is V_act, not V_S: recomputed from the data
+        counts = {n: len(s) for n, s in protected.items()}
+        result = verify_inputs(run, cfg, loaded["dW"], counts, result)
+    return result
+
+
+ACT_FIELDS = ("skill_data", "act_known", "act_examples", "seed", "max_len", "rank", "act_earlier")
+
+
+def recorded_inputs(run: Path, counts: dict, cfg: Config) -> tuple[dict, str]:
+    """name -> V_act (in, k) of a palora_act run, recomputed as inject.py computed it, by its own
+    input_bases: from the recorded config (skill data, --act-known, --act-examples, seed,
+    --max-len), on the run's first expert merged into its checkpoint and, in a stream, the earlier
+    rounds merged too, whose facts add --act-earlier directions each; k = counts (the probe's).
+    Device: --device; dtype: --dtype, or the run's recorded one. Bitwise the run's own basis only
+    on the run's device and dtype: elsewhere the covariances round differently and the
+    eigenvectors turn, most where eigenvalues crowd at the k-th. Also returns where it ran."""
+    run_cfg = adapters.run_config(run)
+    missing = [k for k in ACT_FIELDS if k not in run_cfg]
+    if missing:
+        raise palora.PaloraError(
+            f"{run}/config.json: records no {', '.join(missing)}: V_act cannot be recomputed"
+        )
+    act_cfg = dataclasses.replace(inject.Config(), **{k: run_cfg[k] for k in ACT_FIELDS})
+    device = resolve_device(cfg.device)
+    recorded = run_cfg.get("dtype", "auto")
+    dtype = resolve_dtype(recorded if cfg.dtype == "auto" else cfg.dtype, device)
+    folder = checkpoints.resolve(run_cfg["ckpt"])
+    svf = run_cfg["svf"][0]
+    model, tokenizer, identity = adapters.expert_model(svf, folder, device, dtype, cfg.svd_cache)
+    after = run_cfg.get("after", "")
+    earlier = []
+    if after:  # as inject.main: the rounds before merged, then the basis on that model
+        earlier = inject.earlier_rounds(after)
+        model, _ = adapters.load_run(model, Path(after), identity)
+    bases = inject.input_bases(model, tokenizer, act_cfg, counts, earlier)
+    return bases, f"{device.type}, {str(dtype).removeprefix('torch.')}"
+
+
+def verify_inputs(run: Path, cfg: Config, dW: dict, counts: dict, result: dict) -> dict:
+    """--verify's input side of a palora_act run: ||dW V_act|| / ||dW|| per weight, float64,
+    against V_act recomputed from the files (recorded_inputs); the run fails when the worst
+    exceeds --tolerance. Adds input_leakage, input_worst and input_dims (k per weight)."""
+    bases, where = recorded_inputs(run, counts, cfg)
+    leak = {n: palora.leakage(d, None, bases[n].double())[1] for n, d in dW.items()}
+    name = max(leak, key=leak.get)
+    ok = leak[name] <= cfg.tolerance
+    dims = {n: V.shape[1] for n, V in bases.items()}
+    print(
+        f"{run}: palora_act input side, V_act recomputed ({where}, {min(dims.values())} to "
+        f"{max(dims.values())} directions): worst ||dW V_act|| / ||dW|| {leak[name]:.3e} at "
+        f"{name}: {'OK' if ok else 'FAILED'}"
+    )
+    extra = {"input_worst": leak[name], "input_leakage": leak, "input_dims": dims}
+    return {**result, **extra, "ok": result["ok"] and ok}
 
 
 def report_probe(svf: Path, cfg: Config) -> dict:

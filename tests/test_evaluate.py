@@ -2,7 +2,8 @@
 bootstrap on hand-made differences; an adapter or probe made for another checkpoint fails naming the
 file;
 --verify passes on PALoRA, random and palora_act runs and fails on tampered probes and adapters,
-trusting the adapter's own method; the table, JSON, intervals and plots. Tiny random Llama; CPU.
+trusting the adapter's own method; palora_act's V_act is recomputed exactly, a stream's too; the
+table, JSON, intervals and plots. Tiny random Llama; CPU.
 """
 
 import json
@@ -187,6 +188,70 @@ def test_verify_trusts_the_adapters_method_over_config_json(setup, runs, tmp_pat
     (run / "config.json").write_text(json.dumps({**cfg, "method": "lora"}))
     result = evaluate.main(eval_config(setup, tmp_path, verify=str(run)))
     assert result["method"] == "palora" and not result["ok"]
+
+
+def probe_counts(run) -> dict:
+    """name -> k, the probe's count per weight: palora_act's V_act has as many directions."""
+    return {n: len(s) for n, s in adapters.read_tensors(run / "probe.safetensors")[0].items()}
+
+
+def moved_into(run, bases: dict, skip: dict | None = None):
+    """The adapter's A (r, in) moved back into span(V_act) past its first skip[name] columns:
+    A + |A| V[:, first : first + r]ᵀ, so dW V_act != 0 while B, the output side, is untouched."""
+
+    def change(tensors, meta):
+        out = dict(tensors)
+        for n, V in bases.items():
+            key = f"base_model.model.{n}.lora_A.weight"
+            A, first = tensors[key], (skip or {}).get(n, 0)  # A (r, in)
+            inside = V[:, first : first + A.shape[0]].T  # (r, in), rows in span(V_act)
+            out[key] = (A + A.norm() * inside).contiguous()
+        return out, meta
+
+    tamper(run, "adapter_model.safetensors", change)
+
+
+def test_verify_checks_palora_acts_input_side(setup, runs, tmp_path, capsys):
+    """V_act recomputed from the run's files (as many directions as the probe's S): the trained
+    run keeps dW V_act = 0; an adapter whose A is moved back into span(V_act) is refused on the
+    input side alone (its output side still verifies)."""
+    cfg = eval_config(setup, tmp_path, verify=str(runs["palora_act"]))
+    result = evaluate.main(cfg)
+    counts = probe_counts(runs["palora_act"])
+    assert result["ok"] and result["input_worst"] <= 1e-4 and result["input_dims"] == counts
+    run = shutil.copytree(runs["palora_act"], tmp_path / "tampered")
+    bases, _ = evaluate.recorded_inputs(run, counts, cfg)
+    moved_into(run, bases)
+    capsys.readouterr()
+    result = evaluate.main(eval_config(setup, tmp_path, verify=str(run)))
+    assert result["worst"] <= 1e-4 and result["input_worst"] > 1e-2 and not result["ok"]
+    assert capsys.readouterr().out.splitlines()[-1].endswith("FAILED")
+
+
+def test_verify_recomputes_a_streams_input_basis_exactly(setup, runs, tmp_path, monkeypatch):
+    """Round 2 of a palora_act stream, its known facts protected too: the recomputed V_act (the
+    expert, round 1 merged, --act-known, round 1's facts' directions) equals the V_S its layers
+    trained with, bit for bit; A moved into round 1's directions alone is refused."""
+    seen, train = {}, inject.train
+
+    def spy(model, *args, **kwargs):
+        for n, m in model.named_modules():
+            if isinstance(m, palora.LoRALinear):
+                seen[n] = m.V_S.detach().clone()
+        return train(model, *args, **kwargs)
+
+    monkeypatch.setattr(inject, "train", spy)
+    run = tmp_path / "round2"
+    settings = dict(method="palora_act", epochs=2, mix_known=str(setup.known))
+    inject.main(config(setup, run, after=str(runs["palora_act"]), **settings))
+    cfg = eval_config(setup, tmp_path, verify=str(run))
+    counts = probe_counts(run)
+    bases, _ = evaluate.recorded_inputs(run, counts, cfg)
+    assert set(bases) == set(seen) and all(torch.equal(bases[n], seen[n]) for n in seen)
+    assert all(bases[n].shape[1] > counts[n] for n in bases)  # round 1's directions added
+    assert evaluate.main(cfg)["ok"]
+    moved_into(run, bases, skip=counts)
+    assert not evaluate.main(cfg)["ok"]
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "probe.safetensors"])
