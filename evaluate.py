@@ -12,8 +12,10 @@ fact answers taken by the 5 most frequent); leak_out ||U_Sᵀ dW|| / ||dW||, lea
 interference E||dW x||² / E||W x||² over the expert's inputs x on the held-out-template skill items,
 mean over matrices (its rank correlation with retention_ood over the runs follows the table);
 trainable, added and share of parameters; touched (smf: memory slots written); time (seconds per
-generated token, relative to the base row, on the same prompts). Paired bootstrap intervals for the
-headline differences follow the table.
+generated token, relative to the base row, on the same prompts). The headline differences follow
+the table, each with its paired bootstrap interval (items and seeds resampled) and its seed-level t
+interval (over the per-seed differences), both p Holm-corrected across the comparisons: beyond
+noise only where the stricter says so.
 
     python evaluate.py --adapter runs/inject-palora-facts-s0 --adapter runs/inject-lora-facts-s0
     python evaluate.py --verify runs/inject-palora-facts-s0   # the guarantee from the files
@@ -207,12 +209,115 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: in
     item.
     Seeds and items are resampled with replacement, independently."""
     d = a.double() - b.double()  # (seeds, items)
+    means = bootstrap_means(d, n, seed)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return d.mean().item(), low, high
+
+
+def bootstrap_means(d: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n means of d (seeds, items), seeds and items each resampled with replacement: (n,)."""
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(d.shape[0], (n, d.shape[0]), generator=g)  # (n, seeds)
     cols = torch.randint(d.shape[1], (n, d.shape[1]), generator=g)  # (n, items)
-    means = d[rows[:, :, None], cols[:, None, :]].mean((1, 2))  # (n, seeds, items) -> (n,)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return d.mean().item(), low, high
+    return d[rows[:, :, None], cols[:, None, :]].mean((1, 2))  # (n, seeds, items) -> (n,)
+
+
+def bootstrap_p(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: int = 0) -> float:
+    """Two-sided p of "a - b has mean 0" from paired_bootstrap's resampled means (the same draws):
+    twice the share on the far side of 0, at most 1; 0 means below 1/n."""
+    means = bootstrap_means(a.double() - b.double(), n, seed)
+    far = min((means <= 0).double().mean().item(), (means >= 0).double().mean().item())
+    return min(1.0, 2 * far)
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function: its continued fraction by Lentz's
+    method (Numerical Recipes 6.4), taken on the side where it converges fast."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - betainc(b, a, 1 - x)
+    log_front = a * math.log(x) + b * math.log1p(-x)
+    log_front += math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    tiny = 1e-300  # keeps a zero denominator from dividing
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(1000):
+        m = i // 2
+        if i == 0:
+            term = 1.0
+        elif i % 2 == 0:
+            term = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            term = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 + term * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + term / (c if abs(c) > tiny else tiny)
+        f *= c * d
+        if abs(1 - c * d) < 1e-15:
+            break
+    return math.exp(log_front) / a * (f - 1)
+
+
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom: P(|T| > |t|) = I_{df/(df+t²)}(df/2,
+    1/2)."""
+    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
+    return 1 - tail if t >= 0 else tail
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The t with P(T <= t) = q, 0.5 <= q < 1, by bisection on t_cdf (to 1e-12 relative)."""
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < q:
+        high *= 2
+    while high - low > 1e-12 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_cdf(mid, df) < q else (low, mid)
+    return (low + high) / 2
+
+
+def seed_interval(diffs: list) -> dict:
+    """From the per-seed differences (one mean over the items per seed): their mean ± t(0.975,
+    s-1) sd / √s, the paired t interval over seeds, and its two-sided p; with one seed undefined
+    (NaN): seeds, not items, are the replications a rerun would draw."""
+    s = len(diffs)
+    m = sum(diffs) / s
+    if s < 2:
+        return {"seed_low": NAN, "seed_high": NAN, "p_seed": NAN}
+    sd = math.sqrt(sum((x - m) ** 2 for x in diffs) / (s - 1))
+    se = sd / math.sqrt(s)
+    half = t_quantile(0.975, s - 1) * se
+    if se == 0:  # every seed the same difference: a point, p 0 unless it is 0
+        p = float(m == 0)
+    else:
+        p = 2 * (1 - t_cdf(abs(m) / se, s - 1))
+    return {"seed_low": m - half, "seed_high": m + half, "p_seed": p}
+
+
+def holm(p: list) -> list:
+    """Holm's step-down adjusted p-values: the i-th smallest (i from 0) of the m defined ones times
+    (m - i), kept at least the one before it, at most 1; rejecting where adjusted < alpha holds
+    the family-wise error at alpha. NaN (undefined) is left out of the family and stays NaN."""
+    order = sorted((i for i in range(len(p)) if not math.isnan(p[i])), key=lambda i: p[i])
+    out, running = [NAN] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def beyond_noise(pairs: list, alpha: float = 0.05) -> list:
+    """Each comparison with its Holm-adjusted p-values across the table (holm_item from the item
+    bootstrap, holm_seed from the seed-level t test) and its verdict: beyond noise only when the
+    stricter (the larger) is below alpha; a single seed is never beyond noise, its seed-level
+    test undefined."""
+    item = holm([p["p_item"] for p in pairs])
+    seed = holm([p["p_seed"] for p in pairs])
+    out = []
+    for p, hi, hs in zip(pairs, item, seed):
+        strict = max(hi, hs) if not math.isnan(hs) else NAN
+        out.append({**p, "holm_item": hi, "holm_seed": hs, "beyond_noise": strict < alpha})
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -442,8 +547,10 @@ def markdown(groups: list) -> str:
 
 
 def intervals(rows: list) -> list[dict]:
-    """For each COMPARE pair present, the paired bootstrap of the strict-accuracy difference on each
-    reasoning split, seeds matched by run-name suffix."""
+    """For each COMPARE pair present, the strict-accuracy difference on each reasoning split, seeds
+    matched by run-name suffix: its paired bootstrap over items and seeds (low, high, p_item), the
+    t interval over the per-seed differences (seed_low, seed_high, p_seed), each p Holm-adjusted
+    across the comparisons, and beyond_noise (beyond_noise's rule)."""
     out = []
     for a, b in COMPARE:
         pa = {r["name"].rpartition("-")[2]: r for r in rows if r["group"] == a}
@@ -456,6 +563,7 @@ def intervals(rows: list) -> list[dict]:
             A = torch.tensor([pa[s]["items"][key] for s in seeds])
             B = torch.tensor([pb[s]["items"][key] for s in seeds])
             diff, low, high = paired_bootstrap(A, B)
+            per_seed = (A.double() - B.double()).mean(1).tolist()  # (seeds,)
             out.append(
                 {
                     "a": a,
@@ -466,9 +574,41 @@ def intervals(rows: list) -> list[dict]:
                     "diff": diff,
                     "low": low,
                     "high": high,
+                    "p_item": bootstrap_p(A, B),
+                    "per_seed": per_seed,
+                    **seed_interval(per_seed),
                 }
             )
-    return out
+    return beyond_noise(out)
+
+
+def interval_table(pairs: list) -> str:
+    """intervals() as markdown: each difference with both 95% intervals, both Holm-adjusted p and
+    the verdict of the stricter."""
+    lines = [
+        "| strict accuracy | split | seeds x items | difference | item bootstrap 95% | Holm p "
+        "| seed-level t 95% | Holm p | beyond noise |",
+        "|---" * 9 + "|",
+    ]
+    for p in pairs:
+        if math.isnan(p["seed_low"]):
+            seed_level, verdict = "undefined (one seed)", "no (one seed)"
+        else:
+            seed_level = f"[{p['seed_low']:+.3f}, {p['seed_high']:+.3f}]"
+            verdict = "yes" if p["beyond_noise"] else "no"
+        cells = [
+            f"{p['a']} - {p['b']}",
+            p["split"],
+            f"{p['seeds']} x {p['items']}",
+            f"{p['diff']:+.3f}",
+            f"[{p['low']:+.3f}, {p['high']:+.3f}]",
+            f"{p['holm_item']:.3g}",
+            seed_level,
+            "-" if math.isnan(p["holm_seed"]) else f"{p['holm_seed']:.3g}",
+            verdict,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def pyplot():
@@ -721,12 +861,7 @@ def main(cfg: Config) -> dict:
     table = markdown(groups)
     pairs = intervals(rows)
     print(table)
-    for p in pairs:
-        print(
-            f"{p['a']} - {p['b']}, strict on {p['split']} ({p['seeds']} seeds x {p['items']} "
-            f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] (95% paired "
-            f"bootstrap)"
-        )
+    print(interval_table(pairs))
     reach = [r for r in rows if math.isfinite(r["interference"])]
     mechanism = {"runs": len(reach), "rho": NAN}
     if len(reach) >= 3:  # does the update's reach into the skill's inputs predict what is lost?

@@ -1,9 +1,9 @@
 """Tests for evaluate.py: each metric on a hand-made case gives its known value; the paired
-bootstrap on hand-made differences; an adapter or probe made for another checkpoint fails naming the
-file;
---verify passes on PALoRA, random and palora_act runs and fails on tampered probes and adapters,
-trusting the adapter's own method; palora_act's V_act is recomputed exactly, a stream's too; the
-table, JSON, intervals and plots. Tiny random Llama; CPU.
+bootstrap, t quantiles, seed-level intervals and Holm on hand-made numbers; an adapter or probe
+made for another checkpoint fails naming the file; --verify passes on PALoRA, random and
+palora_act runs and fails on tampered probes and adapters, trusting the adapter's own method;
+palora_act's V_act is recomputed exactly, a stream's too; the table, JSON, intervals and plots.
+Tiny random Llama; CPU.
 """
 
 import json
@@ -22,6 +22,8 @@ import palora
 import tasks
 import tiny
 from runs import config
+
+NAN = float("nan")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,6 +107,100 @@ def test_paired_bootstrap_on_hand_made_differences():
     half = torch.cat([torch.ones(2, 20), torch.zeros(2, 20)], 1).long()
     diff, low, high = evaluate.paired_bootstrap(half, 0 * half, n=2000)
     assert diff == 0.5 and 0.3 < low < 0.5 < high < 0.7
+
+
+def test_bootstrap_p_on_hand_made_differences():
+    """Identical rows: no resample leaves 0, p 1. a right wherever b misses: every resample +1, p
+    0. Half the items +1 (2 seeds x 40 items): a resample of mean <= 0 needs 40 of 40 draws among
+    the zeros' half, so p 0 (below 1/n)."""
+    a = torch.ones(2, 40, dtype=torch.long)
+    assert evaluate.bootstrap_p(a, a, n=200) == 1.0
+    assert evaluate.bootstrap_p(a, 0 * a, n=200) == 0.0
+    half = torch.cat([torch.ones(2, 20), torch.zeros(2, 20)], 1).long()
+    assert evaluate.bootstrap_p(half, 0 * half, n=2000) == 0.0
+    # one seed, differences +1, +1, -1: a resample's mean is <= 0 when 2 or 3 of its 3 draws are
+    # the -1, P = 3 (1/3)² (2/3) + (1/3)³ = 7/27, so p = 2 · 7/27 (sampling error about 0.004)
+    a, b = torch.tensor([[1, 1, 0]]), torch.tensor([[0, 0, 1]])
+    assert evaluate.bootstrap_p(a, b, n=50_000) == pytest.approx(14 / 27, abs=0.015)
+
+
+def test_t_quantiles_and_cdf_against_closed_forms():
+    """df 1 is Cauchy: F(t) = 1/2 + atan(t)/π, so t(0.975) = tan(0.475 π) = 12.706; df 2: F(t) =
+    1/2 + t / (2 √(2 + t²)), so t(0.975) = √(2 · 0.95² / (1 - 0.95²)) = 4.303 (3 seeds); df 4:
+    2.776 and df 10⁶: 1.960, the printed tables' values."""
+    for t in (-3.0, -0.5, 0.0, 0.7, 5.0):
+        assert evaluate.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+        assert evaluate.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)))
+    assert evaluate.t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-9)
+    two = math.sqrt(2 * 0.95**2 / (1 - 0.95**2))
+    assert evaluate.t_quantile(0.975, 2) == pytest.approx(two, rel=1e-9)
+    assert round(evaluate.t_quantile(0.975, 2), 3) == 4.303
+    assert round(evaluate.t_quantile(0.975, 4), 3) == 2.776
+    assert round(evaluate.t_quantile(0.975, 10**6), 3) == 1.960
+
+
+def test_seed_interval_on_hand_made_differences():
+    """Seeds differing by 0.1, 0.2, 0.3: mean 0.2, sd 0.1, so 0.2 ± 4.303 · 0.1 / √3, and p =
+    1 - t / √(2 + t²) at t = 0.2 / (0.1 / √3) (df 2's closed form). One seed: undefined. Three
+    equal differences: a point."""
+    got = evaluate.seed_interval([0.1, 0.2, 0.3])
+    half = evaluate.t_quantile(0.975, 2) * 0.1 / math.sqrt(3)
+    assert got["seed_low"] == pytest.approx(0.2 - half) and half == pytest.approx(0.2484, abs=1e-4)
+    assert got["seed_high"] == pytest.approx(0.2 + half)
+    t = 0.2 / (0.1 / math.sqrt(3))
+    assert got["p_seed"] == pytest.approx(1 - t / math.sqrt(2 + t * t))
+    assert all(math.isnan(v) for v in evaluate.seed_interval([0.4]).values())
+    same = evaluate.seed_interval([0.25, 0.25, 0.25])
+    assert (same["seed_low"], same["seed_high"], same["p_seed"]) == (0.25, 0.25, 0.0)
+
+
+def test_holm_on_hand_made_p_values():
+    """p 0.01, 0.04, 0.03, 0.005: sorted, times 4, 3, 2, 1 -> 0.02, 0.03, 0.06, 0.04, the last
+    raised to the 0.06 before it (step-down): at 0.05 two are rejected, and 0.04 is not though
+    0.04 · 1 < 0.05. NaN stays out of the family: 0.02 and 0.5 are a family of two."""
+    assert evaluate.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    got = evaluate.holm([0.02, NAN, 0.5])
+    assert got[0] == pytest.approx(0.04) and math.isnan(got[1]) and got[2] == 0.5
+    assert evaluate.holm([0.3, 0.6]) == pytest.approx([0.6, 0.6])  # capped at 1, monotone
+
+
+def test_beyond_noise_needs_the_stricter_of_both():
+    """Item p 0.001, 0.001, 0.04 -> Holm 0.003, 0.003, 0.04; seed p 0.001, 0.2, undefined ->
+    0.002, 0.2, NaN. Only the first is below 0.05 on both; the second's items alone would pass;
+    the third has one seed."""
+    pairs = [{"p_item": pi, "p_seed": ps} for pi, ps in ((1e-3, 1e-3), (1e-3, 0.2), (0.04, NAN))]
+    got = evaluate.beyond_noise(pairs)
+    assert [p["holm_item"] for p in got] == pytest.approx([3e-3, 3e-3, 0.04])
+    assert [p["holm_seed"] for p in got[:2]] == pytest.approx([2e-3, 0.2])
+    assert [p["beyond_noise"] for p in got] == [True, False, False]
+
+
+def test_intervals_beside_the_seeds():
+    """palora against lora, 3 seeds x 10 items: palora right on 5, 6, 7 items of each seed's
+    held-out templates, lora on 5 each: per-seed differences 0, 0.1, 0.2, the seed-level t interval
+    0.1 ± 4.303 · 0.1 / √3 around them; on the in-template split equal everywhere (p 1, no). One
+    seed: its seed-level interval undefined, said so in the table."""
+
+    def row(group, seed, right_ood, right):
+        items = {
+            "reasoning_ood_strict": [1] * right_ood + [0] * (10 - right_ood),
+            "reasoning_strict": [1] * right + [0] * (10 - right),
+        }
+        return {"name": f"{group}-s{seed}", "group": group, "items": items}
+
+    rows = [row("palora", s, 5 + s, 3) for s in range(3)] + [row("lora", s, 5, 3) for s in range(3)]
+    pairs = {p["split"]: p for p in evaluate.intervals(rows)}
+    ood = pairs["reasoning_ood"]
+    assert ood["per_seed"] == pytest.approx([0.0, 0.1, 0.2]) and ood["diff"] == pytest.approx(0.1)
+    half = 4.3027 * 0.1 / math.sqrt(3)
+    assert (ood["seed_low"], ood["seed_high"]) == pytest.approx((0.1 - half, 0.1 + half), rel=1e-4)
+    assert ood["holm_seed"] == pytest.approx(2 * evaluate.seed_interval([0, 0.1, 0.2])["p_seed"])
+    assert not ood["beyond_noise"]
+    same = pairs["reasoning"]
+    assert (same["p_item"], same["p_seed"], same["beyond_noise"]) == (1.0, 1.0, False)
+    one = evaluate.intervals(rows[:1] + rows[3:4])
+    assert all(math.isnan(p["seed_low"]) and not p["beyond_noise"] for p in one)
+    assert "undefined (one seed)" in evaluate.interval_table(one)
 
 
 def test_aggregate_mean_and_sample_std():
@@ -304,6 +400,8 @@ def test_table_json_intervals_and_plots(setup, runs, tmp_path):
     assert saved["protocol"] == tasks.PROTOCOL and len(saved["rows"][2]["items"]["facts"]) == 8
     assert result["table"].count("\n") == 2 + 4 and "| palora | 1 |" in result["table"]
     pairs = {(p["a"], p["b"], p["split"]) for p in result["intervals"]}
+    for p in saved["intervals"]:  # one seed: the item bootstrap alone, the seed level undefined
+        assert 0 <= p["holm_item"] <= 1 and math.isnan(p["seed_low"]) and not p["beyond_noise"]
     assert ("palora", "lora", "reasoning_ood") in pairs and (
         "palora",
         "random",
