@@ -750,6 +750,7 @@ def verify_inputs(run: Path, cfg: Config, dW: dict, counts: dict, result: dict) 
         f"{run}: palora_act input side, V_act recomputed ({where}, {min(dims.values())} to "
         f"{max(dims.values())} directions): worst ||dW V_act|| / ||dW|| {leak[name]:.3e} at "
         f"{name}: {'OK' if ok else 'FAILED'}"
+        + ("" if ok else " (a run made on another device or dtype than this: verify it there)")
     )
     extra = {"input_worst": leak[name], "input_leakage": leak, "input_dims": dims}
     return {**result, **extra, "ok": result["ok"] and ok}
