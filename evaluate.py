@@ -12,8 +12,10 @@ fact answers taken by the 5 most frequent); leak_out ||U_Sᵀ dW|| / ||dW||, lea
 interference E||dW x||² / E||W x||² over the expert's inputs x on the held-out-template skill items,
 mean over matrices (its rank correlation with retention_ood over the runs follows the table);
 trainable, added and share of parameters; touched (smf: memory slots written); time (seconds per
-generated token, relative to the base row, on the same prompts). Paired bootstrap intervals for the
-headline differences follow the table.
+generated token, relative to the base row, on the same prompts). The headline differences follow
+the table, each with its paired bootstrap interval (items and seeds resampled) and its seed-level t
+interval (over the per-seed differences), both p Holm-corrected across the comparisons: beyond
+noise only where the stricter says so.
 
     python evaluate.py --adapter runs/inject-palora-facts-s0 --adapter runs/inject-lora-facts-s0
     python evaluate.py --verify runs/inject-palora-facts-s0   # the guarantee from the files
@@ -26,6 +28,7 @@ row scored once is read back, never recomputed (the time column is always measur
 """
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -43,6 +46,7 @@ import torch
 import adapters
 import checkpoints
 import cli
+import inject
 import model as model_lib
 import palora
 import tasks
@@ -126,7 +130,8 @@ class Config:
         default="",
         metadata={
             "help": (
-                "RUN: its adapter against its probe from the files alone, float64; exit 1 on a leak"
+                "RUN: its adapter against its probe (palora_act: and its recomputed V_act) from "
+                "the files alone, float64; exit 1 on a leak"
             )
         },
     )
@@ -216,12 +221,115 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: in
     item.
     Seeds and items are resampled with replacement, independently."""
     d = a.double() - b.double()  # (seeds, items)
+    means = bootstrap_means(d, n, seed)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return d.mean().item(), low, high
+
+
+def bootstrap_means(d: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n means of d (seeds, items), seeds and items each resampled with replacement: (n,)."""
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(d.shape[0], (n, d.shape[0]), generator=g)  # (n, seeds)
     cols = torch.randint(d.shape[1], (n, d.shape[1]), generator=g)  # (n, items)
-    means = d[rows[:, :, None], cols[:, None, :]].mean((1, 2))  # (n, seeds, items) -> (n,)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return d.mean().item(), low, high
+    return d[rows[:, :, None], cols[:, None, :]].mean((1, 2))  # (n, seeds, items) -> (n,)
+
+
+def bootstrap_p(a: torch.Tensor, b: torch.Tensor, n: int = 10_000, seed: int = 0) -> float:
+    """Two-sided p of "a - b has mean 0" from paired_bootstrap's resampled means (the same draws):
+    twice the share on the far side of 0, at most 1; 0 means below 1/n."""
+    means = bootstrap_means(a.double() - b.double(), n, seed)
+    far = min((means <= 0).double().mean().item(), (means >= 0).double().mean().item())
+    return min(1.0, 2 * far)
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function: its continued fraction by Lentz's
+    method (Numerical Recipes 6.4), taken on the side where it converges fast."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - betainc(b, a, 1 - x)
+    log_front = a * math.log(x) + b * math.log1p(-x)
+    log_front += math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    tiny = 1e-300  # keeps a zero denominator from dividing
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(1000):
+        m = i // 2
+        if i == 0:
+            term = 1.0
+        elif i % 2 == 0:
+            term = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            term = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 + term * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + term / (c if abs(c) > tiny else tiny)
+        f *= c * d
+        if abs(1 - c * d) < 1e-15:
+            break
+    return math.exp(log_front) / a * (f - 1)
+
+
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom: P(|T| > |t|) = I_{df/(df+t²)}(df/2,
+    1/2)."""
+    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
+    return 1 - tail if t >= 0 else tail
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The t with P(T <= t) = q, 0.5 <= q < 1, by bisection on t_cdf (to 1e-12 relative)."""
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < q:
+        high *= 2
+    while high - low > 1e-12 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_cdf(mid, df) < q else (low, mid)
+    return (low + high) / 2
+
+
+def seed_interval(diffs: list) -> dict:
+    """From the per-seed differences (one mean over the items per seed): their mean ± t(0.975,
+    s-1) sd / √s, the paired t interval over seeds, and its two-sided p; with one seed undefined
+    (NaN): seeds, not items, are the replications a rerun would draw."""
+    s = len(diffs)
+    m = sum(diffs) / s
+    if s < 2:
+        return {"seed_low": NAN, "seed_high": NAN, "p_seed": NAN}
+    sd = math.sqrt(sum((x - m) ** 2 for x in diffs) / (s - 1))
+    se = sd / math.sqrt(s)
+    half = t_quantile(0.975, s - 1) * se
+    if se == 0:  # every seed the same difference: a point, p 0 unless it is 0
+        p = float(m == 0)
+    else:
+        p = 2 * (1 - t_cdf(abs(m) / se, s - 1))
+    return {"seed_low": m - half, "seed_high": m + half, "p_seed": p}
+
+
+def holm(p: list) -> list:
+    """Holm's step-down adjusted p-values: the i-th smallest (i from 0) of the m defined ones times
+    (m - i), kept at least the one before it, at most 1; rejecting where adjusted < alpha holds
+    the family-wise error at alpha. NaN (undefined) is left out of the family and stays NaN."""
+    order = sorted((i for i in range(len(p)) if not math.isnan(p[i])), key=lambda i: p[i])
+    out, running = [NAN] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def beyond_noise(pairs: list, alpha: float = 0.05) -> list:
+    """Each comparison with its Holm-adjusted p-values across the table (holm_item from the item
+    bootstrap, holm_seed from the seed-level t test) and its verdict: beyond noise only when the
+    stricter (the larger) is below alpha; a single seed is never beyond noise, its seed-level
+    test undefined."""
+    item = holm([p["p_item"] for p in pairs])
+    seed = holm([p["p_seed"] for p in pairs])
+    out = []
+    for p, hi, hs in zip(pairs, item, seed):
+        strict = max(hi, hs) if not math.isnan(hs) else NAN
+        out.append({**p, "holm_item": hi, "holm_seed": hs, "beyond_noise": strict < alpha})
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -495,8 +603,10 @@ def markdown(groups: list) -> str:
 
 
 def intervals(rows: list) -> list[dict]:
-    """For each COMPARE pair present, the paired bootstrap of the strict-accuracy difference on each
-    reasoning split, seeds matched by run-name suffix."""
+    """For each COMPARE pair present, the strict-accuracy difference on each reasoning split, seeds
+    matched by run-name suffix: its paired bootstrap over items and seeds (low, high, p_item), the
+    t interval over the per-seed differences (seed_low, seed_high, p_seed), each p Holm-adjusted
+    across the comparisons, and beyond_noise (beyond_noise's rule)."""
     out = []
     for a, b in COMPARE:
         pa = {r["name"].rpartition("-")[2]: r for r in rows if r["group"] == a}
@@ -509,6 +619,7 @@ def intervals(rows: list) -> list[dict]:
             A = torch.tensor([pa[s]["items"][key] for s in seeds])
             B = torch.tensor([pb[s]["items"][key] for s in seeds])
             diff, low, high = paired_bootstrap(A, B)
+            per_seed = (A.double() - B.double()).mean(1).tolist()  # (seeds,)
             out.append(
                 {
                     "a": a,
@@ -519,9 +630,41 @@ def intervals(rows: list) -> list[dict]:
                     "diff": diff,
                     "low": low,
                     "high": high,
+                    "p_item": bootstrap_p(A, B),
+                    "per_seed": per_seed,
+                    **seed_interval(per_seed),
                 }
             )
-    return out
+    return beyond_noise(out)
+
+
+def interval_table(pairs: list) -> str:
+    """intervals() as markdown: each difference with both 95% intervals, both Holm-adjusted p and
+    the verdict of the stricter."""
+    lines = [
+        "| strict accuracy | split | seeds x items | difference | item bootstrap 95% | Holm p "
+        "| seed-level t 95% | Holm p | beyond noise |",
+        "|---" * 9 + "|",
+    ]
+    for p in pairs:
+        if math.isnan(p["seed_low"]):
+            seed_level, verdict = "undefined (one seed)", "no (one seed)"
+        else:
+            seed_level = f"[{p['seed_low']:+.3f}, {p['seed_high']:+.3f}]"
+            verdict = "yes" if p["beyond_noise"] else "no"
+        cells = [
+            f"{p['a']} - {p['b']}",
+            p["split"],
+            f"{p['seeds']} x {p['items']}",
+            f"{p['diff']:+.3f}",
+            f"[{p['low']:+.3f}, {p['high']:+.3f}]",
+            f"{p['holm_item']:.3g}",
+            seed_level,
+            "-" if math.isnan(p["holm_seed"]) else f"{p['holm_seed']:.3g}",
+            verdict,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def pyplot():
@@ -574,8 +717,9 @@ def verify(run: Path, cfg: Config) -> dict:
     """The guarantee from the files alone, in float64. The method is the adapter file's; the probe
     file must hold exactly the set the run's recorded expert, rule and seed give; dW (projections
     folded in) must not reach that set: both sides for palora, topk and random, the output side for
-    palora_act; the other LoRA methods are reported; imsm and smf are not projection methods (no
-    weight update to bound): reported as such, not failed."""
+    palora_act (its input side, V_act: verify_inputs); the other LoRA methods are reported; imsm
+    and smf are not projection methods (no weight update to bound): reported as such, not
+    failed."""
     run_cfg = adapters.run_config(run)
     folder = checkpoints.resolve(run_cfg["ckpt"])
     identity = checkpoints.identity(folder)
@@ -609,7 +753,63 @@ def verify(run: Path, cfg: Config) -> dict:
         f"{leak[name][0]:.3e}, V side {leak[name][1]:.3e}): {'OK' if ok else 'FAILED'}"
         + ("" if sides else " (unprotected method: reported, not checked)")
     )
-    return {"run": str(run), "method": method, "worst": worst, "leakage": leak, "ok": ok}
+    result = {"run": str(run), "method": method, "worst": worst, "leakage": leak, "ok": ok}
+    if method == "palora_act":  # its input side is V_act, not V_S: recomputed from the data
+        counts = {n: len(s) for n, s in protected.items()}
+        result = verify_inputs(run, cfg, loaded["dW"], counts, result)
+    return result
+
+
+ACT_FIELDS = ("skill_data", "act_known", "act_examples", "seed", "max_len", "rank", "act_earlier")
+
+
+def recorded_inputs(run: Path, counts: dict, cfg: Config) -> tuple[dict, str]:
+    """name -> V_act (in, k) of a palora_act run, recomputed as inject.py computed it, by its own
+    input_bases: from the recorded config (skill data, --act-known, --act-examples, seed,
+    --max-len), on the run's first expert merged into its checkpoint and, in a stream, the earlier
+    rounds merged too, whose facts add --act-earlier directions each; k = counts (the probe's).
+    Device: --device; dtype: --dtype, or the run's recorded one. Bitwise the run's own basis only
+    on the run's device and dtype: elsewhere the covariances round differently and the
+    eigenvectors turn, most where eigenvalues crowd at the k-th. Also returns where it ran."""
+    run_cfg = adapters.run_config(run)
+    missing = [k for k in ACT_FIELDS if k not in run_cfg]
+    if missing:
+        raise palora.PaloraError(
+            f"{run}/config.json: records no {', '.join(missing)}: V_act cannot be recomputed"
+        )
+    act_cfg = dataclasses.replace(inject.Config(), **{k: run_cfg[k] for k in ACT_FIELDS})
+    device = resolve_device(cfg.device)
+    recorded = run_cfg.get("dtype", "auto")
+    dtype = resolve_dtype(recorded if cfg.dtype == "auto" else cfg.dtype, device)
+    folder = checkpoints.resolve(run_cfg["ckpt"])
+    svf = run_cfg["svf"][0]
+    model, tokenizer, identity = adapters.expert_model(svf, folder, device, dtype, cfg.svd_cache)
+    after = run_cfg.get("after", "")
+    earlier = []
+    if after:  # as inject.main: the rounds before merged, then the basis on that model
+        earlier = inject.earlier_rounds(after)
+        model, _ = adapters.load_run(model, Path(after), identity)
+    bases = inject.input_bases(model, tokenizer, act_cfg, counts, earlier)
+    return bases, f"{device.type}, {str(dtype).removeprefix('torch.')}"
+
+
+def verify_inputs(run: Path, cfg: Config, dW: dict, counts: dict, result: dict) -> dict:
+    """--verify's input side of a palora_act run: ||dW V_act|| / ||dW|| per weight, float64,
+    against V_act recomputed from the files (recorded_inputs); the run fails when the worst
+    exceeds --tolerance. Adds input_leakage, input_worst and input_dims (k per weight)."""
+    bases, where = recorded_inputs(run, counts, cfg)
+    leak = {n: palora.leakage(d, None, bases[n].double())[1] for n, d in dW.items()}
+    name = max(leak, key=leak.get)
+    ok = leak[name] <= cfg.tolerance
+    dims = {n: V.shape[1] for n, V in bases.items()}
+    print(
+        f"{run}: palora_act input side, V_act recomputed ({where}, {min(dims.values())} to "
+        f"{max(dims.values())} directions): worst ||dW V_act|| / ||dW|| {leak[name]:.3e} at "
+        f"{name}: {'OK' if ok else 'FAILED'}"
+        + ("" if ok else " (a run made on another device or dtype than this: verify it there)")
+    )
+    extra = {"input_worst": leak[name], "input_leakage": leak, "input_dims": dims}
+    return {**result, **extra, "ok": result["ok"] and ok}
 
 
 def report_probe(svf: Path, cfg: Config) -> dict:
@@ -724,15 +924,6 @@ def mechanism_of(rows: list) -> dict:
     return mechanism
 
 
-def print_intervals(pairs: list):
-    for p in pairs:
-        print(
-            f"{p['a']} - {p['b']}, strict on {p['split']} ({p['seeds']} seeds x {p['items']} "
-            f"items): {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] (95% paired "
-            f"bootstrap)"
-        )
-
-
 def main(cfg: Config) -> dict:
     if cfg.verify:
         return verify(Path(cfg.verify), cfg)
@@ -758,7 +949,7 @@ def main(cfg: Config) -> dict:
     table = markdown(groups)
     pairs = intervals(rows)
     print(table)
-    print_intervals(pairs)
+    print(interval_table(pairs))
     mechanism = mechanism_of(rows)
     spectrum = next((r.pop("spectrum") for r in rows if "spectrum" in r), {})
     for r in rows:

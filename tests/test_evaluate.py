@@ -1,8 +1,9 @@
 """Tests for evaluate.py: each metric on a hand-made case gives its known value; the paired
-bootstrap on hand-made differences; an adapter or probe made for another checkpoint fails naming the
-file;
---verify passes on PALoRA, random and palora_act runs and fails on tampered probes and adapters,
-trusting the adapter's own method; the table, JSON, intervals and plots. Tiny random Llama; CPU.
+bootstrap, t quantiles, seed-level intervals and Holm on hand-made numbers; an adapter or probe
+made for another checkpoint fails naming the file; --verify passes on PALoRA, random and
+palora_act runs and fails on tampered probes and adapters, trusting the adapter's own method;
+palora_act's V_act is recomputed exactly, a stream's too; the table, JSON, intervals and plots.
+Tiny random Llama; CPU.
 """
 
 import json
@@ -225,6 +226,100 @@ def test_reach_vs_loss_ranks_the_runs_with_both_columns():
     assert math.isnan(evaluate.reach_vs_loss(rows[:3])["rho"])  # 2 runs: no rho
 
 
+def test_bootstrap_p_on_hand_made_differences():
+    """Identical rows: no resample leaves 0, p 1. a right wherever b misses: every resample +1, p
+    0. Half the items +1 (2 seeds x 40 items): a resample of mean <= 0 needs 40 of 40 draws among
+    the zeros' half, so p 0 (below 1/n)."""
+    a = torch.ones(2, 40, dtype=torch.long)
+    assert evaluate.bootstrap_p(a, a, n=200) == 1.0
+    assert evaluate.bootstrap_p(a, 0 * a, n=200) == 0.0
+    half = torch.cat([torch.ones(2, 20), torch.zeros(2, 20)], 1).long()
+    assert evaluate.bootstrap_p(half, 0 * half, n=2000) == 0.0
+    # one seed, differences +1, +1, -1: a resample's mean is <= 0 when 2 or 3 of its 3 draws are
+    # the -1, P = 3 (1/3)² (2/3) + (1/3)³ = 7/27, so p = 2 · 7/27 (sampling error about 0.004)
+    a, b = torch.tensor([[1, 1, 0]]), torch.tensor([[0, 0, 1]])
+    assert evaluate.bootstrap_p(a, b, n=50_000) == pytest.approx(14 / 27, abs=0.015)
+
+
+def test_t_quantiles_and_cdf_against_closed_forms():
+    """df 1 is Cauchy: F(t) = 1/2 + atan(t)/π, so t(0.975) = tan(0.475 π) = 12.706; df 2: F(t) =
+    1/2 + t / (2 √(2 + t²)), so t(0.975) = √(2 · 0.95² / (1 - 0.95²)) = 4.303 (3 seeds); df 4:
+    2.776 and df 10⁶: 1.960, the printed tables' values."""
+    for t in (-3.0, -0.5, 0.0, 0.7, 5.0):
+        assert evaluate.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+        assert evaluate.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)))
+    assert evaluate.t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-9)
+    two = math.sqrt(2 * 0.95**2 / (1 - 0.95**2))
+    assert evaluate.t_quantile(0.975, 2) == pytest.approx(two, rel=1e-9)
+    assert round(evaluate.t_quantile(0.975, 2), 3) == 4.303
+    assert round(evaluate.t_quantile(0.975, 4), 3) == 2.776
+    assert round(evaluate.t_quantile(0.975, 10**6), 3) == 1.960
+
+
+def test_seed_interval_on_hand_made_differences():
+    """Seeds differing by 0.1, 0.2, 0.3: mean 0.2, sd 0.1, so 0.2 ± 4.303 · 0.1 / √3, and p =
+    1 - t / √(2 + t²) at t = 0.2 / (0.1 / √3) (df 2's closed form). One seed: undefined. Three
+    equal differences: a point."""
+    got = evaluate.seed_interval([0.1, 0.2, 0.3])
+    half = evaluate.t_quantile(0.975, 2) * 0.1 / math.sqrt(3)
+    assert got["seed_low"] == pytest.approx(0.2 - half) and half == pytest.approx(0.2484, abs=1e-4)
+    assert got["seed_high"] == pytest.approx(0.2 + half)
+    t = 0.2 / (0.1 / math.sqrt(3))
+    assert got["p_seed"] == pytest.approx(1 - t / math.sqrt(2 + t * t))
+    assert all(math.isnan(v) for v in evaluate.seed_interval([0.4]).values())
+    same = evaluate.seed_interval([0.25, 0.25, 0.25])
+    assert (same["seed_low"], same["seed_high"], same["p_seed"]) == (0.25, 0.25, 0.0)
+
+
+def test_holm_on_hand_made_p_values():
+    """p 0.01, 0.04, 0.03, 0.005: sorted, times 4, 3, 2, 1 -> 0.02, 0.03, 0.06, 0.04, the last
+    raised to the 0.06 before it (step-down): at 0.05 two are rejected, and 0.04 is not though
+    0.04 · 1 < 0.05. NaN stays out of the family: 0.02 and 0.5 are a family of two."""
+    assert evaluate.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    got = evaluate.holm([0.02, NAN, 0.5])
+    assert got[0] == pytest.approx(0.04) and math.isnan(got[1]) and got[2] == 0.5
+    assert evaluate.holm([0.3, 0.6]) == pytest.approx([0.6, 0.6])  # capped at 1, monotone
+
+
+def test_beyond_noise_needs_the_stricter_of_both():
+    """Item p 0.001, 0.001, 0.04 -> Holm 0.003, 0.003, 0.04; seed p 0.001, 0.2, undefined ->
+    0.002, 0.2, NaN. Only the first is below 0.05 on both; the second's items alone would pass;
+    the third has one seed."""
+    pairs = [{"p_item": pi, "p_seed": ps} for pi, ps in ((1e-3, 1e-3), (1e-3, 0.2), (0.04, NAN))]
+    got = evaluate.beyond_noise(pairs)
+    assert [p["holm_item"] for p in got] == pytest.approx([3e-3, 3e-3, 0.04])
+    assert [p["holm_seed"] for p in got[:2]] == pytest.approx([2e-3, 0.2])
+    assert [p["beyond_noise"] for p in got] == [True, False, False]
+
+
+def test_intervals_beside_the_seeds():
+    """palora against lora, 3 seeds x 10 items: palora right on 5, 6, 7 items of each seed's
+    held-out templates, lora on 5 each: per-seed differences 0, 0.1, 0.2, the seed-level t interval
+    0.1 ± 4.303 · 0.1 / √3 around them; on the in-template split equal everywhere (p 1, no). One
+    seed: its seed-level interval undefined, said so in the table."""
+
+    def row(group, seed, right_ood, right):
+        items = {
+            "reasoning_ood_strict": [1] * right_ood + [0] * (10 - right_ood),
+            "reasoning_strict": [1] * right + [0] * (10 - right),
+        }
+        return {"name": f"{group}-s{seed}", "group": group, "items": items}
+
+    rows = [row("palora", s, 5 + s, 3) for s in range(3)] + [row("lora", s, 5, 3) for s in range(3)]
+    pairs = {p["split"]: p for p in evaluate.intervals(rows)}
+    ood = pairs["reasoning_ood"]
+    assert ood["per_seed"] == pytest.approx([0.0, 0.1, 0.2]) and ood["diff"] == pytest.approx(0.1)
+    half = 4.3027 * 0.1 / math.sqrt(3)
+    assert (ood["seed_low"], ood["seed_high"]) == pytest.approx((0.1 - half, 0.1 + half), rel=1e-4)
+    assert ood["holm_seed"] == pytest.approx(2 * evaluate.seed_interval([0, 0.1, 0.2])["p_seed"])
+    assert not ood["beyond_noise"]
+    same = pairs["reasoning"]
+    assert (same["p_item"], same["p_seed"], same["beyond_noise"]) == (1.0, 1.0, False)
+    one = evaluate.intervals(rows[:1] + rows[3:4])
+    assert all(math.isnan(p["seed_low"]) and not p["beyond_noise"] for p in one)
+    assert "undefined (one seed)" in evaluate.interval_table(one)
+
+
 def test_aggregate_mean_and_sample_std():
     rows = [
         {"group": "x", "strict": 0.5},
@@ -317,6 +412,71 @@ def test_verify_trusts_the_adapters_method_over_config_json(setup, runs, tmp_pat
     assert result["method"] == "palora" and not result["ok"]
 
 
+def probe_counts(run) -> dict:
+    """name -> k, the probe's count per weight: palora_act's V_act has as many directions."""
+    return {n: len(s) for n, s in adapters.read_tensors(run / "probe.safetensors")[0].items()}
+
+
+def moved_into(run, bases: dict, skip: dict | None = None):
+    """The adapter's A (r, in) moved back into span(V_act) past its first skip[name] columns:
+    A + |A| V[:, first : first + r]ᵀ, so dW V_act != 0 while B, the output side, is untouched."""
+
+    def change(tensors, meta):
+        out = dict(tensors)
+        for n, V in bases.items():
+            key = f"base_model.model.{n}.lora_A.weight"
+            A, first = tensors[key], (skip or {}).get(n, 0)  # A (r, in)
+            inside = V[:, first : first + A.shape[0]].T  # (r, in), rows in span(V_act)
+            out[key] = (A + A.norm() * inside).contiguous()
+        return out, meta
+
+    tamper(run, "adapter_model.safetensors", change)
+
+
+def test_verify_checks_palora_acts_input_side(setup, runs, tmp_path, capsys):
+    """V_act recomputed from the run's files (as many directions as the probe's S): the trained
+    run keeps dW V_act = 0; an adapter whose A is moved back into span(V_act) is refused on the
+    input side alone (its output side still verifies)."""
+    cfg = eval_config(setup, tmp_path, verify=str(runs["palora_act"]))
+    result = evaluate.main(cfg)
+    counts = probe_counts(runs["palora_act"])
+    assert result["ok"] and result["input_worst"] <= 1e-4 and result["input_dims"] == counts
+    run = shutil.copytree(runs["palora_act"], tmp_path / "tampered")
+    bases, _ = evaluate.recorded_inputs(run, counts, cfg)
+    moved_into(run, bases)
+    capsys.readouterr()
+    result = evaluate.main(eval_config(setup, tmp_path, verify=str(run)))
+    assert result["worst"] <= 1e-4 and result["input_worst"] > 1e-2 and not result["ok"]
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "input side" in last and ": FAILED (a run made on another device or dtype" in last
+
+
+def test_verify_recomputes_a_streams_input_basis_exactly(setup, runs, tmp_path, monkeypatch):
+    """Round 2 of a palora_act stream, its known facts protected too: the recomputed V_act (the
+    expert, round 1 merged, --act-known, round 1's facts' directions) equals the V_S its layers
+    trained with, bit for bit; A moved into round 1's directions alone is refused."""
+    seen, train = {}, inject.train
+
+    def spy(model, *args, **kwargs):
+        for n, m in model.named_modules():
+            if isinstance(m, palora.LoRALinear):
+                seen[n] = m.V_S.detach().clone()
+        return train(model, *args, **kwargs)
+
+    monkeypatch.setattr(inject, "train", spy)
+    run = tmp_path / "round2"
+    settings = dict(method="palora_act", epochs=2, mix_known=str(setup.known))
+    inject.main(config(setup, run, after=str(runs["palora_act"]), **settings))
+    cfg = eval_config(setup, tmp_path, verify=str(run))
+    counts = probe_counts(run)
+    bases, _ = evaluate.recorded_inputs(run, counts, cfg)
+    assert set(bases) == set(seen) and all(torch.equal(bases[n], seen[n]) for n in seen)
+    assert all(bases[n].shape[1] > counts[n] for n in bases)  # round 1's directions added
+    assert evaluate.main(cfg)["ok"]
+    moved_into(run, bases, skip=counts)
+    assert not evaluate.main(cfg)["ok"]
+
+
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "probe.safetensors"])
 def test_files_of_another_checkpoint_are_named(setup, runs, tmp_path, name):
     run = shutil.copytree(runs["palora"], tmp_path / "run")
@@ -386,6 +546,8 @@ def test_table_json_intervals_and_plots(setup, runs, tmp_path):
     assert saved["protocol"] == tasks.PROTOCOL and len(saved["rows"][2]["items"]["facts"]) == 8
     assert result["table"].count("\n") == 2 + 4 and "| palora | 1 |" in result["table"]
     pairs = {(p["a"], p["b"], p["split"]) for p in result["intervals"]}
+    for p in saved["intervals"]:  # one seed: the item bootstrap alone, the seed level undefined
+        assert 0 <= p["holm_item"] <= 1 and math.isnan(p["seed_low"]) and not p["beyond_noise"]
     assert ("palora", "lora", "reasoning_ood") in pairs and (
         "palora",
         "random",
