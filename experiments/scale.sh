@@ -123,3 +123,13 @@ if [ "$PART" = stream ]; then
   python experiments/stream_recall.py --svf "$SVF" --out $S/cs$n-$variant-recall.json "${runs[@]}"
   confirm_eval $S/eval-cs$n-$variant "$(facts confirm $((rounds * n)))" "${runs[-1]}"
 fi
+
+# 6. One table on the confirmation items: the headline run and both streams' last rounds, scored on
+#    the headline's facts (the streams' facts are its first ROUNDS x N lines), then the tables.
+if [ "$PART" = final ]; then
+  n=${N:-300} rounds=${ROUNDS:-5} k=${K:-40}
+  last=$(printf %02d "$rounds")
+  confirm_eval $S/eval-final "$(facts confirm "$n")" $S/c$n $S/cs$k-protect-r$last $S/cs$k-none-r$last
+  python experiments/scale_table.py $S/eval-final/results.json --known data/known/known_confirm.jsonl
+  for v in protect none; do python experiments/scale_table.py --stream $S/cs$k-$v-recall.json; done
+fi
