@@ -49,6 +49,15 @@ from training import parse_targets, refuse_inputs
 
 REPO = Path(__file__).resolve().parent
 NAN = float("nan")
+# The comparison's settings where inject.py's defaults moved on since (2026-12-07: many facts): the
+# 2026-12-01 table and stream reproduce with them.
+COMPARISON = {
+    "batch_size": 8,
+    "mix_skill": "expert",
+    "schedule": "constant",
+    "act_earlier": 0,
+    "mix_earlier": 0.0,
+}
 UNSET = {"targets": "", "mix_skill": "expert", "skill_data": "", "act_known": "auto"}  # resolved
 
 
@@ -70,7 +79,7 @@ class Config:
     )
     lr: float = field(default=5e-3, metadata={"help": "every run's lr (the comparison's)", "gt": 0})
     recall_target: float = field(
-        default=inject.Config.recall_target,
+        default=0.9,
         metadata={"help": "every run stops at this recall (0: runs --epochs)", "ge": 0, "le": 1},
     )
     epochs: int = field(
@@ -175,6 +184,7 @@ def inject_one(cfg: Config, svf: Path, facts: Path, seed: int, out: Path, overri
         device=cfg.device,
         keep_epochs=cfg.frontier,
         **{
+            **COMPARISON,
             "lr": cfg.lr,
             "mix_known": cfg.mix_known,
             "recall_target": cfg.recall_target,

@@ -107,7 +107,12 @@ def test_every_sweep_variant_is_a_valid_inject_config():
     into a sweep. Each variant changes what it says it changes, within the flags' bounds."""
     import inject
 
-    comparison = dict(lr=reproduce.Config.lr, mix_known=reproduce.Config.mix_known)
+    comparison = dict(
+        **reproduce.COMPARISON,
+        lr=reproduce.Config.lr,
+        mix_known=reproduce.Config.mix_known,
+        recall_target=reproduce.Config.recall_target,
+    )
     base = inject.Config(**comparison)
     variants = reproduce.sweep_variants(reproduce.Config.lr)
     assert variants.pop("palora") == {"method": "palora"}  # the comparison's run: the reference
