@@ -8,9 +8,9 @@ epoch on --recall-sample of them), or after --epochs; a run that misses the targ
 checked epoch and says so. The defaults (docs/facts-at-scale.md): palora_act (the probe's output
 side, the skill's input directions), known facts of the injected relations mixed in and their input
 directions protected, the expert's training data replayed at 0.5 per fact (without it 300 facts kept
-0.75 of the skill), batch 16, lr 3e-3 on a cosine schedule, target 0.95; in a stream (--after), every earlier round's
-facts' input directions protected too (--act-earlier). The
-baselines and what each protects: adapters.RECORDS, palora.METHODS; imsm (a frozen and a LoRA stream
+0.75 of the skill), batch 16, lr 3e-3 on a cosine schedule, target 0.95; in a stream (--after),
+every earlier round's facts' input directions protected too (--act-earlier). The baselines and what
+each protects: adapters.RECORDS, palora.METHODS; imsm (a frozen and a LoRA stream
 mixed by a gate) and smf (memory layers, sparse slot updates) are the other answers to the same
 problem, trained on the same facts, replay and stopping rule.
 
