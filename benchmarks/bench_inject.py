@@ -7,7 +7,8 @@ CPU seconds, fact-epochs per CPU-minute (facts trained once, per minute of one c
 the steps ran (every row's tokens; the system turn every row opens with counted once per batch,
 as training.answer_loss runs it), and the share of the machine's arithmetic ceiling those tokens
 used: 2 flops per projection weight for the forward and 2 for the backward to the inputs (frozen
-weights need no weight gradient), at the flop/s of one 2048^3 float32 product.
+weights need no weight gradient), the output head's at the answer positions only, at the flop/s
+of one 2048^3 float32 product (measured in the same run: on shared cores both fall together).
 
 Run:  python benchmarks/bench_inject.py --svf runs/svf-smollm2_135m-reasoning/svf.safetensors
 """
@@ -52,6 +53,7 @@ def counting(counter: list):
         keep = labels.roll(-1, dims=1) != tasks.IGNORE_INDEX
         n = training.shared_columns(tokens, mask, keep)
         counter[0] += int(mask.sum()) - (tokens.shape[0] - 1) * n
+        counter[1] += int(keep.sum())  # the positions the output head runs at
         return loss_fn(model, tokens, labels, mask, *args, **kwargs)
 
     return counted
@@ -82,7 +84,8 @@ def main():
         flush=True,
     )
     model, tokenizer = model_lib.load(REPO / "checkpoints" / "smollm2_135m")
-    weights = sum(w.numel() for w in bench_model.linear_weights(model))
+    head = model.lm_head.weight.numel()  # run at the answer positions only (answer_loss's keep)
+    body = sum(w.numel() for w in bench_model.linear_weights(model)) - head
     _, flop_s = bench_model.arithmetic_ceiling(model, 5)
     print(f"arithmetic ceiling: {flop_s / 1e9:.0f} GFLOP/s (one 2048^3 float32 product)")
     rows = []
@@ -91,11 +94,11 @@ def main():
         facts = Path(tmp) / "facts.jsonl"
         facts.write_text("".join(lines[: args.facts]))
         for i, (name, overrides) in enumerate(LEVERS.items()):
-            counter = [0]
+            counter = [0, 0]
             adapters.answer_loss = counting(counter)
             s = run(args.svf, str(facts), overrides, Path(tmp) / f"run{i}")
-            tokens = counter[0]
-            share = 4 * weights * tokens / s["wall_s"] / flop_s
+            tokens, answers = counter
+            share = 4 * (body * tokens + head * answers) / s["wall_s"] / flop_s
             rate = args.facts / (s["cpu_s"] / 60)
             rows.append((name, s["wall_s"], s["cpu_s"], rate, tokens, share))
             print(json.dumps(rows[-1]), flush=True)
