@@ -602,3 +602,27 @@ def test_stream_replays_and_protects_the_earlier_rounds(setup, tmp_path, monkeyp
             eye = torch.eye(V.shape[1], dtype=V.dtype)
             assert torch.allclose(V.T @ V, eye, atol=1e-5)
     assert [b - a for a, b in zip(widths[0], widths[2])] == [2 * 2] * len(widths[0])
+
+
+def test_a_broken_stream_chain_is_one_line(tmp_path):
+    """earlier_rounds follows config.json's after/facts: a round whose facts file is gone, or a
+    chain that loops back on itself, is named in one ConfigError, not followed forever."""
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"question": "Q?", "answer": "A"}\n')
+    for name, after, path in (("r1", "", facts), ("r2", "r1", facts)):
+        (tmp_path / name).mkdir()
+        config = {"facts": str(path), "after": str(tmp_path / after) if after else ""}
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert [len(r) for r in inject.earlier_rounds(str(tmp_path / "r2"))] == [1, 1]
+    (tmp_path / "r1" / "config.json").write_text(
+        json.dumps({"facts": str(facts), "after": str(tmp_path / "r2")})
+    )
+    with pytest.raises(cli.ConfigError, match="the stream's chain loops back to"):
+        inject.earlier_rounds(str(tmp_path / "r2"))
+    (tmp_path / "r1" / "config.json").write_text(
+        json.dumps({"facts": str(tmp_path / "gone.jsonl"), "after": ""})
+    )
+    with pytest.raises(
+        cli.ConfigError, match=r"r1/config.json: the round's facts .*gone.jsonl are gone"
+    ):
+        inject.earlier_rounds(str(tmp_path / "r2"))
