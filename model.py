@@ -499,6 +499,24 @@ def shared_prefix(prompts, model, total: int) -> int:
     return n
 
 
+def prompt_batch(core, prompts, shared: int, S: int, device):
+    """(tokens (B, P), mask (B, S) or None, KV cache of S slots): each prompt's first `shared`
+    tokens, then pads, then its rest, so that every row's last prompt token is in column P - 1; the
+    shared columns computed once, in one row, into every row's cache. mask: 1 where a slot holds a
+    real token; None when no row is padded."""
+    P = max(map(len, prompts))
+    pads = [P - len(p) for p in prompts]
+    rows = [[*p[:shared], *[0] * pad, *p[shared:]] for pad, p in zip(pads, prompts)]
+    tokens = torch.tensor(rows, device=device)  # (B, P)
+    mask = None
+    if any(pads):
+        slot = torch.arange(S, device=device)  # (S,)
+        first = torch.tensor(pads, device=device)[:, None] + shared  # (B, 1): rest's first slot
+        mask = ((slot < shared) | (slot >= first)).long()
+    prefix = core.prefix_cache(tokens[:1, :shared]) if shared else None
+    return tokens, mask, core.new_cache(len(prompts), S, prefix)
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -533,18 +551,7 @@ def generate(
     P = max(map(len, prompts))
     S = P + max_new_tokens
     shared = shared_prefix(prompts, model, S)
-    pads = [P - len(p) for p in prompts]
-    rows = [[*p[:shared], *[0] * pad, *p[shared:]] for pad, p in zip(pads, prompts)]
-    tokens = torch.tensor(rows, device=device)  # (B, P)
-    mask = None  # (B, S): 1 = the slot holds a real token; None = no padding anywhere
-    if any(pads):
-        slot = torch.arange(S, device=device)  # (S,)
-        first = torch.tensor(pads, device=device)[:, None] + shared  # (B, 1): rest's first slot
-        mask = ((slot < shared) | (slot >= first)).long()
-    if shared:  # computed once, in one row
-        cache = core.new_cache(B, S, core.prefix_cache(tokens[:1, :shared]))
-    else:
-        cache = core.new_cache(B, S)
+    tokens, mask, cache = prompt_batch(core, prompts, shared, S, device)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)  # (b,): the row of `out` each running row fills
