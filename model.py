@@ -513,8 +513,9 @@ def prompt_batch(core, prompts, shared: int, S: int, device):
         slot = torch.arange(S, device=device)  # (S,)
         first = torch.tensor(pads, device=device)[:, None] + shared  # (B, 1): rest's first slot
         mask = ((slot < shared) | (slot >= first)).long()
-    prefix = core.prefix_cache(tokens[:1, :shared]) if shared else None
-    return tokens, mask, core.new_cache(len(prompts), S, prefix)
+    if not shared:  # a model that shares no prefix (imsm's Siamese) takes no prefix argument
+        return tokens, mask, core.new_cache(len(prompts), S)
+    return tokens, mask, core.new_cache(len(prompts), S, core.prefix_cache(tokens[:1, :shared]))
 
 
 @torch.inference_mode()

@@ -315,7 +315,9 @@ alone = model_lib.generate(model, prompts, 6, eos)
 training.wrap(model, "fsdp")
 sharded = model_lib.generate(model, prompts, 6, eos)
 lengths = [len(row) for row in alone]
-print("RANK", json.dumps({{"rank": training.rank(), "same": sharded == alone, "lengths": lengths}}))
+result = {{"rank": training.rank(), "same": sharded == alone, "lengths": lengths}}
+with open({out!r} + f"/rank{{training.rank()}}.json", "w") as f:  # a file each: no shared pipe
+    json.dump(result, f)
 training.teardown()
 """
 
@@ -325,10 +327,14 @@ def test_fsdp_generate_stops_on_every_rank_together(tiny_ckpt, tmp_path):
     all-gathers the weights, so rank 0 steps on (its tokens after the eos cut) until rank 1 is
     done, instead of leaving it waiting; each rank's answers equal its unsharded model's."""
     script = tmp_path / "generate.py"
-    script.write_text(GENERATE_DRIVER.format(repo=str(REPO), ckpt=str(tiny_ckpt)))
-    done = torchrun(script, [])
-    lines = [x.split(maxsplit=1)[1] for x in done.stdout.splitlines() if x.startswith("RANK")]
-    ranks = {r["rank"]: r for r in map(json.loads, lines)}
+    script.write_text(
+        GENERATE_DRIVER.format(repo=str(REPO), ckpt=str(tiny_ckpt), out=str(tmp_path))
+    )
+    torchrun(script, [])
+    # each rank writes and closes its own file before teardown: a line printed to torchrun's pipe
+    # is buffered (lost when a rank aborts at exit) and shares the pipe with the other rank's
+    # (2 runs in 21 lost a rank's line)
+    ranks = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
     assert ranks[0]["same"] and ranks[1]["same"]
     assert ranks[0]["lengths"] == [0, 0] and max(ranks[1]["lengths"]) >= 2
 
