@@ -502,7 +502,7 @@ def main(argv=None):
     parser.add_argument(
         "--split-only",
         action="store_true",
-        help="no model: rewrite known_protect.jsonl and known_confirm.jsonl beside --out",
+        help="no model: rewrite known_protect, known_confirm and known_keep.jsonl beside --out",
     )
     args = parser.parse_args(argv)
     out = Path(args.out)
