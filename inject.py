@@ -69,6 +69,7 @@ from training import (
     batch_indices,
     check_context,
     check_finite,
+    check_rank,
     full,
     is_main,
     load_state,
@@ -157,7 +158,9 @@ class Config:
         ("imsm: the gate's Adam lr, stated (the reference code's gate silently gets 1e-3)"),
         gt=0,
     )
-    smf_slots: int = option(4096, "smf: memory slots per layer, a square n² (product keys)", ge=4)
+    smf_slots: int = option(
+        4096, "smf: memory slots per layer, a square n² (product keys)", ge=4, le=2048**2
+    )
     smf_topk: int = option(16, "smf: slots each token reads, <= n", ge=1)
     smf_top_t: int = option(64, "smf: value rows updated per layer and step (top-T by score)", ge=1)
     smf_score: str = field(
@@ -198,7 +201,9 @@ class Config:
             "data, from its metadata; 'none': no replay"
         ),
     )
-    mix_ratio: float = option(0.5, "mixed-in examples per fact, from each --mix-* file", ge=0)
+    mix_ratio: float = option(
+        0.5, "mixed-in examples per fact, from each --mix-* file", ge=0, le=16
+    )
     skill_data: str = option(
         "",
         (
@@ -214,7 +219,9 @@ class Config:
             "--mix-known's file; '': none)"
         ),
     )
-    act_examples: int = option(64, "palora_act: examples run to estimate each covariance", ge=1)
+    act_examples: int = option(
+        64, "palora_act: examples run to estimate each covariance", ge=1, le=65536
+    )
     fact_tokens: int = option(16, "answer length when checking recall", ge=1, le=256)
     recall_sample: int = option(
         256, "check recall on a seeded sample of this many trained facts (0: all)", ge=0
@@ -600,6 +607,7 @@ def resolve(cfg: Config) -> Plan:
         )
     meta = adapters.read_tensors(svf_paths[0], identity)[1]  # another checkpoint's is refused
     targets = parse_targets(cfg.targets or meta["targets"])
+    check_rank(folder, cfg.rank, targets)  # A and B are sized by it: refused before allocation
     resolved = resolved_config(cfg, out, svf_paths, targets, meta.get("data"))
     if cfg.mix_skill == "expert":  # replay the skill the expert was trained on
         data["skill"] = skill_examples(resolved.mix_skill)

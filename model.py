@@ -166,14 +166,12 @@ class ModelArgs:
         return cls(**values, rope_theta=theta, rope_scaling=scaling or None)
 
 
-def weight_shapes(args: ModelArgs):
-    """(name, shape) of every tensor the checkpoint stores, in state_dict order, as a generator:
-    a config.json with a million layers is compared with the files before anything is built."""
-    D, F, V = args.hidden_size, args.intermediate_size, args.vocab_size
+def layer_shapes(args: ModelArgs) -> dict:
+    """Module name within a block -> the shape of its weight, as every block stores it."""
+    D, F = args.hidden_size, args.intermediate_size
     q = args.num_attention_heads * args.head_dim
     kv = args.num_key_value_heads * args.head_dim
-    yield "model.embed_tokens.weight", (V, D)
-    per_layer = {
+    return {
         "input_layernorm": (D,),
         "self_attn.q_proj": (q, D),
         "self_attn.k_proj": (kv, D),
@@ -184,6 +182,14 @@ def weight_shapes(args: ModelArgs):
         "mlp.up_proj": (F, D),
         "mlp.down_proj": (D, F),
     }
+
+
+def weight_shapes(args: ModelArgs):
+    """(name, shape) of every tensor the checkpoint stores, in state_dict order, as a generator:
+    a config.json with a million layers is compared with the files before anything is built."""
+    D, V = args.hidden_size, args.vocab_size
+    yield "model.embed_tokens.weight", (V, D)
+    per_layer = layer_shapes(args)
     for i in range(args.num_hidden_layers):
         for name, shape in per_layer.items():
             yield f"model.layers.{i}.{name}.weight", shape

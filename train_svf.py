@@ -76,6 +76,7 @@ from training import (
 )
 
 REPO = Path(__file__).resolve().parent
+MAX_SAMPLED = 65536  # rl: answers sampled per step, the rows of one batch (inject.py's batch bound)
 
 
 @dataclass
@@ -127,6 +128,12 @@ def check_config(cfg: Config) -> tuple[str, ...]:
         # the baseline is the mean shaped reward of the batch: one sample minus itself is 0
         raise cli.ConfigError(
             "--objective rl: the mean baseline needs --batch-size x --rl-samples >= 2"
+        )
+    sampled = cfg.batch_size * cfg.rl_samples
+    if cfg.objective == "rl" and sampled > MAX_SAMPLED:  # each a row of one generate() call
+        raise cli.ConfigError(
+            f"--rl-samples: --batch-size x --rl-samples answers sampled per step must be <= "
+            f"{MAX_SAMPLED}, got {sampled}"
         )
     for path in (cfg.data, cfg.eval_data):
         tasks.check_file(path)

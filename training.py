@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 import tasks
 from checkpoints import read_json
 from cli import ConfigError
-from model import ModelArgs, is_fsdp
+from model import ModelArgs, is_fsdp, layer_shapes
 from tasks import IGNORE_INDEX, DataError, atomic_save_file, atomic_write_json, atomic_write_text
 
 # -----------------------------------------------------------------------------
@@ -71,15 +71,36 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def checkpoint_args(folder: Path) -> ModelArgs:
+    """The checkpoint's sizes from its config.json alone: what a flag is checked against before
+    the weights load."""
+    path = Path(folder) / "config.json"
+    return ModelArgs.from_hf_config(read_json(path), source=path)
+
+
 def check_context(folder: Path, tokens: dict):
     """--flag -> a token count: each must fit the checkpoint's context (its config.json, read
     before the model loads), so that `--max-new-tokens 100000` is refused, never allocated as a
     KV cache of that length per row."""
-    path = Path(folder) / "config.json"
-    context = ModelArgs.from_hf_config(read_json(path), source=path).max_position_embeddings
+    context = checkpoint_args(folder).max_position_embeddings
     for flag, n in tokens.items():
         if n > context:
             raise ConfigError(f"{flag}: {n} tokens do not fit the model's context ({context})")
+
+
+def check_rank(folder: Path, rank: int, targets: tuple):
+    """--rank at most min(out, in) of every target weight (config.json's sizes, before the weights
+    load): factors wider than their matrix add memory (A is r x in, B out x r), never a direction.
+    An unknown target name is left to palora.find_targets."""
+    per_layer = layer_shapes(checkpoint_args(folder))
+    shapes = {name.rpartition(".")[2]: shape for name, shape in per_layer.items()}
+    for t in targets:
+        shape = shapes.get(t, ())
+        if len(shape) == 2 and rank > min(shape):
+            out, in_ = shape
+            raise ConfigError(
+                f"--rank: {rank} is above the rank of {t} ({out} x {in_}): at most {min(shape)}"
+            )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -252,6 +252,18 @@ CONTEXT = 128  # tests/tiny.py's max_position_embeddings
         (evaluate, ["--max-new-tokens", "1000000000000"], "--max-new-tokens: must be <="),
         (evaluate, ["--max-new-tokens", "129"], "--max-new-tokens: 129 tokens do not fit"),
         (evaluate, ["--fact-tokens", "129"], "--fact-tokens: 129 tokens do not fit"),
+        # sizes that allocate: A (r x 96) and B (64 x r) per down_proj; the mixed-in and covariance
+        # examples as whole passes over their pools; smf's values (slots x D) per memory layer;
+        # rl's sampled answers, one generate() row each
+        (inject, ["--rank", "100000"], "--rank: 100000 is above the rank of down_proj (64 x 96)"),
+        (inject, ["--act-examples", "2147483647"], "--act-examples: must be <= 65536"),
+        (inject, ["--mix-ratio", "1e12"], "--mix-ratio: must be <= 16"),
+        (inject, ["--method", "smf", "--smf-slots", "2147395600"], "--smf-slots: must be <="),
+        (
+            train_svf,
+            ["--objective", "rl", "--rl-samples", "100000"],
+            "--rl-samples: --batch-size x --rl-samples answers sampled per step must be <= 65536",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_before_the_model_loads(

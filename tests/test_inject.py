@@ -25,6 +25,7 @@ import smf
 import tasks
 import tiny
 import train_svf
+import training
 from runs import FACTS, SKILL, config, identity, make_expert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -474,9 +475,15 @@ def test_expert_problems_fail_before_the_model_loads(setup, tmp_path, monkeypatc
         assert not (tmp_path / "out").exists()
 
 
-def test_pissa_rank_above_the_matrix_rank_is_refused(setup, tmp_path):
-    with pytest.raises(palora.PaloraError, match="above the matrix rank"):
-        inject.main(config(setup, tmp_path, method="pissa", rank=65))
+def test_rank_above_the_matrix_rank_is_refused_before_the_model_loads(setup, tmp_path, monkeypatch):
+    """The tiny down_proj is 64 x 96: rank 64 is its most, 65 is refused from config.json alone
+    (pissa's init would refuse it too, but only once the model is loaded)."""
+    monkeypatch.setattr(inject.model_lib, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    message = r"--rank: 65 is above the rank of down_proj \(64 x 96\): at most 64"
+    with pytest.raises(cli.ConfigError, match=message):
+        inject.main(config(setup, tmp_path / "out", method="pissa", rank=65))
+    assert not (tmp_path / "out").exists()
+    training.check_rank(setup.ckpt, 64, palora.MLP_TARGETS)  # the largest rank passes
 
 
 # -----------------------------------------------------------------------------
