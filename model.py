@@ -648,7 +648,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -666,10 +666,12 @@ def parse_args(argv=None):
         parser.error(f"--temperature: must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:  # NaN fails too
         parser.error(f"--top-p: must be in (0, 1], got {args.top_p}")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device: not a torch device: {args.device!r}")
+    from training import resolve_device  # here, not above: training imports this module
+
+    try:  # a GPU this machine lacks is refused here, not by CUDA's traceback at load
+        args.device = str(resolve_device(args.device))
+    except cli.ConfigError as e:
+        parser.error(str(e))
     return args
 
 

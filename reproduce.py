@@ -45,7 +45,7 @@ import evaluate
 import inject
 import tasks
 import train_svf
-from training import parse_targets, refuse_inputs
+from training import check_context, parse_targets, refuse_inputs, resolve_device
 
 REPO = Path(__file__).resolve().parent
 NAN = float("nan")
@@ -260,6 +260,8 @@ def main(cfg: Config) -> dict:
     check_config(cfg)
     folder = Path(cfg.out)
     ckpt = checkpoints.resolve(cfg.ckpt)
+    resolve_device(cfg.device)  # refused now, not when the first run starts
+    check_context(ckpt, {"--max-new-tokens": cfg.max_new_tokens})  # not after hours of training
     # its facts.jsonl and stream/ files are written in --out: never over a file this run reads
     reads = [ckpt, cfg.svf, cfg.facts, cfg.mix_known, cfg.reasoning, cfg.reasoning_ood, cfg.known]
     refuse_inputs(folder, reads)

@@ -286,6 +286,25 @@ def test_bad_flags_are_one_line_before_the_model_loads(
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, where",
+    [
+        (["--max-new-tokens", "129"], "--max-new-tokens: 129 tokens do not fit"),
+        (["--device", "tpu"], "--device tpu: not a device"),
+    ],
+)
+def test_reproduce_refuses_bad_flags_before_any_run(
+    setup, tmp_path, capsys, monkeypatch, argv, where
+):
+    """Checked before the first training run, not by evaluate.py hours later; nothing written."""
+    monkeypatch.setattr(inject.model_lib, "load", None)  # a call would be a TypeError: too late
+    out = tmp_path / "out"
+    base = ["--ckpt", str(setup.ckpt), "--svf", str(setup.svf), "--facts", str(setup.facts)]
+    err = run(reproduce, base + ["--out", str(out), "--seeds", "0", *argv], capsys)
+    assert where in err
+    assert not out.exists()
+
+
 def test_model_py_refuses_a_seed_no_generator_takes(capsys):
     with pytest.raises(SystemExit) as exit_:
         model_lib.parse_args(["hi", "--seed", str(2**70)])

@@ -604,6 +604,8 @@ def test_generate_goes_through_the_root_module(folders):
         ["--max-new-tokens", "-1"],
         ["--max-new", "5"],
         ["--device", "gpu9"],
+        ["--device", "cuda:7"],  # parses as a torch device; this machine has no such GPU
+        ["--device", "meta"],
     ],
     ids=[
         "temperature_negative",
@@ -615,6 +617,8 @@ def test_generate_goes_through_the_root_module(folders):
         "max_new_tokens_negative",
         "abbreviated",
         "device",
+        "device_absent",
+        "device_meta",
     ],
 )
 def test_command_line_refuses_bad_flags(folders, capsys, flags):
