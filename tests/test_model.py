@@ -8,6 +8,7 @@ the file. CPU only, no downloads, a few seconds.
 """
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,50 @@ def test_legacy_rope_keys_read_like_rope_parameters(folders):
         json.loads((folders["llama"] / "config.json").read_text())
     )
     assert M.ModelArgs.from_hf_config(legacy).rope_scaling["factor"] == 8.0
+
+
+def llama3_bands(config: dict) -> list[str]:
+    """Each rotary pair's band under llama3 scaling, by hand from its wavelength 2π/θ_i against
+    the original context (Llama 3 paper, sec. 3.3), not by model.py's smooth factor."""
+    rope = config["rope_parameters"]
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    original = rope["original_max_position_embeddings"]
+    bands = []
+    for i in range(head_dim // 2):
+        wavelength = 2 * math.pi * rope["rope_theta"] ** (2 * i / head_dim)
+        if wavelength < original / rope["high_freq_factor"]:
+            bands.append("kept")
+        elif wavelength > original / rope["low_freq_factor"]:
+            bands.append("divided")
+        else:
+            bands.append("interpolated")
+    return bands
+
+
+def test_llama3_rope_keeps_divides_and_interpolates_the_tiny_bands(folders):
+    """All three bands occur in the tiny Llama (tests/tiny.py), and model.py gives each its θ:
+    pair 0 as it is, pairs 2-7 divided by factor, pair 1 between the two with the smooth factor
+    s = (original / wavelength - low) / (high - low), here (64 / 32.4 - 1) / 3 = 0.325."""
+    config = json.loads((folders["llama"] / "config.json").read_text())
+    assert llama3_bands(config) == ["kept", "interpolated"] + ["divided"] * 6
+    args = M.ModelArgs.from_hf_config(config)
+    plain = 1.0 / 5e5 ** (torch.arange(0, 16, 2).double() / 16)  # θ_i, unscaled
+    theta = M.rope_frequencies(args, "cpu").double()
+    s = (64 * plain[1] / (2 * math.pi) - 1.0) / (4.0 - 1.0)
+    assert 0 < s < 1
+    torch.testing.assert_close(theta[0], plain[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(theta[1], (1 - s) * plain[1] / 8 + s * plain[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(theta[2:], plain[2:] / 8, rtol=1e-6, atol=0)
+
+
+def test_llama3_frequencies_match_transformers(folders):
+    """θ per pair as transformers computes it for the same config.json (every band)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig.from_pretrained(folders["llama"]), "cpu")
+    config = json.loads((folders["llama"] / "config.json").read_text())
+    ours = M.rope_frequencies(M.ModelArgs.from_hf_config(config), "cpu")
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
 
 
 # -----------------------------------------------------------------------------

@@ -91,8 +91,10 @@ def _save(model, path, max_shard_size) -> Path:
 
 def make_tiny_llama(path, tie=False, seed=0, max_shard_size="100KB") -> Path:
     """Llama 3.1-style: GQA (4 heads, 2 KV heads), rope_scaling llama3 with a short original context
-    (16) so that
-    all three frequency bands (kept, interpolated, divided by factor) occur for head_dim 16."""
+    (64), so that all three frequency bands occur for head_dim 16 and rope_theta 5e5: the
+    wavelength 2π/θ_i of pair 0 (6.3) is under 64/high_freq_factor = 16 (kept), pair 1's (32) lies
+    between 16 and 64/low_freq_factor = 64 (interpolated), pairs 2-7 (167 and up) are over 64
+    (divided by factor). test_model.py checks it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -105,7 +107,7 @@ def make_tiny_llama(path, tie=False, seed=0, max_shard_size="100KB") -> Path:
             factor=8.0,
             low_freq_factor=1.0,
             high_freq_factor=4.0,
-            original_max_position_embeddings=16,
+            original_max_position_embeddings=64,
         ),
     )
     return _save(LlamaForCausalLM(config).eval(), path, max_shard_size)
