@@ -8,7 +8,8 @@ one line.
 An expected error is bad input: a data file, a checkpoint, a setting, a run folder. Its exception
 class says so with `expected = True` (tasks.DataError, checkpoints.CheckpointError,
 palora.PaloraError, ConfigError), so that palora.py needs no import from here; FileNotFoundError
-counts too. Anything else is a bug and keeps its traceback.
+counts too, and so does any OSError naming a path (`error: <path>: <reason>`: permission denied,
+a folder where a file goes). Anything else is a bug and keeps its traceback.
 """
 
 import argparse
@@ -116,12 +117,23 @@ def one_line(e: BaseException) -> str:
     return lines[0] + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
+def os_refusal(e: BaseException) -> str | None:
+    """`<path>: <reason>` when the system refused a path the user named (permission denied, a
+    folder where a file goes, a file where a folder goes, a name too long), else None."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename2 or e.filename}: {e.strerror}"  # a rename: its target
+    return None
+
+
 def run(main, *args):
-    """main(*args); an expected error becomes `error: <message>` on stderr and exit status 2."""
+    """main(*args); an expected error, or the system's refusal of a path, becomes
+    `error: <message>` on stderr and exit status 2."""
     try:
         return main(*args)
     except Exception as e:
-        if not (getattr(e, "expected", False) or isinstance(e, FileNotFoundError)):
+        message = os_refusal(e)
+        expected = getattr(e, "expected", False) or isinstance(e, FileNotFoundError)
+        if message is None and not expected:
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {message or one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -4,6 +4,8 @@ setup; each case names the file, line or flag the user must fix."""
 
 import dataclasses
 import json
+import os
+import re
 
 import pytest
 
@@ -329,5 +331,45 @@ def test_unexpected_errors_keep_their_traceback():
     def bug(_):
         raise KeyError("a bug")
 
+    def nameless(_):
+        raise OSError("no path named")
+
     with pytest.raises(KeyError):
         cli.run(bug, None)
+    with pytest.raises(OSError, match="no path named"):
+        cli.run(nameless, None)
+
+
+def test_the_systems_refusal_of_a_path_is_one_line(tmp_path, capsys):
+    """A folder where a file goes, a file where a folder goes, a rename onto a folder, permission
+    denied (made by hand: the tests may run as root, whom no mode refuses): `error: <path>:
+    <reason>`, exit 2, the path the user named."""
+    afile, adir = tmp_path / "afile", tmp_path / "adir"
+    afile.write_text("mine")
+    adir.mkdir()
+    denied = PermissionError(13, "Permission denied", str(tmp_path / "locked"))
+    cases = [
+        (lambda: open(adir, "rb"), f"{adir}: Is a directory"),
+        (lambda: (afile / "cache").mkdir(), f"{afile / 'cache'}: Not a directory"),
+        (lambda: os.replace(afile, adir), f"{adir}: Is a directory"),
+        (lambda: (_ for _ in ()).throw(denied), f"{tmp_path / 'locked'}: Permission denied"),
+    ]
+    for fail, line in cases:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run(lambda f: f(), fail)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == f"error: {line}\n"
+
+
+def test_a_file_where_the_svd_cache_folder_goes_is_one_line(setup, tmp_path, capsys):
+    """Found once the SVDs are computed (the model loaded: the SVD bar is on stderr before it)."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    argv = common(setup, tmp_path) + ["--facts", str(setup.facts), "--svf", str(setup.svf)]
+    argv += ["--mix-skill", "none", "--method", "lora", "--svd-cache", str(afile)]
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(inject.main, cli.parse_config(inject.Config, argv))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert re.search(rf"\berror: {re.escape(str(afile))}/\w+: Not a directory\n$", err), err
+    assert afile.read_text() == "mine"
