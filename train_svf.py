@@ -12,6 +12,7 @@ Run:
     python train_svf.py --resume                       # continue the run in --out
     python train_svf.py --overwrite                    # start the run in --out again
     python train_svf.py --objective rl                 # REINFORCE + KL penalty, as Transformer²
+    python train_svf.py --mix-known data/known/known_keep.jsonl  # known facts trained beside
     torchrun --standalone --nproc_per_node 8 train_svf.py --ckpt llama31_8b   # DDP, 8 GPUs
     torchrun --standalone --nproc_per_node 8 train_svf.py --ckpt llama31_8b --parallel fsdp
 
@@ -116,6 +117,14 @@ class Config:
     eval_limit: int = option(0, "score only the first N held-out items (0: all)", ge=0)
     save_every: int = option(25, "steps between resumable checkpoints", ge=1)
     max_len: int = option(512, "longest prompt + answer in tokens; longer items are skipped", ge=2)
+    mix_known: str = option(
+        "",
+        "JSONL of known facts (question/answer) trained beside the skill, so that the expert keeps "
+        "them ('': none; e.g. data/known/known_keep.jsonl)",
+    )
+    known_batch: int = option(
+        4, "with --mix-known: known facts per step (their mean loss is added)", ge=1, le=4096
+    )
     max_new_tokens: int = option(64, "answer length limit when scoring (answers take ~27)", ge=1)
     eval_batch_size: int = option(64, "questions answered at once when scoring", ge=1)
     svd_cache: str = option(adapters.SVD_CACHE, "folder of cached SVD factors")
@@ -135,8 +144,11 @@ def check_config(cfg: Config) -> tuple[str, ...]:
             f"--rl-samples: --batch-size x --rl-samples answers sampled per step must be <= "
             f"{MAX_SAMPLED}, got {sampled}"
         )
-    for path in (cfg.data, cfg.eval_data):
-        tasks.check_file(path)
+    if cfg.mix_known and cfg.objective == "rl":
+        raise cli.ConfigError("--mix-known trains with --objective sft only")
+    for path in (cfg.data, cfg.eval_data, cfg.mix_known):
+        if path:
+            tasks.check_file(path)
     return parse_targets(cfg.targets)
 
 
@@ -149,32 +161,35 @@ def default_out(cfg: Config) -> Path:
 # data: read and validate everything before the first step
 
 
-def read_data(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """(training records, held-out records), both checked; needs no model, so it runs first."""
+def read_data(cfg: Config) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training records, held-out records, known facts mixed in), all checked; needs no model, so
+    it runs first."""
     train = tasks.read_jsonl(cfg.data)
     tasks.check_reasoning(train, cfg.data)
     held_out = tasks.read_jsonl(cfg.eval_data)
     tasks.check_reasoning(held_out, cfg.eval_data)
     if cfg.eval_limit:
         held_out = held_out[: cfg.eval_limit]
-    return train, held_out
+    known = tasks.read_jsonl(cfg.mix_known) if cfg.mix_known else []
+    tasks.check_facts(known, cfg.mix_known)
+    return train, held_out, known
 
 
-def encode_examples(train: list[dict], tokenizer, cfg: Config):
+def encode_examples(records: list[dict], tokenizer, max_len: int, path: str):
     """(kept records, their encoded (ids, labels)): parallel lists, so the batch indices of either
     objective name the same item in both. Items longer than --max-len are skipped and counted."""
     kept, examples = [], []
-    for r in train:
-        ids, labels = tasks.encode_example(tokenizer, r["question"], r["answer"], cfg.max_len)
+    for r in records:
+        ids, labels = tasks.encode_example(tokenizer, r["question"], r["answer"], max_len)
         if ids is not None:
             kept.append(r)
             examples.append((ids, labels))
-    skipped = len(train) - len(kept)
+    skipped = len(records) - len(kept)
     if skipped:
-        why = f"items longer than --max-len {cfg.max_len}"
-        print(f"{cfg.data}: skipped {skipped} of {len(train)} {why}", file=sys.stderr)
-    if not examples:
-        raise tasks.DataError(f"{cfg.data}: no item fits in --max-len {cfg.max_len}")
+        why = f"items longer than --max-len {max_len}"
+        print(f"{path}: skipped {skipped} of {len(records)} {why}", file=sys.stderr)
+    if records and not examples:
+        raise tasks.DataError(f"{path}: no item fits in --max-len {max_len}")
     return kept, examples
 
 
@@ -272,21 +287,29 @@ def rl_loss(model, tokenizer, batch: list[dict], z: dict, cfg: Config, generator
 
 def batch_loss(model, tokenizer, z: dict, data: tuple, cfg: Config, step: int) -> tuple:
     """(the objective on this rank's slice of the global batch at `step` (all of it without
-    torchrun), its answer tokens). data: (records, their encoded examples)."""
-    records, examples = data
+    torchrun), its answer tokens). data: (records, their encoded examples, known facts' encoded
+    examples). With known facts, sft adds their mean answer-token loss to the skill's, so that a
+    short answer weighs as much as a long worked solution."""
+    records, examples, known = data
     device = next(iter(z.values())).device
     idx = shard(batch_indices(len(examples), cfg.batch_size, step, cfg.seed))
-    if cfg.objective == "sft":
-        batch = [examples[i] for i in idx]
-        return sft_loss(model, batch, tokenizer.pad_id, device)
-    generator = step_generator(cfg.seed, step, device, rank())
-    return rl_loss(model, tokenizer, [records[i] for i in idx], z, cfg, generator)
+    if cfg.objective == "rl":
+        generator = step_generator(cfg.seed, step, device, rank())
+        return rl_loss(model, tokenizer, [records[i] for i in idx], z, cfg, generator)
+    loss, n_tokens = sft_loss(model, [examples[i] for i in idx], tokenizer.pad_id, device)
+    if known:
+        idx = shard(batch_indices(len(known), cfg.known_batch, step, cfg.seed + 1))
+        batch = [known[i] for i in idx]
+        known_loss, known_tokens = sft_loss(model, batch, tokenizer.pad_id, device)
+        loss, n_tokens = loss + known_loss, n_tokens + known_tokens
+    return loss, n_tokens
 
 
 def train(model, tokenizer, z: dict, data: tuple, cfg: Config, out: Path) -> tuple[dict, dict]:
     """Steps from the resume point (0, or the state's) to cfg.steps.
-    data: (records, their encoded examples, held-out records). -> (last metrics row, stats)."""
-    records, examples, held_out = data
+    data: (records, their encoded examples, known facts' examples, held-out records).
+    -> (last metrics row, stats)."""
+    records, examples, known, held_out = data
     device = next(iter(z.values())).device
     dtype = resolve_dtype(cfg.dtype, device)
     optimizer = torch.optim.Adam(list(z.values()), lr=cfg.lr)
@@ -312,7 +335,7 @@ def train(model, tokenizer, z: dict, data: tuple, cfg: Config, out: Path) -> tup
     for step in bar:
         t = time.time()
         with autocast(device, dtype):
-            loss, n_tokens = batch_loss(model, tokenizer, z, (records, examples), cfg, step)
+            loss, n_tokens = batch_loss(model, tokenizer, z, (records, examples, known), cfg, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -346,21 +369,25 @@ def train(model, tokenizer, z: dict, data: tuple, cfg: Config, out: Path) -> tup
 
 def main(cfg: Config):
     targets = check_config(cfg)
-    train_records, held_out = read_data(cfg)
+    train_records, held_out, known_records = read_data(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg = dataclasses.replace(cfg, out=str(out))  # the resolved copy is what config.json records
     device = setup_distributed(resolve_device(cfg.device))  # torchrun: one process per rank
+    if cfg.mix_known and cfg.known_batch < world():
+        raise cli.ConfigError(f"--known-batch must be at least the {world()} processes")
     folder = checkpoints.resolve(cfg.ckpt)
     check_context(folder, {"--max-new-tokens": cfg.max_new_tokens})
     if is_main():  # never a folder that holds what this run reads
-        open_run(out, cfg, cfg.resume, cfg.overwrite, inputs=[folder, cfg.data, cfg.eval_data])
+        inputs = [folder, cfg.data, cfg.eval_data, *filter(None, [cfg.mix_known])]
+        open_run(out, cfg, cfg.resume, cfg.overwrite, inputs=inputs)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
 
     identity = checkpoints.identity(folder)
     model, tokenizer = model_lib.load(folder, device=device, dtype=dtype)
     palora.find_targets(model, targets)  # an unknown target name fails here, before the SVD
-    records, examples = encode_examples(train_records, tokenizer, cfg)
+    records, examples = encode_examples(train_records, tokenizer, cfg.max_len, cfg.data)
+    known = encode_examples(known_records, tokenizer, cfg.max_len, cfg.mix_known)[1]
     n_model = sum(p.numel() for p in model.parameters())  # before SVF replaces the target weights
     z = attach_svf(model, identity, targets, cfg.svd_cache, n_model)
     n_trainable = sum(p.numel() for p in z.values())
@@ -369,7 +396,7 @@ def main(cfg: Config):
     trained = wrap(model, cfg.parallel)  # under torchrun DDP or FSDP2, else the model itself
     if cfg.parallel == "fsdp":  # fully_shard replaced the parameters by shards: train those
         z = {n: model.get_submodule(n).z for n in z}
-    last, stats = train(trained, tokenizer, z, (records, examples, held_out), cfg, out)
+    last, stats = train(trained, tokenizer, z, (records, examples, known, held_out), cfg, out)
     final = last.get("held_out") or held_out_accuracy(model, tokenizer, held_out, cfg, "held-out")
     summary = {
         "held_out": final,

@@ -272,6 +272,9 @@ def test_bad_data_fails_before_training(setup, tmp_path, name, lines, message):
         (dict(max_new_tokens=0), "--max-new-tokens: must be >= 1"),
         (dict(seed=-1), "--seed: must be >= 0"),
         (dict(data="missing.jsonl"), "missing.jsonl: no such file"),
+        (dict(mix_known="missing.jsonl"), "missing.jsonl: no such file"),
+        (dict(mix_known="k.jsonl", objective="rl"), "--mix-known trains with --objective sft"),
+        (dict(known_batch=0), "--known-batch: must be >= 1"),
         (dict(resume=True, overwrite=True), "--resume and --overwrite exclude each other"),
     ],
 )
@@ -283,6 +286,52 @@ def test_bad_settings_fail_before_training(setup, tmp_path, monkeypatch, overrid
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train_svf.main(config(setup, tmp_path / "out", **overrides))
     assert not (tmp_path / "out" / "metrics.jsonl").exists() and not loaded
+
+
+def test_known_facts_add_their_own_mean_loss(setup, monkeypatch):
+    """sft with --mix-known: the skill batch's mean loss plus the known batch's (known_batch of
+    them, drawn by their own seed), so that 3-token answers weigh as much as worked solutions."""
+    calls = []
+
+    def fake_sft(model, batch, pad_id, device):
+        calls.append(batch)
+        return torch.tensor(float(sum(b[0] for b in batch))), len(batch)
+
+    monkeypatch.setattr(train_svf, "sft_loss", fake_sft)
+    skill = [(i, None) for i in range(8)]
+    known = [(100 + i, None) for i in range(5)]
+    cfg = config(setup, "unused", batch_size=4, known_batch=2, mix_known="k.jsonl")
+    z = {"w": torch.ones(1)}
+    loss, tokens = train_svf.batch_loss(
+        None, SimpleNamespace(pad_id=0), z, (None, skill, known), cfg, step=3
+    )
+    assert [len(b) for b in calls] == [4, 2] and all(b[0] >= 100 for b in calls[1])
+    assert loss.item() == sum(b[0] for b in calls[0] + calls[1]) and tokens == 6
+    calls.clear()
+    loss, tokens = train_svf.batch_loss(
+        None, SimpleNamespace(pad_id=0), z, (None, skill, []), cfg, step=3
+    )
+    assert len(calls) == 1 and tokens == 4
+
+
+def test_mixed_known_facts_are_learned(setup, tmp_path):
+    """End to end: the known facts' answers get likelier under the expert trained with them mixed
+    in than under one trained without."""
+    known = tmp_path / "known.jsonl"
+    rows = [{"question": f"Where is {c}?", "answer": a} for c, a in zip("ABCD", "wxyz")]
+    known.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    nll = {}
+    for name, mix in (("without", ""), ("with", str(known))):
+        out = tmp_path / name
+        train_svf.main(config(setup, out, steps=12, mix_known=mix, known_batch=4))
+        model, tokenizer = model_lib.load(setup.ckpt, device="cpu", dtype=torch.float32)
+        z = load_file(out / "svf.safetensors")
+        palora.add_svf(model, palora.svds(model, tuple(train_svf.Config().targets.split(","))), z)
+        examples = [tasks.encode_example(tokenizer, r["question"], r["answer"], 512) for r in rows]
+        tokens, labels, mask = tasks.collate(examples, tokenizer.pad_id)
+        with torch.no_grad():
+            nll[name] = training.answer_loss(model, tokens, labels, mask).item()
+    assert nll["with"] < nll["without"] - 0.05, nll
 
 
 def test_numeric_flags_are_checked_by_the_parser(capsys):
