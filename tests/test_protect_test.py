@@ -106,8 +106,8 @@ def test_shield_update_has_size_eps_and_misses_the_protected_bases(built, name):
     "method, name", [("palora", "probe"), ("topk", "topk"), ("random", "random")]
 )
 def test_sides_are_the_bases_the_methods_lora_holds(built, method, name):
-    """inject.py's make_base: same_count(method, S, expert SVDs, seed 0) and palora.METHODS'
-    init; draw 0 of the random set is seed 0's."""
+    """inject.py's make_base: same_count(method, S, expert SVDs, seed) and palora.METHODS'
+    init; draw d of the random set is seed d's."""
     lab = built[-1]
     _assert_same_bases(lab, method, name, palora.same_count)
 
@@ -120,13 +120,13 @@ def test_palora_act_sides_are_the_probe_output_side_and_v_act(built):
 def _assert_same_bases(lab, method, name, protected_of):
     S = lab.sets["probe"][0]
     expert = palora.expert_svds(lab.svds, lab.z)
-    protected = protected_of(method, S, expert, 0)
+    protected = protected_of(method, S, expert, 1)
     g = torch.Generator().manual_seed(0)
     for n, W in lab.expert.items():
         V_act = lab.V_act[n] if lab.V_act else None
         target = palora.Target(W, expert[n], protected[n], V_act)
         layer = palora.METHODS[method](target, 2, 4.0, g)
-        U_S, V_S = pt.sides(n, lab.svds[n], lab.sets, lab.V_act, pt.Case("shield", name, 0.1, 0))
+        U_S, V_S = pt.sides(n, lab.svds[n], lab.sets, lab.V_act, pt.Case("shield", name, 0.1, 1))
         assert torch.equal(U_S, layer.U_S) and torch.equal(V_S, layer.V_S)
 
 
