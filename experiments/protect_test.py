@@ -63,7 +63,7 @@ SPLITS = ("reasoning", "reasoning_ood")
 SHIPPED = inject.Config()  # inject.py's defaults: the probe's rule and score, V_act's settings
 # seconds per item and evaluation (greedy answer + NLL), --limit 8 on a 2-core CPU, one thread at
 # nice 15 beside two other jobs: 1.3 for the expert, up to 3 for a broken model that answers to
-# --max-new-tokens. The plan's estimate, refined once the expert is measured.
+# --max-new-tokens. The plan's estimate; each evaluation's line says what is left at its pace.
 SECONDS_PER_ITEM = 2.0
 
 
@@ -187,7 +187,7 @@ def announce(plan: Plan):
     hours = len(plan.cases) * items * SECONDS_PER_ITEM / 3600
     print(
         f"{len(plan.cases)} model evaluations of {items} items each: about {hours:.1f} h at "
-        f"{SECONDS_PER_ITEM} s per item (measured on a 2-core CPU; refined after the expert's)"
+        f"{SECONDS_PER_ITEM} s per item (measured on a 2-core CPU; a score cached is seconds)"
     )
     if "palora_act" in plan.sets:
         print("revert: not defined for palora_act (V_act is an input basis, not components of z)")
@@ -484,11 +484,11 @@ def interval(d: dict, form: str = "+.3f") -> str:
 
 
 def markdown(table: list) -> str:
-    """set × test, per split: accuracy, its difference from the expert with the item bootstrap's
-    and the draws' 95% intervals, and the difference in gold-answer NLL."""
+    """set × test, per split: accuracy and gold-answer NLL, each one's difference from the
+    expert with the item bootstrap's and (several draws) the draws' 95% intervals."""
     head = "| set | test | draws |"
     for name in ("in-template", "held-out templates"):
-        head += f" {name}: strict | Δ strict [items] [draws] | ΔNLL [items] |"
+        head += f" {name}: strict | Δ strict [items] [draws] | ΔNLL [items] [draws] |"
     lines = [head, "|---" * 9 + "|"]
     for t in table:
         test = f"shield eps {t['eps']:g}" if t["test"] == "shield" else t["test"]
@@ -566,7 +566,16 @@ def overlaps(lab: Lab) -> dict:
     }
 
 
-def run_cases(model, tokenizer, lab: Lab, plan: Plan) -> list:
+def sizes(lab: Lab) -> dict:
+    """Components (directions, for V_act) each set protects over all weights, first draw."""
+    out = {k: sum(len(s) for s in v[0].values()) for k, v in lab.sets.items()}
+    if lab.V_act:
+        out["palora_act"] = sum(V.shape[1] for V in lab.V_act.values())
+    return out
+
+
+def run_cases(model, tokenizer, lab: Lab, plan: Plan) -> tuple:
+    """Every case installed and measured, in order: ([(case, result)], seconds of each)."""
     done, seconds = [], []
     for i, case in enumerate(plan.cases):
         t0 = time.time()
@@ -575,14 +584,13 @@ def run_cases(model, tokenizer, lab: Lab, plan: Plan) -> list:
         seconds.append(time.time() - t0)
         done.append((case, result))
         accs = [sum(result[s]["strict"]) / len(result[s]["strict"]) for s in SPLITS]
+        left = (len(plan.cases) - i - 1) * sum(seconds) / len(seconds) / 3600  # the mean pace
         print(
             f"[{i + 1}/{len(plan.cases)}] {case.test} {case.set} eps {case.eps:g} draw "
-            f"{case.draw}: strict {accs[0]:.3f}, held-out {accs[1]:.3f} ({seconds[-1]:.0f} s)",
+            f"{case.draw}: strict {accs[0]:.3f}, held-out {accs[1]:.3f} ({seconds[-1]:.0f} s; "
+            f"about {left:.1f} h left)",
             flush=True,
         )
-        if i == 0:  # a broken model answers to --max-new-tokens: up to twice as long
-            left = (len(plan.cases) - 1) * seconds[0] / 3600
-            print(f"the other {len(plan.cases) - 1}: {left:.1f} to {2 * left:.1f} h", flush=True)
     install(lab, lab.expert)
     return done, seconds
 
@@ -602,7 +610,7 @@ def main(cfg: Config) -> dict:
         "protocol": tasks.PROTOCOL,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine,
-        "sizes": {k: sum(len(s) for s in v[0].values()) for k, v in lab.sets.items()},
+        "sizes": sizes(lab),
         "overlap_with_probe": overlaps(lab),
         "rows": table,
         "against_random": pairs,

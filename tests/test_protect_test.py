@@ -251,6 +251,7 @@ def test_a_whole_run_writes_its_rows_and_table(setup, tmp_path):
         ("shield", "none", 2),
     ]
     assert len(saved["evaluations"]) == len(pt.cases(pt.parse_sets(cfg.sets), [0.2], 2))
+    assert saved["sizes"]["probe"] == saved["sizes"]["random"] == saved["sizes"]["all"] / 2
     d = result["rows"][1]["reasoning"]["d_strict"]
     assert d["low"] <= d["diff"] <= d["high"]
     assert [(p["set"], p["eps"], p["draws"]) for p in saved["against_random"]] == [
