@@ -8,7 +8,10 @@ no training, only the merged SVF expert changed in two ways and its skill measur
 (b) shield: every target weight gets a random update G, projected as that method's LoRA update
     is, (I - U_S U_Sᵀ) G (I - V_S V_Sᵀ) (palora_act: the probe's U_S, the skill's V_act; none: G
     itself), then rescaled to ||dW|| = eps ||W||, so every set takes an update of the same size.
-    The set that keeps the skill under it is the one that locates the skill.
+    The set that keeps the skill under it is the one that locates the skill. act_other is
+    palora_act's control: V from the inputs of other text (--act-other, invented facts by
+    default) instead of the skill's, as many directions: if it shields as well, V_act protects the
+    inputs every text uses, not the skill's.
 
 Sets, per target weight, with as many components as the probe's S (palora.same_count's rule):
 probe (inject.py's shipped rule and score), topk, random (seed = draw), taylor |∂L/∂z ⊙ (z - 1)|
@@ -56,9 +59,10 @@ import train_svf  # noqa: E402
 from training import answer_loss, check_context, option, resolve_device, resolve_dtype  # noqa: E402
 
 INDEX_SETS = ("probe", "topk", "random", "taylor", "fisher")  # components of the expert
-SETS = (*INDEX_SETS, "palora_act", "none", "all")
+INPUT_SETS = ("palora_act", "act_other")  # the probe's U_S and an input basis from activations
+SETS = (*INDEX_SETS, *INPUT_SETS, "none", "all")
 REVERTED = (*INDEX_SETS, "all")  # all: m = 1 everywhere, the base model
-SHIELDED = (*INDEX_SETS, "palora_act", "none")  # none: G unprojected
+SHIELDED = (*INDEX_SETS, *INPUT_SETS, "none")  # none: G unprojected
 SPLITS = ("reasoning", "reasoning_ood")
 SHIPPED = inject.Config()  # inject.py's defaults: the probe's rule and score, V_act's settings
 # seconds per item and evaluation (greedy answer + NLL), --limit 8 on a 2-core CPU, one thread at
@@ -82,6 +86,9 @@ class Config:
     probe_batch: int = option(8, "taylor, fisher: examples per gradient (train_svf's)", ge=1)
     act_known: str = option(SHIPPED.mix_known, "palora_act: known facts' inputs ('': none)")
     act_examples: int = option(SHIPPED.act_examples, "palora_act: examples per covariance", ge=1)
+    act_other: str = option(
+        "data/facts/facts_scale.jsonl", "act_other: the records whose inputs give its V instead"
+    )
     seed: int = option(SHIPPED.seed, "seed of the skill examples sampled (inject.mixed)", ge=0)
     max_new_tokens: int = option(96, "answer length (evaluate.py's)", ge=1)
     batch_size: int = option(64, "questions answered at once (evaluate.py's)", ge=1)
@@ -177,6 +184,8 @@ def check(cfg: Config) -> Plan:
         skill = inject.skill_examples(skill_path)
     if "palora_act" in sets and cfg.act_known:
         tasks.check_file(cfg.act_known)
+    if "act_other" in sets:
+        tasks.check_file(cfg.act_other)
     data = read_splits(cfg)
     evaluate.writable(Path(cfg.out))
     return Plan(cfg, sets, todo, data, folder, identity, svf, skill, skill_path)
@@ -266,19 +275,23 @@ def index_sets(svds: dict, z: dict, S: dict, draws: int) -> dict:
     }
 
 
-def act_bases(model, tokenizer, S: dict, plan: Plan) -> dict:
-    """palora_act's V_act as inject.py computes it for its shipped default (inject.input_bases on
-    the merged expert: the skill's inputs and the known facts', k = the probe's count)."""
+def act_bases(model, tokenizer, S: dict, plan: Plan, name: str) -> dict:
+    """An input basis per weight, k = the probe's count, as inject.input_bases computes it on the
+    merged expert: palora_act's V_act (its shipped default: the skill's inputs and the known
+    facts'), or act_other's (the --act-other records' inputs alone)."""
     t0 = time.time()
+    data, known = plan.skill_path, plan.cfg.act_known
+    if name == "act_other":
+        data, known = plan.cfg.act_other, ""
     act_cfg = dataclasses.replace(
         SHIPPED,
-        skill_data=plan.skill_path,
-        act_known=plan.cfg.act_known,
+        skill_data=data,
+        act_known=known,
         act_examples=plan.cfg.act_examples,
         seed=plan.cfg.seed,
     )
     bases = inject.input_bases(model, tokenizer, act_cfg, {n: len(s) for n, s in S.items()}, [])
-    print(f"palora_act's V_act: {time.time() - t0:.0f} s")
+    print(f"{name}'s input basis: {time.time() - t0:.0f} s")
     return bases
 
 
@@ -315,13 +328,14 @@ def shield_delta(W: torch.Tensor, G: torch.Tensor, U_S, V_S, eps: float) -> torc
     return dW * (eps * W.norm() / norm)
 
 
-def sides(name: str, svd: tuple, sets: dict, V_act: dict | None, case: Case) -> tuple:
+def sides(name: str, svd: tuple, sets: dict, inputs: dict, case: Case) -> tuple:
     """(U_S, V_S) the method's LoRA would hold for this weight (palora.METHODS' inits): both
-    sides of the set; palora_act the probe's U_S and V_act; none neither."""
+    sides of the set; palora_act (and its control) the probe's U_S and the input basis; none
+    neither. inputs: set name -> weight name -> input basis."""
     if case.set == "none":
         return None, None
-    if case.set == "palora_act":
-        return palora.protected_bases(svd, sets["probe"][0][name])[0], V_act[name]
+    if case.set in INPUT_SETS:
+        return palora.protected_bases(svd, sets["probe"][0][name])[0], inputs[case.set][name]
     chosen = sets[case.set]
     return palora.protected_bases(svd, chosen[case.draw % len(chosen)][name])
 
@@ -334,7 +348,7 @@ class Lab(NamedTuple):
     z: dict
     expert: dict  # target name -> the merged expert's weight
     sets: dict
-    V_act: dict | None
+    inputs: dict  # palora_act, act_other -> target name -> input basis (in, k)
     rank: int
 
 
@@ -349,7 +363,7 @@ def weights(lab: Lab, case: Case) -> dict:
     out = {}
     for n, W in lab.expert.items():
         G = random_update(W.shape, lab.rank, case.draw, n)
-        dW = shield_delta(W, G, *sides(n, lab.svds[n], lab.sets, lab.V_act, case), case.eps)
+        dW = shield_delta(W, G, *sides(n, lab.svds[n], lab.sets, lab.inputs, case), case.eps)
         out[n] = palora.wide(W) + dW
     return out
 
@@ -548,10 +562,10 @@ def prepare(plan: Plan) -> tuple:
         sets |= first_order_sets(model, tokenizer, z, S, plan)
     z = {n: p.detach().clone() for n, p in z.items()}
     palora.merge_svf(model)  # the expert, as palora.merge_expert makes it
-    V_act = act_bases(model, tokenizer, S, plan) if "palora_act" in plan.sets else None
+    inputs = {k: act_bases(model, tokenizer, S, plan, k) for k in INPUT_SETS if k in plan.sets}
     layers = {n: model.get_submodule(n) for n in z}
     expert = {n: m.weight.detach().clone() for n, m in layers.items()}
-    lab = Lab(layers, svds, z, expert, sets, V_act, plan.cfg.update_rank)
+    lab = Lab(layers, svds, z, expert, sets, inputs, plan.cfg.update_rank)
     return model, tokenizer, lab
 
 
@@ -569,8 +583,8 @@ def overlaps(lab: Lab) -> dict:
 def sizes(lab: Lab) -> dict:
     """Components (directions, for V_act) each set protects over all weights, first draw."""
     out = {k: sum(len(s) for s in v[0].values()) for k, v in lab.sets.items()}
-    if lab.V_act:
-        out["palora_act"] = sum(V.shape[1] for V in lab.V_act.values())
+    for k, bases in lab.inputs.items():
+        out[k] = sum(V.shape[1] for V in bases.values())
     return out
 
 

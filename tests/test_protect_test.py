@@ -92,7 +92,7 @@ def test_shield_update_has_size_eps_and_misses_the_protected_bases(built, name):
     for n, W in lab.expert.items():
         dW = (new[n] - W).double()
         assert dW.norm() / W.double().norm() == pytest.approx(eps, rel=1e-5)
-        U_S, V_S = pt.sides(n, lab.svds[n], lab.sets, lab.V_act, case)
+        U_S, V_S = pt.sides(n, lab.svds[n], lab.sets, lab.inputs, case)
         if U_S is not None:
             assert (U_S.double().T @ dW).norm() / dW.norm() < 1e-5
         if V_S is not None:
@@ -117,16 +117,32 @@ def test_palora_act_sides_are_the_probe_output_side_and_v_act(built):
     _assert_same_bases(lab, "palora_act", "palora_act", lambda m, S, e, seed: S)
 
 
+def test_act_other_is_palora_act_with_another_input_basis(built):
+    """The control keeps palora_act's output side and swaps the input basis for one from other
+    text, as many directions per weight."""
+    lab = built[-1]
+    for n in lab.expert:
+        act = pt.sides(
+            n, lab.svds[n], lab.sets, lab.inputs, pt.Case("shield", "palora_act", 0.1, 0)
+        )
+        other = pt.sides(
+            n, lab.svds[n], lab.sets, lab.inputs, pt.Case("shield", "act_other", 0.1, 0)
+        )
+        assert torch.equal(act[0], other[0]) and act[1].shape == other[1].shape
+        assert torch.equal(other[1], lab.inputs["act_other"][n])
+        assert not torch.allclose(act[1].abs(), other[1].abs(), atol=1e-3)
+
+
 def _assert_same_bases(lab, method, name, protected_of):
     S = lab.sets["probe"][0]
     expert = palora.expert_svds(lab.svds, lab.z)
     protected = protected_of(method, S, expert, 1)
     g = torch.Generator().manual_seed(0)
     for n, W in lab.expert.items():
-        V_act = lab.V_act[n] if lab.V_act else None
+        V_act = lab.inputs["palora_act"][n] if name == "palora_act" else None
         target = palora.Target(W, expert[n], protected[n], V_act)
         layer = palora.METHODS[method](target, 2, 4.0, g)
-        U_S, V_S = pt.sides(n, lab.svds[n], lab.sets, lab.V_act, pt.Case("shield", name, 0.1, 1))
+        U_S, V_S = pt.sides(n, lab.svds[n], lab.sets, lab.inputs, pt.Case("shield", name, 0.1, 1))
         assert torch.equal(U_S, layer.U_S) and torch.equal(V_S, layer.V_S)
 
 
