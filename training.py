@@ -359,6 +359,11 @@ def length_groups(lengths) -> list:
     return [order[:k], order[k:]] if k < B else [order]
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits up to float32 for the softmax; float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def answer_loss(model, tokens, labels, attention_mask, total=None, pack=False):
     """Mean next-token cross-entropy over the answer tokens only (labels = IGNORE_INDEX on the
     prompt and padding). tokens, labels, attention_mask: (B, T), right-padded (mask None: no
@@ -376,8 +381,8 @@ def answer_loss(model, tokens, labels, attention_mask, total=None, pack=False):
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
     right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
     if not pack or is_fsdp(model) or not right_padded:
-        logits = model(tokens, attention_mask=attention_mask, keep=keep).float()  # (N, V)
-        return F.cross_entropy(logits, target[keep], reduction="sum") / count
+        logits = model(tokens, attention_mask=attention_mask, keep=keep)  # (N, V)
+        return F.cross_entropy(at_least_float32(logits), target[keep], reduction="sum") / count
     core = getattr(model, "module", model)  # DDP keeps the Transformer in .module
     n = shared_columns(tokens, mask, keep)
     prefix = core.prefix_cache(tokens[:1, :n]) if n else None
@@ -390,7 +395,7 @@ def answer_loss(model, tokens, labels, attention_mask, total=None, pack=False):
         group_keep = keep[rows, cols]  # (b, T - n)
         logits = model(tokens[rows, cols], mask[rows, :T], cache, n, keep=group_keep)
         loss = loss + F.cross_entropy(
-            logits.float(), target[rows, cols][group_keep], reduction="sum"
+            at_least_float32(logits), target[rows, cols][group_keep], reduction="sum"
         )
     return loss / count
 
