@@ -186,6 +186,8 @@ def expected_probe(meta: dict, target_svds: dict, identity: str, method: str):
     probes = [{n: z[n] for n in names if n in z} for z in experts]
     S = palora.probe(target_svds, probes, tuple(json.loads(meta["selection"])), meta["score"])
     expert = palora.expert_svds(target_svds, experts[0])
+    if method == "palora_act":  # its output side, recorded since --output-side (before: probe)
+        method = meta.get("output_side", "probe")
     return S, palora.same_count(method, S, expert, int(meta["seed"]))
 
 

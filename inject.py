@@ -222,6 +222,12 @@ class Config:
     act_examples: int = option(
         64, "palora_act: examples run to estimate each covariance", ge=1, le=65536
     )
+    output_side: str = option(
+        "probe",
+        "palora_act's output side U_S: the probe's S, as many at random or of the largest "
+        "(controls), or none (V_act alone): the ablation of docs/probe-test.md",
+        choices=list(palora.OUTPUT_SIDES),
+    )
     fact_tokens: int = option(16, "answer length when checking recall", ge=1, le=256)
     recall_sample: int = option(
         256, "check recall on a seeded sample of this many trained facts (0: all)", ge=0
@@ -350,7 +356,8 @@ def make_base(model, identity: str, cfg: Config, experts: list, targets: tuple):
     rule = palora.probe_rule(cfg.probe_fraction, cfg.probe_threshold, cfg.probe_global_fraction)
     S = palora.probe(target_svds, probes, rule, cfg.probe_score)
     expert = palora.expert_svds(target_svds, experts[0])
-    return expert, S, palora.same_count(cfg.method, S, expert, cfg.seed)
+    side = cfg.output_side if cfg.method == "palora_act" else cfg.method
+    return expert, S, palora.same_count(side, S, expert, cfg.seed)
 
 
 def input_bases(model, tokenizer, cfg: Config, counts: dict, earlier: list) -> dict:
@@ -588,6 +595,8 @@ def resolve(cfg: Config) -> Plan:
         raise cli.ConfigError(
             f"--act-known: only palora_act protects input directions (--method {cfg.method})"
         )
+    if cfg.output_side != "probe" and not method.input_bases:
+        raise cli.ConfigError(f"--output-side: palora_act's alone, not --method {cfg.method}'s")
     check_files(cfg)  # then every data file is read and checked, with path:LINE errors
     data = read_data(cfg)
     out = Path(cfg.out or RUNS / f"inject-{cfg.method}-{Path(cfg.facts).stem}-s{cfg.seed}")
@@ -705,6 +714,7 @@ def protect(model, tokenizer, plan: Plan, experts: list) -> tuple:
         "score": cfg.probe_score,
         "selection": json.dumps(plan.rule),
         "seed": cfg.seed,
+        "output_side": cfg.output_side,
     }
     if is_main():
         adapters.save_probe(plan.out / "probe.safetensors", protected, plan.identity, meta)

@@ -260,7 +260,10 @@ def probe(svds: dict, experts: list[dict], rule=("fraction", 0.5), score="delta"
 
 def same_count(method: str, S: dict, expert_svds: dict, seed: int) -> dict:
     """The set a method protects, as many components per matrix as the probe's S: "topk" the merged
-    expert's largest (OPLoRA), "random" uniform with the seed (the control), else S itself."""
+    expert's largest (OPLoRA), "random" uniform with the seed (the control), "none" nothing (an
+    ablation of palora_act's output side), else S itself."""
+    if method == "none":
+        return {n: s[:0] for n, s in S.items()}
     if method == "topk":  # largest first: U_S's columns in the order OPLoRA takes them
         return {n: largest(expert_svds[n][1], len(s)) for n, s in S.items()}
     if method == "random":  # one generator per matrix: the draw depends on (seed, name) alone
@@ -418,6 +421,7 @@ METHODS = {
     "palora_act": init_palora_act,
 }
 PROTECTING = ("palora", "topk", "random", "palora_act")  # need the probe's S (and the SVD)
+OUTPUT_SIDES = ("probe", "random", "topk", "none")  # palora_act's U_S: same_count's rules
 
 
 def add_lora(

@@ -452,6 +452,22 @@ def test_verify_checks_palora_acts_input_side(setup, runs, tmp_path, capsys):
     assert "input side" in last and ": FAILED (a run made on another device or dtype" in last
 
 
+@pytest.mark.parametrize("side", ["none", "random"])
+def test_verify_holds_palora_act_to_its_recorded_output_side(setup, tmp_path, side):
+    """--output-side none / random (the ablation): the probe file holds nothing / as many at random,
+    and --verify accepts the run against that record, not against the probe's S; the file
+    relabelled as the probe's side is refused."""
+    run = tmp_path / f"act-{side}"
+    inject.main(config(setup, run, method="palora_act", output_side=side, epochs=1))
+    protected, meta = adapters.read_tensors(run / "probe.safetensors")
+    k = sum(len(s) for s in protected.values())
+    assert meta["output_side"] == side and (k == 0) == (side == "none")
+    assert evaluate.main(eval_config(setup, tmp_path, verify=str(run)))["ok"]
+    tamper(run, "probe.safetensors", lambda t, m: (t, {**m, "output_side": "probe"}))
+    with pytest.raises(palora.PaloraError, match="not the .* its record gives"):
+        evaluate.main(eval_config(setup, tmp_path, verify=str(run)))
+
+
 def test_verify_recomputes_a_streams_input_basis_exactly(setup, runs, tmp_path, monkeypatch):
     """Round 2 of a palora_act stream, its known facts protected too: the recomputed V_act (the
     expert, round 1 merged, --act-known, round 1's facts' directions) equals the V_S its layers

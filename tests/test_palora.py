@@ -413,6 +413,9 @@ def test_same_count_topk_is_the_merged_experts_largest():
     assert chosen["w"].tolist() == want
     S = {"w": torch.tensor([2, 3])}
     assert palora.same_count("palora", S, expert, seed=0) is S  # the probe's own set
+    assert palora.same_count("probe", S, expert, seed=0) is S  # palora_act's default side
+    none = palora.same_count("none", S, expert, seed=0)["w"]
+    assert none.dtype == S["w"].dtype and none.shape == (0,)  # the ablation: nothing protected
 
 
 def test_topk_layer_protects_the_expert_spectrum():
