@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import math
 import sys
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,16 @@ def check_numbers(cfg):
         for key, (holds, sign) in BOUNDS.items():
             if key in f.metadata and not holds(value, f.metadata[key]):
                 raise ConfigError(f"{flag}: must be {sign} {f.metadata[key]}, got {value}")
+
+
+def check_folder(path: str, flag: str):
+    """A folder flag ('' for none) that names a file, or lies under one, is refused before any work:
+    the folder is made when first written, by then the model would have loaded."""
+    for p in [Path(path), *Path(path).parents] if path else []:
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{flag} {path}: {p} is not a folder")
+            return
 
 
 def parse_config(cls, argv=None, description=None):

@@ -925,6 +925,7 @@ def mechanism_of(rows: list) -> dict:
 
 
 def main(cfg: Config) -> dict:
+    cli.check_folder(cfg.svd_cache, "--svd-cache")
     if cfg.verify:
         return verify(Path(cfg.verify), cfg)
     if cfg.probe_report:

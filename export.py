@@ -331,6 +331,7 @@ def main(argv=None):
     run, out = Path(args.run), Path(args.out)
     check_out(out, args.to)
     check_run(run, args.ckpt)
+    cli.check_folder(args.svd_cache, "--svd-cache")
     export = {"hf": export_hf, "gguf": export_gguf, "peft": export_peft}[args.to]
     lines = export(run, out, args)
     print(f"wrote {out} ({args.to}); load it with:", file=sys.stderr)

@@ -598,6 +598,7 @@ def resolve(cfg: Config) -> Plan:
     if cfg.output_side != "probe" and not method.input_bases:
         raise cli.ConfigError(f"--output-side: palora_act's alone, not --method {cfg.method}'s")
     check_files(cfg)  # then every data file is read and checked, with path:LINE errors
+    cli.check_folder(cfg.svd_cache, "--svd-cache")
     data = read_data(cfg)
     out = Path(cfg.out or RUNS / f"inject-{cfg.method}-{Path(cfg.facts).stem}-s{cfg.seed}")
     folder = checkpoints.resolve(cfg.ckpt)

@@ -670,6 +670,7 @@ def parse_args(argv=None):
 
     try:  # a GPU this machine lacks is refused here, not by CUDA's traceback at load
         args.device = str(resolve_device(args.device))
+        cli.check_folder(args.svd_cache, "--svd-cache")
     except cli.ConfigError as e:
         parser.error(str(e))
     return args

@@ -8,6 +8,7 @@ match after its normalisation, which removes ",", "$", everything up to "#### " 
 trailing "."; "-" is kept, "3.50" != "3.5". Facts: SQuAD's normalisation (Rajpurkar et al. 2016) and
 whole-word containment. Both stated in PROTOCOL. B batch, T sequence length."""
 
+import contextlib
 import csv
 import io
 import json
@@ -403,12 +404,24 @@ def create_tmp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
+@contextlib.contextmanager
+def naming(path):
+    """A system error without a file name (a full disk, a quota, an I/O error) re-raised naming the
+    file being written, so that cli.run prints `error: <path>: <reason>`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or not e.strerror:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def atomic_write_bytes(path, data: bytes):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = create_tmp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with naming(path), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
@@ -445,7 +458,7 @@ def append_jsonl(path, row: dict):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # O_NOFOLLOW: a symlink planted at the name is an error (ELOOP), never a file written elsewhere
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    with os.fdopen(os.open(path, flags, 0o666), "a", encoding="utf-8") as f:
+    with naming(path), os.fdopen(os.open(path, flags, 0o666), "a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())

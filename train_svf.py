@@ -146,6 +146,7 @@ def check_config(cfg: Config) -> tuple[str, ...]:
         )
     if cfg.mix_known and cfg.objective == "rl":
         raise cli.ConfigError("--mix-known trains with --objective sft only")
+    cli.check_folder(cfg.svd_cache, "--svd-cache")
     for path in (cfg.data, cfg.eval_data, cfg.mix_known):
         if path:
             tasks.check_file(path)

@@ -361,15 +361,33 @@ def test_the_systems_refusal_of_a_path_is_one_line(tmp_path, capsys):
         assert capsys.readouterr().err == f"error: {line}\n"
 
 
-def test_a_file_where_the_svd_cache_folder_goes_is_one_line(setup, tmp_path, capsys):
-    """Found once the SVDs are computed (the model loaded: the SVD bar is on stderr before it)."""
+@pytest.mark.parametrize("script", [inject, train_svf, evaluate])
+@pytest.mark.parametrize("under", [False, True])
+def test_a_file_where_the_svd_cache_folder_goes_is_refused_first(
+    setup, tmp_path, capsys, monkeypatch, script, under
+):
+    """--svd-cache naming a file, or a folder under one: one line before the model loads (it was a
+    NotADirectoryError once the SVDs were computed), the file untouched."""
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    argv = common(setup, tmp_path) + ["--facts", str(setup.facts), "--svf", str(setup.svf)]
-    argv += ["--mix-skill", "none", "--method", "lora", "--svd-cache", str(afile)]
+    loaded = []
+    monkeypatch.setattr(model_lib, "load", lambda *a, **k: loaded.append(1))
+    cache = afile / "svd" if under else afile
+    argv = common(setup, tmp_path) + ["--svd-cache", str(cache)]
+    if script is inject:
+        argv += ["--facts", str(setup.facts), "--svf", str(setup.svf), "--mix-skill", "none"]
+    if script is train_svf:
+        argv += ["--data", str(setup.skill), "--eval-data", ""]
+    if script is evaluate:
+        argv += ["--reasoning", str(setup.skill), "--reasoning-ood", "", "--known", ""]
+    err = run(script, argv, capsys)
+    assert err == f"error: --svd-cache {cache}: {afile} is not a folder\n"
+    assert afile.read_text() == "mine" and not loaded
+
+
+def test_model_py_refuses_a_file_as_svd_cache(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
     with pytest.raises(SystemExit) as exit_:
-        cli.run(inject.main, cli.parse_config(inject.Config, argv))
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err
-    assert re.search(rf"\berror: {re.escape(str(afile))}/\w+: Not a directory\n$", err), err
-    assert afile.read_text() == "mine"
+        model_lib.parse_args(["hi", "--svd-cache", str(tmp_path / "afile"), "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert "is not a folder" in capsys.readouterr().err

@@ -4,6 +4,7 @@ file:line, answer-only labels on a real (tiny, byte-level BPE) tokenizer with Sm
 template, batching, batched greedy answering on a tiny random model, atomic writes (the committed
 data/ sets: tests/test_data.py). CPU, seconds."""
 
+import errno
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import cli
 import model as M
 import tasks
 from tests.tiny import make_tokenizer
@@ -409,6 +411,26 @@ def test_interrupted_atomic_write_keeps_the_old_file(tmp_path, monkeypatch, fail
     with pytest.raises(KeyboardInterrupt):
         tasks.atomic_write_json(target, {"step": 2, "big": "x" * 100_000})
     assert json.loads(target.read_text()) == {"step": 1} and os.listdir(tmp_path) == ["state.json"]
+
+
+@pytest.mark.parametrize("write", ["json", "jsonl"])
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys, write):
+    """ENOSPC carries no file name: the write re-raises it naming its target, so the user reads
+    `error: <path>: No space left on device` (exit 2, no traceback), and the old file stays."""
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tasks.os, "fsync", full)
+    writer = tasks.atomic_write_json if write == "json" else tasks.append_jsonl
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(writer, target, {"step": 2})
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: {target}: {os.strerror(errno.ENOSPC)}\n"
+    if write == "json":
+        assert target.read_text() == "old" and os.listdir(tmp_path) == ["metrics.json"]
 
 
 def test_atomic_writes_replace_a_symlink_never_write_through_it(tmp_path):
