@@ -5,7 +5,6 @@ setup; each case names the file, line or flag the user must fix."""
 import dataclasses
 import json
 import os
-import re
 
 import pytest
 
