@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -878,13 +877,14 @@ def read_data(cfg: Config, facts: str) -> dict:
 
 
 def writable(folder: Path):
-    """Fail now, not after an hour of scoring, if results cannot be written to folder."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):  # a fresh name: no file of the user's replaced
-            pass
-    except OSError as e:
-        raise cli.ConfigError(f"{folder}: cannot write results there ({e.strerror})") from None
+    """Fail now, not after an hour of scoring, if results cannot be written to folder: its nearest
+    existing ancestor must be a folder we may write in. Nothing is made (the first result makes
+    the folder), so a refused run leaves no empty folder behind."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise cli.ConfigError(f"{folder}: cannot write results there ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise cli.ConfigError(f"{folder}: cannot write results there ({existing}: not writable)")
 
 
 def check_runs(runs: list, identity: str) -> list:

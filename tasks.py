@@ -73,6 +73,24 @@ def _raise(problems: list[str]):
 
 
 # -- reading and checking JSONL --------------------------------------------------------------------
+# control characters no tokenizer turns into text (tab and newlines are text)
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def field_problem(record: dict, key: str) -> str | None:
+    """What is wrong with a required text field, or None."""
+    value = record.get(key)
+    if key not in record:
+        return "missing field"
+    if not isinstance(value, str):
+        return "non-string field"
+    if not value.strip():
+        return "empty field"
+    if CONTROL.search(value):
+        return f"control character {CONTROL.search(value).group()!r} in field"
+    return None
+
+
 def read_jsonl(path, required=("question", "answer")) -> list[dict]:
     """One JSON object per line, blank lines skipped; each `required` field a non-empty string.
     Every record gets "_line" (its line number) so later checks name it too; all problems are
@@ -94,16 +112,7 @@ def read_jsonl(path, required=("question", "answer")) -> list[dict]:
                 problems.append(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
                 continue
             for key in required:
-                value = record.get(key)
-                problem = (
-                    "missing field"
-                    if key not in record
-                    else "non-string field"
-                    if not isinstance(value, str)
-                    else "empty field"
-                    if not value.strip()
-                    else None
-                )
+                problem = field_problem(record, key)
                 if problem:
                     problems.append(f"{path}:{n}: {problem} {key!r}")
             record["_line"] = n
@@ -145,11 +154,13 @@ def read_facts(path) -> list[dict]:
                     )
                     break
                 continue
-            for i, key in enumerate(("question", "answer")):
-                if len(cells) <= i or not cells[i]:
-                    problems.append(f"{path}:{line}: empty field {key!r}")
+            record = dict(zip(("question", "answer"), cells), _line=line)
+            for key in ("question", "answer"):
+                problem = field_problem({key: ""} | record, key)
+                if problem:
+                    problems.append(f"{path}:{line}: {problem} {key!r}")
             paraphrases = [c for c in cells[2:] if c]
-            records.append(dict(zip(("question", "answer"), cells), _line=line))
+            records.append(record)
             records[-1]["paraphrases"] = paraphrases
     except csv.Error as e:
         problems.append(f"{path}:{reader.line_num}: malformed CSV ({e})")

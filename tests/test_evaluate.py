@@ -646,6 +646,16 @@ def test_svf_none_through_the_command_line(setup, tmp_path):
     assert [r["group"] for r in rows] == ["base"] and math.isnan(rows[0]["retention"])
 
 
+def test_a_refused_evaluation_makes_no_folder(setup, tmp_path):
+    """The write check makes nothing: bad data refused after it leaves no empty --out behind."""
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"question": "A?", "ans')
+    out = tmp_path / "new" / "out"
+    with pytest.raises(tasks.DataError, match="malformed JSON"):
+        evaluate.main(eval_config(setup, out, known=str(torn)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torn.jsonl"]
+
+
 def test_the_write_check_replaces_no_file_of_the_users(tmp_path):
     (tmp_path / ".write-test").write_text("mine")
     evaluate.writable(tmp_path)

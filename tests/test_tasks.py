@@ -147,6 +147,8 @@ GOOD = '{"question": "q", "answer": "#### 1"}\n'
         (GOOD + "\n" + '{"question": "q2"}\n', 3, "missing field 'answer'"),
         (GOOD + '{"question": "q2", "answer": "  "}\n', 2, "empty field 'answer'"),
         (GOOD + '{"question": 3, "answer": "1"}\n', 2, "non-string field 'question'"),
+        (GOOD + '{"question": "A?\\u0000", "answer": "1"}\n', 2, "control character '\\x00'"),
+        (GOOD + '{"question": "A?", "answer": "1\\u001b"}\n', 2, "control character '\\x1b'"),
         (
             GOOD.encode() + b'{"question": "\xff", "answer": "1"}\n',
             2,
@@ -204,6 +206,7 @@ def test_read_facts_takes_csv_as_jsonl(tmp_path):
     [
         ("question,answer\nWhat?,Drasmund\n,Orvale\n", 3, "empty field 'question'"),
         ("question,answer\nWhat?\n", 2, "empty field 'answer'"),
+        ("question,answer\nWhat?,Dras\x01mund\n", 2, "control character '\\x01' in field 'answer'"),
         ("question,reply\nWhat?,Drasmund\n", 1, "header must be question,answer"),
         ('question,answer\nWhat?,"Drasmund\n', 2, "malformed CSV"),
         ("question,answer\n\n", 3, "no facts after the header"),
