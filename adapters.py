@@ -631,11 +631,20 @@ def run_config(run: Path) -> dict:
     """A run's resolved config.json; a missing or unreadable one names the file."""
     path = Path(run) / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing (is {run} an inject.py run?)") from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise PaloraError(f"{path}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise PaloraError(f"{path}: not an inject.py run's config (not a JSON object)")
+    kinds = {"method": str, "ckpt": str, "svf": list, "targets": str}  # what the scripts read
+    for key, kind in kinds.items():
+        if not isinstance(config.get(key), kind):
+            raise PaloraError(f"{path}: not an inject.py run's config (no {kind.__name__} {key!r})")
+    if not config["svf"] or not all(isinstance(p, str) for p in config["svf"]):
+        raise PaloraError(f"{path}: not an inject.py run's config ('svf' names no expert file)")
+    return config
 
 
 def run_file(run: Path) -> Path:

@@ -926,6 +926,10 @@ def mechanism_of(rows: list) -> dict:
 
 def main(cfg: Config) -> dict:
     cli.check_folder(cfg.svd_cache, "--svd-cache")
+    alone = [f for f, v in (("--verify", cfg.verify), ("--probe-report", cfg.probe_report)) if v]
+    if alone and (cfg.adapter or len(alone) > 1):
+        other = "--adapter" if cfg.adapter else alone[1]
+        raise cli.ConfigError(f"{alone[0]}: checks one run alone, without {other}")
     if cfg.verify:
         return verify(Path(cfg.verify), cfg)
     if cfg.probe_report:

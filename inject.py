@@ -595,6 +595,10 @@ def resolve(cfg: Config) -> Plan:
         raise cli.ConfigError(
             f"--act-known: only palora_act protects input directions (--method {cfg.method})"
         )
+    if cfg.mix_earlier and not cfg.after:
+        raise cli.ConfigError(
+            "--mix-earlier: replays the earlier rounds of --after RUN; none given"
+        )
     if cfg.output_side != "probe" and not method.input_bases:
         raise cli.ConfigError(f"--output-side: palora_act's alone, not --method {cfg.method}'s")
     check_files(cfg)  # then every data file is read and checked, with path:LINE errors

@@ -256,6 +256,21 @@ def check_config(cfg: Config):
         raise cli.ConfigError("--stream: rounds of --n-facts N > 0, without --frontier or --sweep")
 
 
+MARK = "reproduce.json"  # the config of the last reproduce.py run in a folder: this is its folder
+
+
+def claim(folder: Path, cfg: Config):
+    """--out is empty, new, or reproduce.py's own (it holds MARK): its files (facts.jsonl, the runs,
+    eval/) are never written into a folder of the user's. Then MARK is (re)written."""
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if held and MARK not in held:
+        raise cli.ConfigError(
+            f"--out {folder}: holds {held[0]}, and no {MARK}: not a reproduce.py folder "
+            f"(pick a new or empty one)"
+        )
+    tasks.atomic_write_json(folder / MARK, dataclasses.asdict(cfg))
+
+
 def main(cfg: Config) -> dict:
     check_config(cfg)
     folder = Path(cfg.out)
@@ -265,6 +280,7 @@ def main(cfg: Config) -> dict:
     # its facts.jsonl and stream/ files are written in --out: never over a file this run reads
     reads = [ckpt, cfg.svf, cfg.facts, cfg.mix_known, cfg.reasoning, cfg.reasoning_ood, cfg.known]
     refuse_inputs(folder, reads)
+    claim(folder, cfg)
     identity = checkpoints.identity(ckpt)
     facts = Path(cfg.facts)
     lines = facts.read_text().splitlines(True)

@@ -56,7 +56,10 @@ class Tokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise CheckpointError(f"{folder / 'tokenizer.json'}: file not found")
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the Rust side raises a bare Exception for a malformed file
+            raise CheckpointError(f"{folder / 'tokenizer.json'}: unreadable ({e})") from None
         config = read_json(folder / "tokenizer_config.json", default={})
         self.folder, self.chat_template = folder, chat_template(folder, config)
         # special tokens are strings or {"content": ...} dicts; templates read them as bos_token,

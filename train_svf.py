@@ -55,6 +55,7 @@ from training import (
     batch_indices,
     check_context,
     check_finite,
+    check_targets,
     full,
     is_main,
     load_state,
@@ -378,6 +379,7 @@ def main(cfg: Config):
         raise cli.ConfigError(f"--known-batch must be at least the {world()} processes")
     folder = checkpoints.resolve(cfg.ckpt)
     check_context(folder, {"--max-new-tokens": cfg.max_new_tokens})
+    check_targets(folder, targets)  # before --out is made
     if is_main():  # never a folder that holds what this run reads
         inputs = [folder, cfg.data, cfg.eval_data, *filter(None, [cfg.mix_known])]
         open_run(out, cfg, cfg.resume, cfg.overwrite, inputs=inputs)

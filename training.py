@@ -88,10 +88,24 @@ def check_context(folder: Path, tokens: dict):
             raise ConfigError(f"{flag}: {n} tokens do not fit the model's context ({context})")
 
 
+def check_targets(folder: Path, targets: tuple):
+    """Every --targets name a linear layer of the checkpoint (config.json's, before the weights
+    load), in palora.find_targets's words."""
+    shapes = layer_shapes(checkpoint_args(folder))
+    valid = sorted({name.rpartition(".")[2] for name, s in shapes.items() if len(s) == 2})
+    valid = sorted([*valid, "lm_head"])
+    for t in targets:
+        if t not in valid:
+            raise ConfigError(
+                f"unknown target {t!r}: the model's linear layers are {', '.join(valid)}"
+            )
+
+
 def check_rank(folder: Path, rank: int, targets: tuple):
     """--rank at most min(out, in) of every target weight (config.json's sizes, before the weights
     load): factors wider than their matrix add memory (A is r x in, B out x r), never a direction.
-    An unknown target name is left to palora.find_targets."""
+    The names are checked first (check_targets)."""
+    check_targets(folder, targets)
     per_layer = layer_shapes(checkpoint_args(folder))
     shapes = {name.rpartition(".")[2]: shape for name, shape in per_layer.items()}
     for t in targets:

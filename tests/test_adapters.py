@@ -383,7 +383,8 @@ def test_a_records_protected_sides_are_those_its_update_leaves_alone(ckpt, metho
 def test_run_method_trusts_the_adapter_file(tmp_path, ckpt):
     """config.json is easy to edit; the adapter file's metadata says what the run trained."""
     lora_run(ckpt, tmp_path, "palora")
-    (tmp_path / "config.json").write_text(json.dumps({"method": "lora", "ckpt": "x"}))
+    config = {"method": "lora", "ckpt": "x", "svf": ["e.safetensors"], "targets": "up_proj"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     assert adapters.run_config(tmp_path)["method"] == "lora"
     assert adapters.run_method(tmp_path) == "palora"
     adapters.save_peft(lora_run(ckpt, tmp_path / "b"), tmp_path / "b", ckpt[1], "base", {})
@@ -397,6 +398,19 @@ def test_run_config_errors(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(PaloraError, match="config.json: unreadable"):
         adapters.run_config(tmp_path)
+    good = {"method": "lora", "ckpt": "c", "svf": ["e.safetensors"], "targets": "up_proj"}
+    (tmp_path / "config.json").write_text(json.dumps(good))
+    assert adapters.run_config(tmp_path) == good
+    for bad, why in [
+        ([1], "not a JSON object"),
+        ({**good, "ckpt": None}, "no str 'ckpt'"),
+        ({k: v for k, v in good.items() if k != "targets"}, "no str 'targets'"),
+        ({**good, "svf": []}, "'svf' names no expert file"),
+        ({**good, "svf": [3]}, "'svf' names no expert file"),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(PaloraError, match=f"not an inject.py run's config \\({why}"):
+            adapters.run_config(tmp_path)
 
 
 def test_load_run(tmp_path, ckpt):

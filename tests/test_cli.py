@@ -136,6 +136,8 @@ def test_inject_refuses_a_non_empty_out_and_a_foreign_resume(setup, tmp_path, ca
         (["--adapter", "no/such/run"], "no/such/run/config.json"),
         (["--verify", "no/such/run"], "no/such/run/config.json"),
         (["--probe-report", "{torn}"], "torn.jsonl: unreadable safetensors file"),
+        (["--verify", "r", "--adapter", "r"], "--verify: checks one run alone, without --adapter"),
+        (["--verify", "r", "--probe-report", "p"], "--verify: checks one run alone, without --pro"),
     ],
 )
 def test_evaluate_bad_input(setup, tmp_path, files, capsys, argv, where):

@@ -232,6 +232,7 @@ def test_expert_of_another_checkpoint_fails_before_training(setup, tmp_path):
         (dict(targets=" , "), "no target name"),
         (dict(act_known="k.jsonl", method="lora"), "--act-known: only palora_act protects"),
         (dict(output_side="none", method="palora"), "--output-side: palora_act's alone"),
+        (dict(mix_earlier=1.0), "--mix-earlier: replays the earlier rounds of --after"),
     ],
 )
 def test_bad_settings_fail_before_training(setup, tmp_path, overrides, message):

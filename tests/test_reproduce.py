@@ -47,6 +47,21 @@ def test_every_method_gets_a_row_and_finished_runs_are_reused(setup, tmp_path):
     assert [r["items"] for r in again["rows"]] == [r["items"] for r in result["rows"]]
 
 
+def test_a_folder_of_the_users_is_never_written_into(setup, tmp_path, monkeypatch):
+    """--out holding files but no reproduce.json is not reproduce.py's: refused before any run, so
+    its facts.jsonl (reproduce.py writes one) and everything else stay the user's."""
+    calls = recorders(monkeypatch)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "facts.jsonl").write_text("my facts")
+    with pytest.raises(cli.ConfigError, match="holds facts.jsonl, and no reproduce.json"):
+        reproduce.main(reproduce_config(setup, mine, methods="lora"))
+    assert sorted(p.name for p in mine.iterdir()) == ["facts.jsonl"] and not calls
+    assert (mine / "facts.jsonl").read_text() == "my facts"
+    reproduce.main(reproduce_config(setup, tmp_path / "new", methods="lora"))
+    assert (tmp_path / "new" / "reproduce.json").is_file() and calls  # its own folder: taken
+
+
 @pytest.mark.parametrize("change", [{"seed": 7}, {"lr": 0.02}, {"mix_ratio": 1.0}])
 def test_a_finished_run_with_other_settings_is_refused(setup, tmp_path, change):
     """Any setting counts, not only the ones reproduce.py passes: a run made before a default

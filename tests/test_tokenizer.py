@@ -83,3 +83,13 @@ def test_tokenizer_matches_transformers(folder, tmp_path, variant):
     if variant != "chatml":
         with pytest.raises(Exception, match="unknown role tool"):
             ours.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_a_torn_tokenizer_json_is_a_checkpoint_error_naming_it(folder, tmp_path):
+    """The Rust reader raises a bare Exception: refused as the checkpoint's fault, one line."""
+    from checkpoints import CheckpointError
+
+    copy = shutil.copytree(folder, tmp_path / "torn")
+    (copy / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: unreadable"):
+        Tokenizer(copy)
