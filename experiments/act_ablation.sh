@@ -3,7 +3,7 @@
 # 40 locked facts (facts_confirm.jsonl rows 1-40), the stream's recipe, one run per variant:
 #   the output side U_S: the probe's S (the shipped default), as many at random, of the largest,
 #   or none (V_act alone), each with V_act from 64 examples; then the probe's S with V_act from 16
-#   and from 256 examples. Scored on the locked items (confirm.jsonl 200, confirm_ood.jsonl 50)
+#   and from 256 examples; plain LoRA as the control. Scored on the locked items (confirm.jsonl 200, confirm_ood.jsonl 50)
 #   and the locked known facts. Nothing is chosen on them: this table reports, it selects nothing.
 #   SEED=0 bash experiments/act_ablation.sh     # about 10 min a run and 25 min of scoring, 1 core
 set -euo pipefail
@@ -34,6 +34,8 @@ for n in 16 256; do
   inject $A/probe-$n-s$SEED --act-examples $n
   runs+=($A/probe-$n-s$SEED)
 done
+inject $A/lora-s$SEED --method lora  # the control: nothing protected (does the test have power?)
+runs+=($A/lora-s$SEED)
 python evaluate.py --svf "$SVF" --facts $F --out $A/eval-s$SEED \
   --reasoning data/reasoning/confirm.jsonl --reasoning-ood data/reasoning/confirm_ood.jsonl \
   --known data/known/known_confirm.jsonl --score-cache ${SCORES:-$A/scores} \

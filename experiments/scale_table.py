@@ -4,6 +4,7 @@ answers) and stream_recall.py's recall matrices.
 
     python experiments/scale_table.py runs/scale/eval-c1000/results.json --known FILE
     python experiments/scale_table.py --stream runs/scale/cs-protect-recall.json
+    python experiments/scale_table.py runs/ablate/eval-s0/results.json --paired probe-64-s0
 """
 
 import argparse
@@ -14,6 +15,9 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+import torch  # noqa: E402
+
+import evaluate  # noqa: E402
 import tasks  # noqa: E402
 
 
@@ -71,6 +75,27 @@ def rows_table(path: Path, known: Path):
         print(f"| {kind} | {len(idx)} | " + " | ".join(cells) + " |")
 
 
+def paired_table(path: Path, reference: str):
+    """Each row against `reference` (a row's name), item by item: the difference in strict accuracy
+    on both reasoning splits and in recall, with evaluate.py's paired bootstrap 95% interval (one
+    seed: items resampled)."""
+    rows = {r["name"]: r for r in json.loads(path.read_text())["rows"]}
+    keys = ("reasoning_strict", "reasoning_ood_strict", "facts_ok")
+    print(f"\ndifference from {reference}, paired by item (bootstrap 95%):\n")
+    print("| row | strict | strict, held-out templates | recall |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        if name == reference or r["group"] == "base":
+            continue
+        cells = []
+        for key in keys:
+            a = torch.tensor([r["items"][key]], dtype=torch.float64)
+            b = torch.tensor([rows[reference]["items"][key]], dtype=torch.float64)
+            mean, low, high = evaluate.paired_bootstrap(a, b) if a.numel() else (math.nan,) * 3
+            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def stream_table(path: Path):
     """recall[k][j]: round j's facts after round k, and the mean over every earlier round."""
     result = json.loads(path.read_text())
@@ -89,9 +114,12 @@ def main():
     parser.add_argument("results", nargs="?", help="evaluate.py's results.json")
     parser.add_argument("--known", default="data/known/known_confirm.jsonl")
     parser.add_argument("--stream", help="stream_recall.py's JSON")
+    parser.add_argument("--paired", help="also each row's difference from this row (its name)")
     args = parser.parse_args()
     if args.results:
         rows_table(Path(args.results), Path(args.known))
+    if args.results and args.paired:
+        paired_table(Path(args.results), args.paired)
     if args.stream:
         stream_table(Path(args.stream))
 
