@@ -5,7 +5,8 @@
 #   or none (V_act alone), each with V_act from 64 examples; then the probe's S with V_act from 16
 #   and from 256 examples; plain LoRA as the control. Scored on the locked items (confirm.jsonl 200, confirm_ood.jsonl 50)
 #   and the locked known facts. Nothing is chosen on them: this table reports, it selects nothing.
-#   SEED=0 bash experiments/act_ablation.sh     # about 10 min a run and 25 min of scoring, 1 core
+#   SEED=0 bash experiments/act_ablation.sh     # about 6 min a run and 25 min of scoring, 1 core
+#   SEED=1 SIDES="probe none" EXAMPLES="" bash experiments/act_ablation.sh   # a second seed, 3 rows
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cd "$(dirname "$0")/.."
@@ -26,11 +27,11 @@ inject() {  # inject OUT [flags...]: skipped when finished, resumed when half do
 }
 
 runs=()
-for side in probe none random topk; do
+for side in ${SIDES:-probe none random topk}; do
   inject $A/$side-64-s$SEED --output-side $side
   runs+=($A/$side-64-s$SEED)
 done
-for n in 16 256; do
+for n in ${EXAMPLES-16 256}; do
   inject $A/probe-$n-s$SEED --act-examples $n
   runs+=($A/probe-$n-s$SEED)
 done

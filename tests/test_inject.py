@@ -618,18 +618,19 @@ def test_a_broken_stream_chain_is_one_line(tmp_path):
     chain that loops back on itself, is named in one ConfigError, not followed forever."""
     facts = tmp_path / "f.jsonl"
     facts.write_text('{"question": "Q?", "answer": "A"}\n')
+    run = {"method": "lora", "ckpt": "c", "svf": ["e.safetensors"], "targets": "up_proj"}
     for name, after, path in (("r1", "", facts), ("r2", "r1", facts)):
         (tmp_path / name).mkdir()
-        config = {"facts": str(path), "after": str(tmp_path / after) if after else ""}
+        config = {**run, "facts": str(path), "after": str(tmp_path / after) if after else ""}
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     assert [len(r) for r in inject.earlier_rounds(str(tmp_path / "r2"))] == [1, 1]
     (tmp_path / "r1" / "config.json").write_text(
-        json.dumps({"facts": str(facts), "after": str(tmp_path / "r2")})
+        json.dumps({**run, "facts": str(facts), "after": str(tmp_path / "r2")})
     )
     with pytest.raises(cli.ConfigError, match="the stream's chain loops back to"):
         inject.earlier_rounds(str(tmp_path / "r2"))
     (tmp_path / "r1" / "config.json").write_text(
-        json.dumps({"facts": str(tmp_path / "gone.jsonl"), "after": ""})
+        json.dumps({**run, "facts": str(tmp_path / "gone.jsonl"), "after": ""})
     )
     with pytest.raises(
         cli.ConfigError, match=r"r1/config.json: the round's facts .*gone.jsonl are gone"
