@@ -4,7 +4,8 @@ answers) and stream_recall.py's recall matrices.
 
     python experiments/scale_table.py runs/scale/eval-c1000/results.json --known FILE
     python experiments/scale_table.py --stream runs/scale/cs-protect-recall.json
-    python experiments/scale_table.py runs/ablate/eval-s0/results.json --paired probe-64-s0
+    python experiments/scale_table.py runs/ablate/eval-s0/results.json --paired probe-64 \
+        --more runs/ablate/eval-s1/results.json runs/ablate/eval-s2/results.json
 """
 
 import argparse
@@ -75,25 +76,36 @@ def rows_table(path: Path, known: Path):
         print(f"| {kind} | {len(idx)} | " + " | ".join(cells) + " |")
 
 
-def paired_table(path: Path, reference: str):
-    """Each row against `reference` (a row's name), item by item: the difference in strict accuracy
-    on both reasoning splits and in recall, with evaluate.py's paired bootstrap 95% interval (one
-    seed: items resampled)."""
-    rows = {r["name"]: r for r in json.loads(path.read_text())["rows"]}
+def paired_table(paths: list, reference: str):
+    """Each group of rows (a run's name less its -sN) against the `reference` group, item by item
+    and seed by seed: the difference in strict accuracy on both reasoning splits and in recall,
+    with evaluate.py's paired bootstrap 95% interval (seeds and items resampled) and, with two seeds
+    or more, the t interval over the per-seed differences (evaluate.seed_interval)."""
+    rows = [r for path in paths for r in json.loads(path.read_text())["rows"]]
+    groups = defaultdict(dict)  # group -> seed -> row
+    for r in rows:
+        if r["group"] not in ("base", "svf"):
+            group, _, seed = r["name"].rpartition("-")
+            groups[group][seed] = r
     keys = ("reasoning_strict", "reasoning_ood_strict", "facts_ok")
-    print(f"\ndifference from {reference}, paired by item (bootstrap 95%):\n")
-    print("| row | strict | strict, held-out templates | recall |")
-    print("|---|---|---|---|")
-    for name, r in rows.items():
-        if name == reference or r["group"] == "base":
+    print(f"\ndifference from {reference}, by item and seed (bootstrap 95%; seed-level t 95%):\n")
+    print("| row | seeds | strict | strict, held-out templates | recall |")
+    print("|---|---|---|---|---|")
+    for group, by_seed in groups.items():
+        seeds = sorted(set(by_seed) & set(groups[reference]))
+        if group == reference or not seeds:
             continue
         cells = []
         for key in keys:
-            a = torch.tensor([r["items"][key]], dtype=torch.float64)
-            b = torch.tensor([rows[reference]["items"][key]], dtype=torch.float64)
-            mean, low, high = evaluate.paired_bootstrap(a, b) if a.numel() else (math.nan,) * 3
-            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+            a = torch.tensor([by_seed[s]["items"][key] for s in seeds], dtype=torch.float64)
+            b = torch.tensor(
+                [groups[reference][s]["items"][key] for s in seeds], dtype=torch.float64
+            )
+            mean, low, high = evaluate.paired_bootstrap(a, b)
+            t = evaluate.seed_interval((a - b).mean(1).tolist())
+            seed_part = f"; [{t['seed_low']:+.3f}, {t['seed_high']:+.3f}]" if len(seeds) > 1 else ""
+            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]{seed_part}")
+        print(f"| {group} | {len(seeds)} | " + " | ".join(cells) + " |")
 
 
 def stream_table(path: Path):
@@ -114,12 +126,13 @@ def main():
     parser.add_argument("results", nargs="?", help="evaluate.py's results.json")
     parser.add_argument("--known", default="data/known/known_confirm.jsonl")
     parser.add_argument("--stream", help="stream_recall.py's JSON")
-    parser.add_argument("--paired", help="also each row's difference from this row (its name)")
+    parser.add_argument("--paired", help="also each group's difference from this group")
+    parser.add_argument("--more", nargs="*", default=[], help="more results.json (other seeds)")
     args = parser.parse_args()
     if args.results:
         rows_table(Path(args.results), Path(args.known))
     if args.results and args.paired:
-        paired_table(Path(args.results), args.paired)
+        paired_table([Path(args.results), *map(Path, args.more)], args.paired)
     if args.stream:
         stream_table(Path(args.stream))
 
