@@ -280,7 +280,6 @@ def main(cfg: Config) -> dict:
     # its facts.jsonl and stream/ files are written in --out: never over a file this run reads
     reads = [ckpt, cfg.svf, cfg.facts, cfg.mix_known, cfg.reasoning, cfg.reasoning_ood, cfg.known]
     refuse_inputs(folder, reads)
-    claim(folder, cfg)
     identity = checkpoints.identity(ckpt)
     facts = Path(cfg.facts)
     lines = facts.read_text().splitlines(True)
@@ -288,6 +287,7 @@ def main(cfg: Config) -> dict:
         raise cli.ConfigError(
             f"{facts}: {len(lines)} facts, fewer than --n-facts {cfg.n_facts} x {cfg.stream} rounds"
         )
+    claim(folder, cfg)  # the last check: from here on the folder is this script's
     if cfg.n_facts:  # the same subset for every run, kept beside them
         facts = folder / "facts.jsonl"
         tasks.atomic_write_text(facts, "".join(lines[: cfg.n_facts]))
