@@ -32,6 +32,7 @@ import export  # noqa: E402
 import inject  # noqa: E402
 import model as model_lib  # noqa: E402
 import reproduce  # noqa: E402
+import tasks  # noqa: E402
 import tiny  # noqa: E402
 import train_svf  # noqa: E402
 from runs import FACTS, SKILL, config, make_expert  # noqa: E402
@@ -550,7 +551,7 @@ def main():
         text = table(run_all(Path(tmp), args.only))
     print(text)
     if report:
-        report.write_text(text)
+        tasks.atomic_write_text(report, text)  # never through a symlink planted there
 
 
 if __name__ == "__main__":
