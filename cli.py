@@ -62,14 +62,18 @@ def check_numbers(cfg):
                 raise ConfigError(f"{flag}: must be {sign} {f.metadata[key]}, got {value}")
 
 
+def nearest_existing(path: Path) -> Path:
+    """path itself, or its nearest ancestor that exists (the root at worst): what a folder not yet
+    made will be made in."""
+    return next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor))
+
+
 def check_folder(path: str, flag: str):
     """A folder flag ('' for none) that names a file, or lies under one, is refused before any work:
     the folder is made when first written, by then the model would have loaded."""
-    for p in [Path(path), *Path(path).parents] if path else []:
-        if p.exists():
-            if not p.is_dir():
-                raise ConfigError(f"{flag} {path}: {p} is not a folder")
-            return
+    existing = nearest_existing(Path(path or "."))
+    if path and not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is not a folder")
 
 
 def parse_config(cls, argv=None, description=None):

@@ -880,7 +880,7 @@ def writable(folder: Path):
     """Fail now, not after an hour of scoring, if results cannot be written to folder: its nearest
     existing ancestor must be a folder we may write in. Nothing is made (the first result makes
     the folder), so a refused run leaves no empty folder behind."""
-    existing = next(p for p in [folder, *folder.parents] if p.exists() or p == Path(p.anchor))
+    existing = cli.nearest_existing(folder)
     if not existing.is_dir():
         raise cli.ConfigError(f"{folder}: cannot write results there ({existing} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):

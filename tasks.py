@@ -86,8 +86,9 @@ def field_problem(record: dict, key: str) -> str | None:
         return "non-string field"
     if not value.strip():
         return "empty field"
-    if CONTROL.search(value):
-        return f"control character {CONTROL.search(value).group()!r} in field"
+    control = CONTROL.search(value)
+    if control:
+        return f"control character {control.group()!r} in field"
     return None
 
 
@@ -156,7 +157,7 @@ def read_facts(path) -> list[dict]:
                 continue
             record = dict(zip(("question", "answer"), cells), _line=line)
             for key in ("question", "answer"):
-                problem = field_problem({key: ""} | record, key)
+                problem = field_problem({key: ""} | record, key)  # a missing cell is empty
                 if problem:
                     problems.append(f"{path}:{line}: {problem} {key!r}")
             paraphrases = [c for c in cells[2:] if c]

@@ -92,8 +92,9 @@ def check_targets(folder: Path, targets: tuple):
     """Every --targets name a linear layer of the checkpoint (config.json's, before the weights
     load), in palora.find_targets's words."""
     shapes = layer_shapes(checkpoint_args(folder))
-    valid = sorted({name.rpartition(".")[2] for name, s in shapes.items() if len(s) == 2})
-    valid = sorted([*valid, "lm_head"])
+    valid = sorted(
+        {name.rpartition(".")[2] for name, s in shapes.items() if len(s) == 2} | {"lm_head"}
+    )
     for t in targets:
         if t not in valid:
             raise ConfigError(
